@@ -1,0 +1,216 @@
+"""One typed settings object for every stage.
+
+Precedence, lowest to highest: the defaults below, a YAML file (``--config FILE``), ``AIPD_*`` environment variables
+(nested sections use a double underscore: ``AIPD_TRAIN__EPOCHS=3``), then command-line flags. No other module reads
+``os.environ``: they are handed a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_yaml_file: ContextVar[Path | None] = ContextVar("aipd_yaml_file", default=None)
+
+
+class ConfigError(ValueError):
+    """A settings file or value the user must fix; the message names it."""
+
+
+class DataSettings(BaseModel):
+    path: str | None = Field(None, description="Dataset folder, manifest (CSV/Parquet) or URI; default: the demo set")
+    demo_images_per_class: int = Field(1200, ge=8)
+    demo_size: int = Field(128, ge=32, le=1024)
+    demo_seed: int = 0
+
+
+class ImageLimits(BaseModel):
+    max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+
+
+class ModelSettings(BaseModel):
+    backbone: str = "efficientnet_b0"
+    hidden: int = 512
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    forensic_stem: bool = True
+    pretrained_weights: str | None = None
+
+
+class AugmentSettings(BaseModel):
+    blur_prob: float = Field(0.3, ge=0.0, le=1.0)
+    blur_sigma_max: float = Field(2.0, gt=0.0)
+    jpeg_prob: float = Field(0.3, ge=0.0, le=1.0)
+    jpeg_quality_min: int = Field(40, ge=1, le=100)
+
+
+class TrainSettings(BaseModel):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    crop_size: int = Field(112, ge=32)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    target_fpr: float = Field(0.01, gt=0, lt=1)
+    max_failures: int = Field(2, ge=-1)
+    seed: int = 0
+    augment: AugmentSettings = AugmentSettings()
+
+
+class TuneSettings(BaseModel):
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    epochs: int = Field(4, ge=1)
+    search_alg: Literal["random", "optuna"] = "optuna"
+    gpus_per_trial: float = Field(1.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    grace_period: int = Field(1, ge=1)
+    lr: tuple[float, float] = (3e-4, 5e-3)
+    weight_decay: tuple[float, float] = (1e-3, 0.1)
+    dropout: list[float] = [0.1, 0.3, 0.5]
+    batch_size: list[int] = [32, 64]
+    crop_size: list[int] = [96, 112]
+    augment_prob: list[float] = [0.1, 0.3, 0.5]
+
+
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_uri: str | None = Field(None, description="models:/NAME@ALIAS or a checkpoint directory")
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_batch_files: int = Field(32, ge=1)
+    rate_limit_per_minute: int = Field(600, ge=0, description="0 turns rate limiting off")
+    ingress_min_replicas: int = Field(1, ge=0)
+    ingress_max_replicas: int = Field(2, ge=1)
+    detector_min_replicas: int = Field(1, ge=0)
+    detector_max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    use_gpu: bool | None = None
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with the laptop defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIPD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    work_dir: Path = Path(".aipd")
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts a local one")
+    ray_num_cpus: int | None = Field(None, description="logical CPUs for a local Ray; None: max(8, 4 x cores)")
+    mlflow_tracking_uri: str | None = Field(None, description="None: a SQLite store in the work directory")
+    mlflow_experiment: str = "aipd"
+    registered_model: str = "aipd-detector"
+    champion_alias: str = "champion"
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="AIPD_API_KEYS=k1,k2; empty turns keys off")
+    data: DataSettings = DataSettings()
+    images: ImageLimits = ImageLimits()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    tune: TuneSettings = TuneSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_file.get()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    # Derived locations: everything a laptop run writes lives under the work directory.
+    @property
+    def data_dir(self) -> Path:
+        return self.work_dir / "data"
+
+    @property
+    def demo_data_dir(self) -> Path:
+        d = self.data
+        return self.data_dir / f"demo-{d.demo_images_per_class}x{d.demo_size}-s{d.demo_seed}"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.work_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str:
+        return (self.work_dir / "mlartifacts").resolve().as_uri()
+
+    @property
+    def ray_storage(self) -> Path:
+        return (self.work_dir / "ray_results").resolve()
+
+    @property
+    def local_num_cpus(self) -> int:
+        """Ray Data and Train deadlock when logical CPUs equal the 2 real cores, so a laptop gets more."""
+        return self.ray_num_cpus or max(8, 4 * (os.cpu_count() or 1))
+
+    @property
+    def default_model_uri(self) -> str:
+        return self.serve.model_uri or f"models:/{self.registered_model}@{self.champion_alias}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; ``overrides`` are command-line values (nested as dicts) and win over everything.
+
+    ``None`` overrides are dropped so that an unset flag never hides a value from the file or the environment.
+    """
+    path = Path(config_file) if config_file else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    token = _yaml_file.set(path)
+    try:
+        return Settings(**_drop_none(overrides))
+    finally:
+        _yaml_file.reset(token)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,277 @@
+"""Datasets: find the labelled images in any supported layout, then stream them through Ray Data.
+
+Two steps, kept apart on purpose. ``index_dataset`` lists files on the driver (cheap: names only) and fixes the
+train/val/test split; ``to_ray_dataset`` turns one split into a lazy Ray Data pipeline that reads, decodes (through
+``app.images``, the one decoding path) and preprocesses or augments (through ``app.transforms``) inside
+``map_batches``, so nothing is materialised and the work spreads over the cluster.
+
+Layouts (see ARCHITECTURE.md): a folder with ``real/`` and ``ai_generated/``, optionally under ``train/``, ``val/``,
+``test/``; or a CSV/Parquet manifest with columns ``path,label`` (and optionally ``split``). Paths may be local or any
+URI pyarrow reads (``s3://``, ``gs://``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+LABELS: dict[str, int] = {"real": 0, "ai_generated": 1}
+CLASS_NAMES: tuple[str, str] = ("real", "ai_generated")
+SPLITS: tuple[str, str, str] = ("train", "val", "test")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be used as given; the message says what to change."""
+
+
+@dataclass
+class DatasetIndex:
+    """Every labelled file of a dataset with its split; built on the driver from file names only."""
+
+    source: str
+    records: pd.DataFrame  # columns: path (str), label (int 0/1), split (train/val/test)
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.records[self.records["split"] == name].reset_index(drop=True)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            part = self.records[self.records["split"] == split]
+            out[split] = {name: int((part["label"] == LABELS[name]).sum()) for name in CLASS_NAMES}
+        return out
+
+
+def index_dataset(uri: str, *, val_fraction: float = 0.15, test_fraction: float = 0.15) -> DatasetIndex:
+    """List a dataset's images and labels; splits missing on disk are carved out by a stable hash of the path."""
+    fs, root = _filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DatasetError(f"dataset not found: {uri} (build the demo set with `aipd data demo`, or pass --data PATH)")
+    if info.type == pafs.FileType.File:
+        if posixpath.splitext(root)[1].lower() not in MANIFEST_SUFFIXES:
+            raise DatasetError(f"{uri} is a file but not a CSV or Parquet manifest")
+        records = _read_manifest(fs, root, uri)
+    else:
+        records = _walk_folder(fs, root, uri)
+    if records.empty:
+        raise DatasetError(
+            f"no images found in {uri}: expected real/ and ai_generated/ folders (optionally under train/ val/ test/) "
+            "or a manifest with columns path,label"
+        )
+    notes: list[str] = []
+    records, carved = _fill_missing_splits(records, val_fraction, test_fraction)
+    if carved:
+        notes.append(f"split {', '.join(carved)} carved from the data by a stable hash of each path")
+    return DatasetIndex(source=uri, records=records, notes=notes)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as err:  # pyarrow raises several types for unknown schemes or missing credentials
+            raise DatasetError(f"cannot open {uri}: {err}") from err
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def _join(uri_root: str, fs_path: str, fs_root: str) -> str:
+    """Give back a path in the same form the user gave (a URI stays a URI) so workers can reopen it."""
+    if "://" not in uri_root:
+        return fs_path
+    scheme = uri_root.split("://", 1)[0]
+    return f"{scheme}://{fs_path}"
+
+
+def _walk_folder(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
+    rows: list[tuple[str, int, str | None]] = []
+    selector = pafs.FileSelector(root, recursive=True)
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        if posixpath.splitext(info.path)[1].lower() not in IMAGE_SUFFIXES:
+            continue
+        parts = posixpath.relpath(info.path, root).split("/")
+        label = next((LABELS[p] for p in reversed(parts[:-1]) if p in LABELS), None)
+        if label is None:
+            continue
+        split = next((p for p in parts[:-1] if p in SPLITS), None)
+        rows.append((_join(uri, info.path, root), label, split))
+    rows.sort()
+    return pd.DataFrame(rows, columns=["path", "label", "split"])
+
+
+def _read_manifest(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
+    suffix = posixpath.splitext(root)[1].lower()
+    try:
+        if suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            with fs.open_input_stream(root) as stream:
+                table = pacsv.read_csv(stream)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(root, filesystem=fs)
+    except Exception as err:
+        raise DatasetError(f"cannot read manifest {uri}: {err}") from err
+    frame = table.to_pandas()
+    missing = {"path", "label"} - set(frame.columns)
+    if missing:
+        raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))}; it needs path,label")
+    base = posixpath.dirname(root)
+    paths = [
+        p if ("://" in p or posixpath.isabs(p)) else _join(uri, posixpath.normpath(posixpath.join(base, p)), root)
+        for p in frame["path"].astype(str)
+    ]
+    labels = [_parse_label(v, uri) for v in frame["label"]]
+    splits: Iterable[Any] = frame["split"] if "split" in frame.columns else [None] * len(frame)
+    clean_splits = [s if isinstance(s, str) and s in SPLITS else None for s in splits]
+    return pd.DataFrame({"path": paths, "label": labels, "split": clean_splits})
+
+
+def _parse_label(value: Any, uri: str) -> int:
+    text = str(value).strip().lower()
+    if text in LABELS:
+        return LABELS[text]
+    if text in {"0", "1", "0.0", "1.0"}:
+        return int(float(text))
+    raise DatasetError(f"manifest {uri} has label {value!r}; use real/ai_generated or 0/1")
+
+
+def _stable_unit(path: str) -> float:
+    digest = hashlib.sha1(path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _fill_missing_splits(records: pd.DataFrame, val_fraction: float, test_fraction: float) -> tuple[pd.DataFrame, list[str]]:
+    """Files without a split get one; a split that exists on disk is never mixed with carved files."""
+    present = set(records["split"].dropna())
+    unassigned = records["split"].isna()
+    if not unassigned.any():
+        return records, []
+    wanted = [s for s in ("val", "test") if s not in present]
+    carved: list[str] = []
+    splits = records["split"].copy()
+    for idx in records.index[unassigned]:
+        u = _stable_unit(records.at[idx, "path"])
+        choice = "train"
+        if "test" in wanted and u < test_fraction:
+            choice = "test"
+        elif "val" in wanted and test_fraction <= u < test_fraction + val_fraction:
+            choice = "val"
+        splits.at[idx] = choice
+        if choice != "train" and choice not in carved:
+            carved.append(choice)
+    out = records.copy()
+    out["split"] = splits
+    return out, sorted(carved)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What a Ray Data worker needs to turn a path into a model-ready uint8 crop."""
+
+    crop_size: int
+    train: bool
+    max_bytes: int
+    max_pixels: int
+    augment: Any = None  # app.transforms.AugmentConfig when train is True
+    log_format: str = "console"
+
+
+def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
+    """Read, decode and preprocess one batch; unreadable files are dropped and logged, never fatal."""
+    from app.images import ImageError, decode_image, read_image_bytes
+    from app.logging import configure_logging, get_logger
+    from app.transforms import eval_preprocess, train_augment
+
+    configure_logging(options.log_format)
+    rng = np.random.default_rng()
+    crops: list[np.ndarray] = []
+    labels: list[int] = []
+    paths: list[str] = []
+    for path, label in zip(batch["path"], batch["label"]):
+        try:
+            image = decode_image(
+                read_image_bytes(str(path), max_bytes=options.max_bytes),
+                max_bytes=options.max_bytes,
+                max_pixels=options.max_pixels,
+            )
+        except (ImageError, OSError) as err:
+            get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
+            continue
+        if options.train:
+            crops.append(train_augment(image, options.crop_size, options.augment, rng))
+        else:
+            crops.append(eval_preprocess(image, options.crop_size))
+        labels.append(int(label))
+        paths.append(str(path))
+    size = options.crop_size
+    return {
+        "image": np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
+        "label": np.asarray(labels, dtype=np.float32),
+        "path": np.asarray(paths, dtype=object),
+    }
+
+
+def to_ray_dataset(records: pd.DataFrame, options: DecodeOptions, *, batch_size: int = 32, blocks: int | None = None):
+    """A lazy Ray Data pipeline over ``records``; every iteration re-reads and, for training, re-augments."""
+    import ray.data
+
+    rows = records[["path", "label"]].to_dict("records")
+    if not rows:
+        raise DatasetError("the split is empty: nothing to read")
+    num_blocks = blocks or max(1, min(len(rows) // batch_size, 64))
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
+    if options.train:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(decode_batch, fn_kwargs={"options": options}, batch_size=batch_size, batch_format="numpy")
+
+
+@dataclass
+class CheckReport:
+    """What ``aipd data check`` prints: images per split and class, and every file that failed to decode."""
+
+    counts: dict[str, dict[str, int]]
+    bad_files: list[tuple[str, str]]
+    notes: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+
+def check_dataset(index: DatasetIndex, max_bytes: int, max_pixels: int) -> CheckReport:
+    """Decode every file once (on Ray, in parallel) and list the ones that fail."""
+    import ray.data
+
+    def probe(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from app.images import ImageError, decode_image, read_image_bytes
+
+        reasons: list[str] = []
+        for path in batch["path"]:
+            try:
+                decode_image(read_image_bytes(str(path), max_bytes=max_bytes), max_bytes=max_bytes, max_pixels=max_pixels)
+                reasons.append("")
+            except (ImageError, OSError) as err:
+                reasons.append(str(err) or type(err).__name__)
+        return {"path": batch["path"], "reason": np.asarray(reasons, dtype=object)}
+
+    rows = index.records[["path"]].to_dict("records")
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 64)))
+    result = ds.map_batches(probe, batch_size=64, batch_format="numpy").to_pandas()
+    bad = result[result["reason"] != ""]
+    bad_paths = set(bad["path"])
+    good = index.records[~index.records["path"].isin(bad_paths)]
+    counts = DatasetIndex(index.source, good).counts()
+    return CheckReport(counts=counts, bad_files=sorted(zip(bad["path"], bad["reason"])), notes=list(index.notes))

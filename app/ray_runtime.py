@@ -1,0 +1,44 @@
+"""Connecting to Ray: a local cluster on a laptop, or an existing one named by ``--address`` / ``RAY_ADDRESS``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import Settings
+
+
+class ClusterUnavailableError(RuntimeError):
+    """The named Ray cluster cannot be reached; the message says which address was tried."""
+
+
+def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
+    """Start or join Ray once per process; returns the cluster's resources so callers can size their work."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = settings.ray_address
+    runtime_env = {"env_vars": {"AIPD_LOG_FORMAT": settings.log_format, "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        else:
+            ray.init(
+                num_cpus=settings.local_num_cpus,
+                runtime_env=runtime_env,
+                include_dashboard=kwargs.pop("include_dashboard", None),
+                **kwargs,
+            )
+    except (ConnectionError, TimeoutError) as err:
+        raise ClusterUnavailableError(f"cannot reach the Ray cluster at {address}: {err}") from err
+    except RuntimeError as err:
+        if address:
+            raise ClusterUnavailableError(f"cannot reach the Ray cluster at {address}: {err}") from err
+        raise
+    return ray.cluster_resources()
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
