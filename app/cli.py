@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+cluster_app = typer.Typer(help="A real multi-node Ray cluster on this machine, for trying distribution.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -44,6 +47,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors += [DatasetError, ClusterUnavailableError]
     for module, name in [
+        ("cluster.local_cluster", "LocalClusterError"),
         ("app.images", "ImageError"),
         ("app.model", "WeightsUnavailableError"),
         ("app.registry", "RegistryError"),
@@ -187,6 +191,145 @@ def data_check(
             console.print(f"  {bad_path}: {reason}", highlight=False)
     else:
         console.print("every file decodes")
+
+
+# ------------------------------------------------------------------------------------------------------- training
+@app.command("train")
+@handle_errors
+def train(
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset folder, manifest or URI (default: demo set)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Per worker."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Crop side in pixels."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray Train workers (one per GPU on GPU)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Default: GPUs when the cluster has them."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Any timm model name."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Train the detector on Ray (Ray Data -> Ray Train), evaluate it, register it in MLflow.
+
+    The alias `champion` moves to the new version only if it beats the current champion on the same validation data.
+
+    Examples:
+      aipd train
+      aipd train --data photos/ --epochs 10 --workers 2 --gpu
+      RAY_ADDRESS=ray://head:10001 aipd train --data s3://bucket/manifest.parquet
+    """
+    from training.trainer import run_training
+
+    settings = settings_from(
+        config, ray_address=address, data={"path": data}, model={"backbone": backbone},
+        train={"epochs": epochs, "batch_size": batch_size, "crop_size": image_size, "lr": lr,
+               "num_workers": workers, "use_gpu": gpu},
+    )
+    outcome = run_training(settings)
+    print_report(outcome.report)
+    console.print(f"registered [bold]{settings.registered_model}[/bold] version {outcome.version} "
+                  f"(run {outcome.run_id}, {outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)")
+    console.print(outcome.champion_message)
+    console.print(f"report: {outcome.report.files.get('markdown')}")
+    print_mlflow_hint(settings)
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="models:/aipd-detector@champion (default) or a checkpoint dir."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset (its test split is used; default: demo set)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: the work directory's reports/)."),
+    no_robustness: bool = typer.Option(False, "--no-robustness", help="Skip the robustness sweep."),
+    address: Optional[str] = typer.Option(None, "--address"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Evaluate a model on the test split: AUROC, AP, accuracies, TPR at 1% FPR, ECE, robustness sweep.
+
+    Writes Markdown, JSON and PNG plots, and logs them to the model's MLflow run.
+
+    Examples:
+      aipd evaluate
+      aipd evaluate --model models:/aipd-detector/3 --data photos/ --json
+      aipd evaluate --model .aipd/checkpoints/<run_id>
+    """
+    from training.report import evaluate_command
+
+    settings = settings_from(config, ray_address=address, data={"path": data})
+    report = evaluate_command(settings, model, out, robustness=not no_robustness)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return
+    print_report(report)
+    console.print(f"report: {report.files.get('markdown')}")
+
+
+def print_report(report: Any) -> None:
+    m = report.metrics
+    table = Table(title="test split")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece", "threshold"):
+        table.add_row(key, f"{m[key]:.4f}")
+    table.add_row("blurred_real_flag_rate", f"{report.blurred_real_flag_rate:.4f}")
+    for name, value in report.robustness.items():
+        table.add_row(f"auroc after {name}", f"{value:.4f}")
+    console.print(table)
+
+
+def print_mlflow_hint(settings: Settings) -> None:
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:"):
+        console.print(f"MLflow: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    else:
+        console.print(f"MLflow: {uri}")
+
+
+# -------------------------------------------------------------------------------------------------------- cluster
+@cluster_app.command("up")
+@handle_errors
+def cluster_up(
+    workers: int = typer.Option(1, "--workers", "-w", min=0, help="Worker nodes besides the head."),
+    cpus: int = typer.Option(4, "--cpus-per-node", min=1, help="Logical CPUs each node offers."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Start a head and N worker nodes on this machine, each with its own ports and the auth token.
+
+    Examples:
+      aipd cluster up --workers 2
+      aipd train --address $(aipd cluster address) --workers 2
+    """
+    from cluster.local_cluster import cluster_up as up
+
+    settings = settings_from(config)
+    cluster = up(settings.work_dir, workers=workers, cpus_per_node=cpus)
+    console.print(f"Ray cluster with {1 + workers} node(s) at [bold]{cluster.address}[/bold]")
+    console.print(f"dashboard: {cluster.dashboard_url}  (token: ~/.ray/auth_token, header 'Authorization: Bearer <token>')")
+    console.print(f"use it:    export RAY_AUTH_MODE=token RAY_ADDRESS={cluster.address}; aipd train --workers {1 + workers}")
+    console.print("stop it:   aipd cluster down")
+
+
+@cluster_app.command("address")
+@handle_errors
+def cluster_address(config: Optional[Path] = ConfigOpt) -> None:
+    """Print the running local cluster's address (for RAY_ADDRESS / --address)."""
+    from cluster.local_cluster import load_cluster
+
+    cluster = load_cluster(settings_from(config).work_dir)
+    if cluster is None:
+        err_console.print("error: no local cluster is running (start one with `aipd cluster up`)")
+        raise typer.Exit(1)
+    print(cluster.address)
+
+
+@cluster_app.command("down")
+@handle_errors
+def cluster_down(config: Optional[Path] = ConfigOpt) -> None:
+    """Stop every process of the local cluster `aipd cluster up` started, and nothing else."""
+    from cluster.local_cluster import cluster_down as down
+
+    groups = down(settings_from(config).work_dir)
+    console.print(f"stopped {len(groups)} node(s)" if groups else "no local cluster was running")
 
 
 # ----------------------------------------------------------------------------------------------------------- demo

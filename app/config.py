@@ -66,6 +66,7 @@ class TrainSettings(BaseModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     target_fpr: float = Field(0.01, gt=0, lt=1)
     max_failures: int = Field(2, ge=-1)
     seed: int = 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -187,6 +187,7 @@ class DecodeOptions:
     max_pixels: int
     augment: Any = None  # app.transforms.AugmentConfig when train is True
     log_format: str = "console"
+    corrupt: Callable[[Any], Any] | None = None  # evaluation only: a picklable change applied after decoding
 
 
 def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
@@ -210,6 +211,8 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
         except (ImageError, OSError) as err:
             get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
             continue
+        if options.corrupt is not None:
+            image = options.corrupt(image)
         if options.train:
             crops.append(train_augment(image, options.crop_size, options.augment, rng))
         else:

@@ -1,0 +1,163 @@
+"""Real training on a real Ray cluster with a real SQLite MLflow store: registration, the champion rule,
+``aipd evaluate --json``, and recovery from a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from tests.training.conftest import tiny_settings
+
+pytestmark = pytest.mark.slow
+
+EVALUATE_KEYS = {"auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece", "threshold",
+                 "blurred_real_flag_rate", "robustness"}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, small_demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    from training.trainer import run_training
+
+    settings = tiny_settings(tmp_path_factory.mktemp("work"), small_demo)
+    outcome = run_training(settings)
+    return settings, outcome
+
+
+def test_two_worker_run_is_tracked_and_registered(trained) -> None:
+    settings, outcome = trained
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["ray"] and run.data.tags["torch"]
+    history = client.get_metric_history(outcome.run_id, "val_auroc")
+    assert sorted(m.step for m in history) == [0, 1], "one value per epoch, logged once (rank 0 only)"
+    assert "test_auroc" in run.data.metrics and "test_robust_jpeg_q75" in run.data.metrics
+    runs = client.search_runs([run.info.experiment_id])
+    assert len(runs) == 1, "one MLflow run per training, not one per worker"
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "evaluation")}
+    assert {"evaluation/evaluation.md", "evaluation/roc.png", "evaluation/reliability.png"} <= artifacts
+
+    version = client.get_model_version(settings.registered_model, outcome.version)
+    assert version.run_id == outcome.run_id
+    assert 0.0 <= float(version.tags["threshold"]) <= 1.0
+    assert version.tags["crop_size"] == "48"
+    assert outcome.champion_moved
+    assert client.get_model_version_by_alias(settings.registered_model, "champion").version == outcome.version
+
+
+def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path) -> None:
+    from app.data import index_dataset
+    from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
+    from app.registry import get_alias_version, log_detector, set_alias
+    from training.trainer import _val_auroc, apply_champion_rule
+
+    settings, outcome = trained
+    limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
+    val = index_dataset(str(small_demo)).split("val")
+    # A constant-output model scores AUROC 0.5 on any data: a real model that cannot beat a trained champion.
+    untrained = build_model(ModelConfig(dropout=0.0))
+    for p in untrained.head.parameters():
+        p.data.zero_()
+    weak_dir = save_checkpoint(tmp_path / "weak", untrained, ModelConfig(dropout=0.0), PreprocessSettings(crop_size=48))
+    import mlflow
+
+    experiment_id = MlflowClient(tracking_uri=settings.tracking_uri).get_run(outcome.run_id).info.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        weak = log_detector(settings, weak_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
+    from app.model import load_checkpoint
+
+    weak_auroc = _val_auroc(load_checkpoint(weak_dir), val, limits)
+    trained_auroc = _val_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
+    assert weak_auroc == pytest.approx(0.5)
+    assert trained_auroc > weak_auroc, "the tiny run must learn something on the demo data"
+
+    moved, message = apply_champion_rule(settings, weak.version, weak_auroc, val, limits)
+    assert not moved and "stays" in message
+    assert get_alias_version(settings).version == outcome.version
+
+    set_alias(settings, weak.version)
+    moved, message = apply_champion_rule(settings, outcome.version, trained_auroc, val, limits)
+    assert moved and "beats" in message
+    assert get_alias_version(settings).version == outcome.version
+
+
+def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.cli import app
+
+    settings, outcome = trained
+    monkeypatch.setenv("AIPD_WORK_DIR", str(settings.work_dir))
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(small_demo), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert EVALUATE_KEYS <= set(report)
+    assert set(report["robustness"]) == {"jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_sigma1"}
+    assert 0.0 <= report["blurred_real_flag_rate"] <= 1.0
+    assert report["threshold"] == pytest.approx(float(
+        MlflowClient(tracking_uri=settings.tracking_uri).get_model_version(settings.registered_model, outcome.version)
+        .tags["threshold"]))
+
+
+def test_evaluate_says_when_there_is_no_model(tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.cli import app
+
+    monkeypatch.setenv("AIPD_WORK_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(small_demo), "--json"])
+    assert result.exit_code == 1
+    assert "aipd train" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
+    from ray.util.state import list_actors
+
+    from training.trainer import run_training
+
+    settings = tiny_settings(tmp_path, small_demo, epochs=5, max_failures=2)
+    box: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: box.setdefault("outcome", _catching(run_training, settings, box)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        time.sleep(0.5)
+        run_id = _running_run(settings)
+        if run_id and MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc"):
+            workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+            if workers:
+                killed = workers[-1]["pid"]
+                os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert "error" not in box, box.get("error")
+    outcome = box["outcome"]
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(outcome.run_id, "resumed_from_epoch"), "the restarted workers loaded a checkpoint"
+    assert outcome.epochs_run == 5
+
+
+def _catching(fn, settings, box):
+    try:
+        return fn(settings)
+    except Exception as err:  # surfaced by the assertion in the test thread
+        box["error"] = repr(err)
+        return None
+
+
+def _running_run(settings) -> str | None:
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    return runs[0].info.run_id if runs else None
