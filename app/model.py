@@ -1,0 +1,337 @@
+"""The detector: a fixed forensic stem, a timm backbone and a small binary head, plus checkpoints.
+
+The stem lives inside the model so that every caller (training, evaluation, batch scans, serving)
+feeds the same thing: float NCHW in [0, 1]. A checkpoint directory carries the weights together with
+the model config and the preprocessing settings, so serving never guesses how to prepare an image.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FORMAT = 1
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The 3x3 high-pass residual of an 8-bit photo in [0, 1] is small: measured on scikit-image's photos,
+# its standard deviation is 0.02-0.045 and its 99th percentile |value| 0.07-0.18 (sensor noise and
+# JPEG error are a few grey levels; only edges go further). Times 16, the bulk lands at std ~0.3-0.7
+# with the 99th percentile at ~1.1-2.8, the range of an ImageNet-normalised input (about -2.1..2.6),
+# so the first layers (and any pretrained weights) see activations of the size they were built for,
+# while a larger factor would mostly amplify edges, i.e. content.
+STEM_SCALE = 16.0
+
+# Values of ModelConfig.pretrained_weights that ask timm's hub instead of naming a local file:
+# "hub" (the backbone's default pretrained tag) or "hub:<tag>" (e.g. "hub:ra_in1k").
+HUB_PREFIX = "hub"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and cannot be had (no such file, or no hub offline)."""
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the architecture; saved in every checkpoint's config.json.
+
+    pretrained_weights: None (random init), a local file holding a timm backbone state_dict (.pt,
+    .pth, .bin or .safetensors; classifier keys are ignored), "hub" (timm's default pretrained
+    tag for the backbone) or "hub:<tag>".
+    """
+
+    backbone: str = "efficientnet_b0"
+    hidden: int = 512
+    dropout: float = 0.3
+    forensic_stem: bool = True
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class PreprocessSettings:
+    crop_size: int = 224
+
+
+class ForensicStem(nn.Module):
+    """Fixed high-pass front-end: each channel minus its 3x3 local mean, times STEM_SCALE.
+
+    SRM-style forensic front-ends (Fridrich & Kodovsky 2012; Zhou et al. 2018) suppress content so the
+    network learns from pixel-level traces (demosaicing, sensor noise, upsampling periodicity). The
+    kernel is a buffer, not a parameter: training cannot turn it back into a content detector, and
+    it is saved with the weights.
+    """
+
+    def __init__(self, scale: float = STEM_SCALE) -> None:
+        super().__init__()
+        kernel = -torch.full((3, 3), 1.0 / 9.0)
+        kernel[1, 1] += 1.0
+        self.register_buffer("kernel", (kernel * scale).expand(3, 1, 3, 3).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(padded, self.kernel.to(x.dtype), groups=3)
+
+
+class ImageNetNormalize(nn.Module):
+    """What the backbone expects when the forensic stem is off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class Detector(nn.Module):
+    """Float NCHW in [0, 1] -> one logit per image (positive = ai_generated)."""
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stem: nn.Module = ForensicStem() if cfg.forensic_stem else ImageNetNormalize()
+        self.backbone = backbone
+        # timm models with a pre-logits stage (MobileNetV3) pool to head_hidden_size, not num_features
+        features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.head = nn.Sequential(
+            nn.Linear(features, cfg.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.stem(x))).squeeze(1)
+
+
+def build_model(cfg: ModelConfig) -> Detector:
+    """A Detector with a fresh head; the backbone is random unless cfg.pretrained_weights names weights."""
+    weights = cfg.pretrained_weights
+    if weights is not None and (weights == HUB_PREFIX or weights.startswith(HUB_PREFIX + ":")):
+        backbone = _hub_backbone(cfg.backbone, weights)
+    else:
+        backbone = _create_backbone(cfg.backbone)
+        if weights is not None:
+            _load_backbone_file(backbone, cfg.backbone, Path(weights))
+    return Detector(cfg, backbone)
+
+
+@dataclass
+class LoadedModel:
+    model: Detector
+    model_cfg: ModelConfig
+    preprocess: PreprocessSettings
+    threshold: float
+    metrics: dict = field(default_factory=dict)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    preprocess: PreprocessSettings,
+    threshold: float = 0.5,
+    metrics: dict | None = None,
+) -> Path:
+    """Write model.pt (state_dict) and config.json; DDP- and torch.compile-wrapped models are unwrapped."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    inner = _unwrap(model)
+    state = {key: value.detach().cpu() for key, value in inner.state_dict().items()}
+    torch.save(state, directory / WEIGHTS_FILE)
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "model": asdict(model_cfg),
+        "preprocess": asdict(preprocess),
+        "threshold": float(threshold),
+        "metrics": metrics or {},
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+    }
+    text = json.dumps(config, indent=2, sort_keys=True, default=_json_scalar)
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(directory / CONFIG_FILE)  # config.json last and atomic: its presence means complete
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild the Detector from a checkpoint directory, in eval mode on `device`.
+
+    The backbone is rebuilt without pretrained weights: the state_dict replaces them all, and the
+    file the run started from need not exist where the checkpoint is served.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint {directory} is incomplete: {name} is missing")
+
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if int(config.get("format", CHECKPOINT_FORMAT)) > CHECKPOINT_FORMAT:
+            raise ValueError(f"format {config['format']} is newer than this code reads ({CHECKPOINT_FORMAT})")
+        model_cfg = _dataclass_from(ModelConfig, config["model"])
+        preprocess = _dataclass_from(PreprocessSettings, config["preprocess"])
+        threshold = float(config.get("threshold", 0.5))
+        metrics = dict(config.get("metrics") or {})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint config {directory / CONFIG_FILE} is invalid: {err}") from err
+
+    try:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable"
+        raise ValueError(f"checkpoint weights {directory / WEIGHTS_FILE} are unreadable: {err}") from err
+
+    model = build_model(replace(model_cfg, pretrained_weights=None))
+    problem = _misfit(model, state)
+    if problem:
+        raise ValueError(
+            f"checkpoint weights {directory / WEIGHTS_FILE} do not match its config (backbone "
+            f"{model_cfg.backbone!r}, saved with timm {config.get('timm_version')}, running timm "
+            f"{timm.__version__}): {problem}"
+        )
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return LoadedModel(model=model, model_cfg=model_cfg, preprocess=preprocess, threshold=threshold, metrics=metrics)
+
+
+def _create_backbone(name: str) -> nn.Module:
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def _hub_backbone(name: str, weights: str) -> nn.Module:
+    """timm's pretrained weights for `name`, refused in one line (not a minute of retries) when offline."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    available = timm.list_pretrained(name)
+    tag = weights.partition(":")[2]
+    full_name = f"{name}.{tag}" if tag else name
+    if not available:
+        raise ValueError(f"timm has no pretrained weights for backbone {name!r}; run without pretrained weights")
+    if tag and full_name not in available:
+        raise ValueError(f"timm has no pretrained tag {tag!r} for {name!r}; known: {', '.join(available[:6])}")
+    unreachable = _hub_unreachable()
+    if unreachable is None:
+        try:
+            return timm.create_model(full_name, pretrained=True, num_classes=0)
+        except Exception as err:  # noqa: BLE001 - network, hub and cache errors all mean "unavailable"
+            unreachable = f"{type(err).__name__}: {_first_line(err)}"
+    raise WeightsUnavailableError(
+        f"pretrained weights {full_name!r} cannot be fetched from the hub ({unreachable}); pass a local "
+        f"weights file as pretrained_weights (a timm {name!r} state_dict), or run without pretrained weights"
+    )
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None; a quick TCP probe instead of the client's
+    retries (about a minute without network). Offline mode and proxies are left to the hub client."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} is unreachable: {err}"
+    return None
+
+
+def _load_backbone_file(backbone: nn.Module, name: str, path: Path) -> None:
+    """Load a timm backbone state_dict; classifier keys are ignored, every other key must fit exactly."""
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"pretrained weights file not found: {path}; pass an existing local file "
+            f"(a timm {name!r} state_dict) as pretrained_weights, or run without pretrained weights"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"pretrained weights file {path} is unreadable: {_first_line(err)}") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights file {path} does not hold a state_dict")
+
+    classifier = backbone.pretrained_cfg.get("classifier") or "classifier"
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(p + "." for p in prefixes))}
+    problem = _misfit(backbone, state)
+    if problem:
+        raise ValueError(f"pretrained weights file {path} does not fit backbone {name!r}: {problem}")
+    backbone.load_state_dict(state, strict=True)
+
+
+def _misfit(module: nn.Module, state: dict[str, Any]) -> str | None:
+    """Why `state` cannot load strictly into `module`, in one line; None when it fits."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(getattr(state[k], 'shape', ()))} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
+    ]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts) or None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _dataclass_from(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+    return cls(**values)
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy and torch scalars in metrics become plain JSON numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"metric value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__

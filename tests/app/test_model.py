@@ -1,0 +1,234 @@
+import json
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+
+from app.model import (
+    STEM_SCALE,
+    Detector,
+    ForensicStem,
+    LoadedModel,
+    ModelConfig,
+    PreprocessSettings,
+    WeightsUnavailableError,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+torch.set_num_threads(2)
+
+SMALL = "mobilenetv3_small_050"
+BACKBONES = ["efficientnet_b0", "resnet18", SMALL]
+
+
+def _batch(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def default_model() -> Detector:
+    torch.manual_seed(0)
+    return build_model(ModelConfig()).eval()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_logits_have_shape_batch(backbone, default_model):
+    model = default_model if backbone == "efficientnet_b0" else build_model(ModelConfig(backbone=backbone)).eval()
+    with torch.no_grad():
+        logits = model(_batch(3))
+    assert logits.shape == (3,)
+    assert torch.isfinite(logits).all()
+
+
+def test_default_is_efficientnet_b0_with_head_1280_512_1(default_model):
+    assert default_model.backbone.default_cfg["architecture"] == "efficientnet_b0"
+    assert isinstance(default_model.stem, ForensicStem)
+    linears = [m for m in default_model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1280, 512), (512, 1)]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in default_model.head)
+
+
+def test_stem_is_fixed_and_kills_flat_content():
+    model = build_model(ModelConfig(backbone=SMALL))
+    assert isinstance(model.stem, ForensicStem)
+    assert list(model.stem.parameters()) == []
+    flat = torch.full((2, 3, 32, 32), 0.7)
+    assert torch.allclose(model.stem(flat), torch.zeros_like(flat), atol=1e-5)
+    gradient = torch.linspace(0, 1, 32).expand(1, 3, 32, 32).contiguous()  # linear ramp: zero inside
+    assert torch.allclose(model.stem(gradient)[..., 1:-1, 1:-1], torch.zeros(1, 3, 30, 30), atol=1e-5)
+
+
+def test_stem_is_image_minus_local_mean_times_scale():
+    x = _batch(1, 16)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    expected = (x - torch.nn.functional.avg_pool2d(padded, 3, stride=1)) * STEM_SCALE
+    assert torch.allclose(ForensicStem()(x), expected, atol=1e-5)
+
+
+def test_stem_survives_training_steps():
+    model = build_model(ModelConfig(backbone=SMALL))
+    kernel = model.stem.kernel.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(_batch(2, size=32)).sum()
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(model.stem.kernel, kernel)
+
+
+def test_stem_off_means_imagenet_normalisation():
+    model = build_model(ModelConfig(backbone=SMALL, forensic_stem=False)).eval()
+    assert not isinstance(model.stem, ForensicStem)
+    grey = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert torch.allclose(model.stem(grey), torch.zeros(1, 3, 4, 4), atol=1e-6)
+    with torch.no_grad():
+        assert model(_batch(2)).shape == (2,)
+
+
+@pytest.mark.parametrize("stem", [True, False], ids=["stem", "imagenet_norm"])
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path, stem):
+    cfg = ModelConfig(backbone=SMALL, hidden=32, dropout=0.1, forensic_stem=stem)
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    x = _batch(2)
+    with torch.no_grad():
+        expected = model(x)
+    metrics = {"auroc": torch.tensor(0.91), "f1": 0.8}
+    save_checkpoint(tmp_path / "ckpt", model, cfg, PreprocessSettings(crop_size=96), threshold=0.42, metrics=metrics)
+
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.model_cfg == cfg
+    assert loaded.preprocess == PreprocessSettings(crop_size=96)
+    assert loaded.threshold == pytest.approx(0.42)
+    assert loaded.metrics == {"auroc": pytest.approx(0.91), "f1": 0.8}
+    assert not loaded.model.training
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), expected)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["timm_version"] == timm.__version__
+
+
+def test_checkpoint_of_a_wrapped_model_loads(tmp_path: Path):
+    cfg = ModelConfig(backbone=SMALL, hidden=16)
+    model = build_model(cfg).eval()
+    save_checkpoint(tmp_path, torch.nn.DataParallel(model), cfg, PreprocessSettings())
+    loaded = load_checkpoint(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(_batch(1)), model(_batch(1)))
+
+
+def test_checkpoint_does_not_need_the_pretrained_file(tmp_path: Path):
+    weights = tmp_path / "backbone.pth"
+    torch.save(timm.create_model(SMALL, num_classes=0).state_dict(), weights)
+    cfg = ModelConfig(backbone=SMALL, hidden=16, pretrained_weights=str(weights))
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg, PreprocessSettings())
+    weights.unlink()
+    assert load_checkpoint(tmp_path / "ckpt").model_cfg.pretrained_weights == str(weights)
+
+
+def test_pretrained_backbone_file_is_loaded_and_classifier_ignored(tmp_path: Path):
+    torch.manual_seed(5)
+    source = timm.create_model(SMALL, num_classes=1000)  # with a classifier, as timm ships them
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model(ModelConfig(backbone=SMALL, pretrained_weights=str(path)))
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key]), key
+
+
+def test_pretrained_safetensors_file(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    source = timm.create_model(SMALL, num_classes=0)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = build_model(ModelConfig(backbone=SMALL, pretrained_weights=str(path)))
+    assert torch.equal(model.backbone.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_pretrained_file_of_another_backbone_is_refused(tmp_path: Path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit backbone"):
+        build_model(ModelConfig(backbone=SMALL, pretrained_weights=str(path)))
+
+
+def test_missing_weights_file_says_how_to_fix(tmp_path: Path):
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(ModelConfig(backbone=SMALL, pretrained_weights=str(tmp_path / "nope.pth")))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "nope.pth" in message and "local file" in message and "without pretrained weights" in message
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path: Path):
+    """A hub endpoint on a closed local port and an empty cache: offline, and nothing can be downloaded."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hub_weights_offline_fail_fast_with_one_line(unreachable_hub):
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(ModelConfig(backbone=SMALL, pretrained_weights="hub"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unreachable" in message and "local" in message and "without pretrained weights" in message
+
+
+def test_unknown_hub_tag_and_backbone_are_usage_errors():
+    with pytest.raises(ValueError, match="no pretrained tag"):
+        build_model(ModelConfig(backbone=SMALL, pretrained_weights="hub:no_such_tag"))
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        build_model(ModelConfig(backbone="no_such_backbone"))
+
+
+def test_load_checkpoint_missing_directory(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        load_checkpoint(tmp_path / "absent")
+
+
+def test_load_checkpoint_incomplete_or_broken(tmp_path: Path):
+    cfg = ModelConfig(backbone=SMALL, hidden=16)
+    directory = save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg, PreprocessSettings())
+
+    (directory / "model.pt").rename(directory / "elsewhere.pt")
+    with pytest.raises(FileNotFoundError, match="model.pt is missing"):
+        load_checkpoint(directory)
+
+    (directory / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="unreadable"):
+        load_checkpoint(directory)
+
+    (directory / "elsewhere.pt").replace(directory / "model.pt")
+    (directory / "config.json").write_text("{broken json")
+    with pytest.raises(ValueError, match="config.json is invalid"):
+        load_checkpoint(directory)
+
+
+def test_load_checkpoint_weights_that_do_not_match_config(tmp_path: Path):
+    cfg = ModelConfig(backbone=SMALL, hidden=16)
+    directory = save_checkpoint(tmp_path, build_model(cfg), cfg, PreprocessSettings())
+    config = json.loads((directory / "config.json").read_text())
+    config["model"] = {**config["model"], "hidden": 32}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match its config"):
+        load_checkpoint(directory)
+
+
+def test_model_config_is_plain_data():
+    cfg = replace(ModelConfig(), backbone=SMALL)
+    assert cfg.backbone == SMALL and cfg.hidden == 512 and cfg.forensic_stem and cfg.pretrained_weights is None

@@ -1,0 +1,176 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from app.transforms import AugmentConfig, eval_preprocess, to_model_input, train_augment
+
+NO_AUG = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip_prob=0.0)
+
+
+def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _find_window(source: np.ndarray, crop: np.ndarray) -> tuple[int, int] | None:
+    """Where `crop` sits in `source` pixel for pixel, or None."""
+    size = crop.shape[0]
+    corners = source[: source.shape[0] - size + 1, : source.shape[1] - size + 1]
+    candidates = np.argwhere((corners == crop[0, 0]).all(-1))
+    for top, left in candidates:
+        if np.array_equal(source[top : top + size, left : left + size], crop):
+            return int(top), int(left)
+    return None
+
+
+@pytest.mark.parametrize("size", [(200, 150), (64, 64), (65, 300)])
+def test_eval_preprocess_is_a_native_center_crop(size):
+    image = _noise(*size)
+    out = eval_preprocess(image, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    left, top = (size[0] - 64) // 2, (size[1] - 64) // 2
+    assert np.array_equal(out, np.asarray(image)[top : top + 64, left : left + 64])
+
+
+def test_eval_preprocess_upscales_only_a_small_image():
+    out = eval_preprocess(Image.new("RGB", (20, 40), (10, 200, 30)), 64)
+    assert out.shape == (64, 64, 3)
+    assert np.allclose(out, (10, 200, 30), atol=1)
+
+
+def test_eval_preprocess_accepts_non_rgb():
+    assert eval_preprocess(Image.new("L", (80, 80), 7), 64).shape == (64, 64, 3)
+
+
+def test_train_augment_shape_dtype_and_determinism():
+    image = _noise(300, 200)
+    aug = AugmentConfig(blur_prob=0.5, jpeg_prob=0.5)
+    first = [train_augment(image, 96, aug, np.random.default_rng(3)) for _ in range(2)]
+    assert first[0].shape == (96, 96, 3) and first[0].dtype == np.uint8
+    assert np.array_equal(first[0], first[1])
+    rng = np.random.default_rng(3)
+    outs = [train_augment(image, 96, aug, rng) for _ in range(4)]
+    assert any(not np.array_equal(outs[0], other) for other in outs[1:])
+
+
+def test_train_crop_is_a_window_of_the_source_at_native_resolution():
+    source = np.asarray(_noise(90, 70))
+    rng = np.random.default_rng(0)
+    positions = set()
+    for _ in range(6):
+        crop = train_augment(Image.fromarray(source), 48, NO_AUG, rng)
+        window = _find_window(source, crop)
+        assert window is not None
+        positions.add(window)
+    assert len(positions) > 1  # crops move around
+
+
+def test_flip_prob_one_mirrors_the_crop():
+    image = _noise(100, 80)
+    flip = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip_prob=1.0)
+    flipped = train_augment(image, 48, flip, np.random.default_rng(5))
+    plain = train_augment(image, 48, NO_AUG, np.random.default_rng(5))  # same draws, same position
+    assert np.array_equal(flipped, plain[:, ::-1])
+
+
+def test_train_augment_upscales_only_a_small_image():
+    out = train_augment(Image.new("RGB", (30, 50), (1, 2, 3)), 64, NO_AUG, np.random.default_rng(0))
+    assert out.shape == (64, 64, 3)
+    assert np.allclose(out, (1, 2, 3), atol=1)
+
+
+def _high_frequency(crop: np.ndarray) -> float:
+    grey = crop.astype(np.float32).mean(axis=2)
+    return float(np.abs(np.diff(grey, axis=1)).mean())
+
+
+BLUR_ONLY = AugmentConfig(blur_prob=1.0, blur_sigma=(1.5, 2.0), jpeg_prob=0.0, flip_prob=0.0)
+JPEG_ONLY = AugmentConfig(blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(40, 50), flip_prob=0.0)
+
+
+@pytest.mark.parametrize("aug", [BLUR_ONLY, JPEG_ONLY], ids=["blur", "jpeg"])
+def test_blur_and_jpeg_are_applied_at_prob_one(aug):
+    image = _noise(160, 120)
+    changed = train_augment(image, 64, aug, np.random.default_rng(1))
+    plain = train_augment(image, 64, NO_AUG, np.random.default_rng(1))  # same draws, same position
+    assert _find_window(np.asarray(image), changed) is None
+    assert np.abs(changed.astype(int) - plain.astype(int)).mean() > 5
+
+
+def test_blur_removes_high_frequencies():
+    image = _noise(160, 120)
+    blurred = train_augment(image, 64, BLUR_ONLY, np.random.default_rng(1))
+    plain = train_augment(image, 64, NO_AUG, np.random.default_rng(1))
+    assert _high_frequency(blurred) < 0.5 * _high_frequency(plain)
+
+
+def test_jpeg_leaves_8x8_block_artifacts():
+    smooth = Image.fromarray(np.tile(np.linspace(0, 255, 160, dtype=np.uint8), (120, 1))).convert("RGB")
+    image = Image.blend(smooth, _noise(160, 120), 0.3)
+    out = train_augment(image, 64, JPEG_ONLY, np.random.default_rng(4)).astype(np.float32).mean(axis=2)
+    steps = np.abs(np.diff(out, axis=1)).mean(axis=0)  # 63 column boundaries
+    phase_energy = [steps[phase::8].mean() for phase in range(8)]
+    assert max(phase_energy) > 1.2 * float(np.median(phase_energy))  # block edges stand out
+
+
+def test_blur_matches_blurring_the_whole_image():
+    # the context window must make the crop identical to blurring the full photo first
+    image = _noise(200, 160)
+    aug = AugmentConfig(blur_prob=1.0, blur_sigma=(2.0, 2.0), jpeg_prob=0.0, flip_prob=0.0)
+    crop = train_augment(image, 64, aug, np.random.default_rng(2))
+    whole = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=2.0)))
+    assert _find_window(whole, crop) is not None
+
+
+def test_probabilities_zero_leave_pixels_untouched():
+    image = _noise(120, 100)
+    for seed in range(5):
+        crop = train_augment(image, 64, NO_AUG, np.random.default_rng(seed))
+        assert _find_window(np.asarray(image), crop) is not None
+
+
+def test_to_model_input_layout_and_range():
+    batch = np.zeros((2, 8, 6, 3), dtype=np.uint8)
+    batch[0, 1, 2] = (255, 128, 0)
+    out = to_model_input(batch)
+    assert out.shape == (2, 3, 8, 6) and out.dtype == torch.float32
+    assert out.is_contiguous()
+    assert torch.allclose(out[0, :, 1, 2], torch.tensor([1.0, 128 / 255, 0.0]))
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_to_model_input_accepts_tensors_devices_and_channels_last():
+    batch = torch.randint(0, 256, (3, 5, 4, 3), dtype=torch.uint8)
+    out = to_model_input(batch, device="cpu", channels_last=True)
+    assert out.shape == (3, 3, 5, 4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, batch.permute(0, 3, 1, 2).float() / 255)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((8, 8, 3), dtype=np.uint8),
+        np.zeros((1, 8, 8, 3), dtype=np.float32),
+        np.zeros((1, 3, 8, 8), dtype=np.uint8),
+    ],
+    ids=["no_batch_dim", "float", "nchw"],
+)
+def test_to_model_input_refuses_other_layouts(bad):
+    with pytest.raises(ValueError):
+        to_model_input(bad)
+
+
+def test_jpeg_matches_recompressing_the_whole_image():
+    # the context window starts on the MCU grid, so block boundaries fall where whole-image JPEG puts them
+    image = _noise(400, 300, seed=9)
+    aug = AugmentConfig(blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(60, 60), flip_prob=0.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=60)
+    whole = np.asarray(Image.open(buffer).convert("RGB"))
+    for seed in range(3):
+        crop = train_augment(image, 96, aug, np.random.default_rng(seed))
+        assert _find_window(whole, crop) is not None
