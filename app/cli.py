@@ -335,17 +335,47 @@ def cluster_down(config: Optional[Path] = ConfigOpt) -> None:
 # ----------------------------------------------------------------------------------------------------------- demo
 @app.command("demo")
 @handle_errors
-def demo(config: Optional[Path] = ConfigOpt) -> None:
-    """The main job on the embedded defaults: build the demo dataset (cached) and print its summary.
+def demo(
+    retrain: bool = typer.Option(False, "--retrain", help="Train even when a champion model already exists."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """The main job on the embedded defaults: build the demo data, train, evaluate, register, report.
+
+    The demo data is cached; training is skipped when a champion already exists (unless --retrain), in which case
+    the champion is evaluated instead.
 
     Examples:
       aipd demo
+      aipd demo --retrain
     """
-    settings = settings_from(config)
+    from app.registry import get_alias_version, setup_mlflow
+
+    settings = settings_from(config, ray_address=address)
     started = time.perf_counter()
     summary = build_demo(settings)
     print_demo_summary(summary)
-    console.print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    setup_mlflow(settings)
+    champion = get_alias_version(settings)
+    if champion is None or retrain:
+        from training.trainer import run_training
+
+        console.print("[bold]training[/bold] (Ray Data -> Ray Train; progress below)")
+        outcome = run_training(settings)
+        print_report(outcome.report)
+        console.print(f"registered {settings.registered_model} version {outcome.version} "
+                      f"({outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)")
+        console.print(outcome.champion_message)
+        console.print(f"report: {outcome.report.files.get('markdown')}")
+    else:
+        from training.report import evaluate_command
+
+        console.print(f"champion exists (version {champion.version}); evaluating it (use --retrain to train anew)")
+        report = evaluate_command(settings, None, None)
+        print_report(report)
+        console.print(f"report: {report.files.get('markdown')}")
+    print_mlflow_hint(settings)
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
 def main() -> None:

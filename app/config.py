@@ -74,19 +74,42 @@ class TrainSettings(BaseModel):
 
 
 class TuneSettings(BaseModel):
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="experiment name (folder tune-<name> under ray_results); None: a timestamp, or the latest on resume",
+    )
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
     epochs: int = Field(4, ge=1)
-    search_alg: Literal["random", "optuna"] = "optuna"
-    gpus_per_trial: float = Field(1.0, ge=0)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    grace_period: int = Field(1, ge=1)
+    search_alg: Literal["random", "optuna", "hyperopt"] = Field(
+        "optuna", description="optuna/hyperopt fall back to random search when the library is not installed"
+    )
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo runs every trial to the end (benchmarks)")
+    gpus_per_trial: float = Field(1.0, ge=0, description="per Train worker of a trial; below 1 packs trials on one GPU")
+    cpus_per_trial: float = Field(1.0, gt=0, description="per Train worker of a trial (Ray logical CPUs)")
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung")
     lr: tuple[float, float] = (3e-4, 5e-3)
     weight_decay: tuple[float, float] = (1e-3, 0.1)
     dropout: list[float] = [0.1, 0.3, 0.5]
     batch_size: list[int] = [32, 64]
     crop_size: list[int] = [96, 112]
     augment_prob: list[float] = [0.1, 0.3, 0.5]
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _log_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"a log-uniform range needs 0 < low <= high, got {value}")
+        return value
+
+    @field_validator("dropout", "batch_size", "crop_size", "augment_prob")
+    @classmethod
+    def _non_empty(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError("give at least one value to choose from")
+        return value
 
 
 class ServeSettings(BaseModel):
@@ -116,7 +139,7 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local one")
-    ray_num_cpus: int | None = Field(None, description="logical CPUs for a local Ray; None: max(8, 4 x cores)")
+    ray_num_cpus: int | None = Field(None, description="logical CPUs for a local Ray; None: max(8, cores)")
     mlflow_tracking_uri: str | None = Field(None, description="None: a SQLite store in the work directory")
     mlflow_experiment: str = "aipd"
     registered_model: str = "aipd-detector"
@@ -178,7 +201,7 @@ class Settings(BaseSettings):
     @property
     def local_num_cpus(self) -> int:
         """Ray Data and Train deadlock when logical CPUs equal the 2 real cores, so a laptop gets more."""
-        return self.ray_num_cpus or max(8, 4 * (os.cpu_count() or 1))
+        return self.ray_num_cpus or max(8, os.cpu_count() or 1)
 
     @property
     def default_model_uri(self) -> str:

@@ -23,7 +23,8 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         else:
-            ray.init(
+            ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
+                address="local",
                 num_cpus=settings.local_num_cpus,
                 runtime_env=runtime_env,
                 include_dashboard=kwargs.pop("include_dashboard", None),

@@ -109,10 +109,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started = time.perf_counter()
-        seen, loss_sum, first_batch_s = 0, 0.0, None
+        seen, first_batch_s = 0, None
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for batch in train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.batch_size * 4,
-            dtypes={"image": torch.uint8, "label": torch.float32},
+            dtypes={"image": torch.uint8, "label": torch.float32}, prefetch_batches=4,
         ):
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - started
@@ -126,8 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.detach() * len(y)
+        if on_gpu:
+            torch.cuda.synchronize()
         train_seconds = time.perf_counter() - started
+        loss_sum = float(loss_sum.item())
 
         labels, scores, val_loss = _validate(model, val_shard, cfg, device, autocast, loss_fn)
         labels, scores, seen_all, loss_all = _gather(labels, scores, seen, loss_sum, world)
