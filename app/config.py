@@ -128,6 +128,18 @@ class ServeSettings(BaseModel):
     use_gpu: bool | None = None
 
 
+class UiSettings(BaseModel):
+    """The Streamlit UI: which API it calls, with which key, and the dashboards it links to (hidden when unset)."""
+
+    api_url: str | None = Field(None, description="HTTP API the UI calls; None: the serve host and port")
+    api_key: str | None = Field(None, description="X-API-Key the UI sends; None: the first of api_keys, if any")
+    host: str = Field("127.0.0.1", description="address the Streamlit server listens on (0.0.0.0: every interface)")
+    port: int = Field(8501, ge=1, le=65535)
+    ray_dashboard_url: str | None = Field(None, description="e.g. http://127.0.0.1:8265")
+    mlflow_url: str | None = Field(None, description="e.g. http://127.0.0.1:5000 (`mlflow ui`)")
+    grafana_url: str | None = Field(None, description="e.g. http://127.0.0.1:3000")
+
+
 class Settings(BaseSettings):
     """Everything configurable, with the laptop defaults."""
 
@@ -151,6 +163,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     tune: TuneSettings = TuneSettings()
     serve: ServeSettings = ServeSettings()
+    ui: UiSettings = UiSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -109,14 +109,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started = time.perf_counter()
-        seen, first_batch_s = 0, None
+        seen, first_batch_s, first_batch_n = 0, None, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.batch_size * 4,
-            dtypes={"image": torch.uint8, "label": torch.float32}, prefetch_batches=4,
+            batch_size=cfg.batch_size, drop_last=True, prefetch_batches=4,
+            dtypes={"image": torch.uint8, "label": torch.float32},
         ):
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - started
+                first_batch_n = len(batch["label"])
             x = to_model_input(batch["image"], device=device, channels_last=on_gpu)
             y = batch["label"].to(device, non_blocking=True)
             with autocast:
@@ -134,6 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = float(loss_sum.item())
 
         labels, scores, val_loss = _validate(model, val_shard, cfg, device, autocast, loss_fn)
+        steady_s = train_seconds - (first_batch_s or 0.0)
+        steady_rate = (seen - first_batch_n) / steady_s if steady_s > 0 else 0.0
         labels, scores, seen_all, loss_all = _gather(labels, scores, seen, loss_sum, world)
         val_auroc = auroc(labels, scores)
         threshold = threshold_for_fpr(labels, scores, cfg.target_fpr)
@@ -143,6 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": loss_all / max(1, seen_all),
             "train_images": seen_all,
             "train_images_per_s": seen_all / max(train_seconds, 1e-9),
+            "train_images_per_s_steady": steady_rate * world,  # after the first batch: the pipeline's sustained rate
             "time_to_first_batch_s": first_batch_s or 0.0,
             "val_loss": float(np.mean(val_loss)) if len(val_loss) else float("nan"),
             "val_accuracy": float((flagged == (labels == 1)).mean()) if len(labels) else float("nan"),
