@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast system-deps clean
 
 # Reinstalls only when pyproject.toml changed, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -18,7 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/aipd demo
 
-test: $(STAMP)
+# Real peers for the integration tests: a browser for the UI, a Prometheus server for the metrics.
+# Where they cannot be installed, the tests that need them skip and say why.
+system-deps:
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium prometheus >/dev/null) || echo "warning: could not install chromium/prometheus; their tests will skip"; \
+	else echo "warning: not root or no apt-get: chromium/prometheus tests will skip"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

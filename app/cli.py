@@ -378,6 +378,16 @@ def demo(
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
+# The stage commands live beside their stages; each module imports its heavy dependencies inside the command.
+from serving.cli import register as _register_serving  # noqa: E402
+from tuning.cli import register as _register_tuning  # noqa: E402
+from ui.cli import register as _register_ui  # noqa: E402
+
+_register_tuning(app)
+_register_serving(app)
+_register_ui(app)
+
+
 def main() -> None:
     app()
 

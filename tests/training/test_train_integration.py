@@ -51,43 +51,51 @@ def test_two_worker_run_is_tracked_and_registered(trained) -> None:
     assert 0.0 <= float(version.tags["threshold"]) <= 1.0
     assert version.tags["crop_size"] == "48"
     assert outcome.champion_moved
-    assert client.get_model_version_by_alias(settings.registered_model, "champion").version == outcome.version
+    assert str(client.get_model_version_by_alias(settings.registered_model, "champion").version) == outcome.version
 
 
 def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path) -> None:
+    import mlflow
+    import torch
+
     from app.data import index_dataset
-    from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
+    from app.model import load_checkpoint, save_checkpoint
     from app.registry import get_alias_version, log_detector, set_alias
     from training.trainer import _val_auroc, apply_champion_rule
 
     settings, outcome = trained
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
     val = index_dataset(str(small_demo)).split("val")
-    # A constant-output model scores AUROC 0.5 on any data: a real model that cannot beat a trained champion.
-    untrained = build_model(ModelConfig(dropout=0.0))
-    for p in untrained.head.parameters():
-        p.data.zero_()
-    weak_dir = save_checkpoint(tmp_path / "weak", untrained, ModelConfig(dropout=0.0), PreprocessSettings(crop_size=48))
-    import mlflow
-
+    # The trained model with its verdicts inverted scores exactly 1 - AUROC on any data: one of the two is better,
+    # whatever the tiny run learned, and both are real models the rule must judge on the validation split.
+    trained_model = load_checkpoint(outcome.checkpoint_dir)
+    with torch.no_grad():
+        last = trained_model.model.head[-1]
+        last.weight.neg_()
+        last.bias.neg_()
+    inverted_dir = save_checkpoint(tmp_path / "inverted", trained_model.model, trained_model.model_cfg,
+                                   trained_model.preprocess, threshold=0.5)
     experiment_id = MlflowClient(tracking_uri=settings.tracking_uri).get_run(outcome.run_id).info.experiment_id
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        weak = log_detector(settings, weak_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
-    from app.model import load_checkpoint
-
-    weak_auroc = _val_auroc(load_checkpoint(weak_dir), val, limits)
+        inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
     trained_auroc = _val_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
-    assert weak_auroc == pytest.approx(0.5)
-    assert trained_auroc > weak_auroc, "the tiny run must learn something on the demo data"
+    inverted_auroc = _val_auroc(load_checkpoint(inverted_dir), val, limits)
+    assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=1e-6)
+    assert trained_auroc != pytest.approx(0.5), "ties would make both models equal"
+    (better, better_auroc), (worse, worse_auroc) = sorted(
+        [(outcome.version, trained_auroc), (inverted.version, inverted_auroc)], key=lambda v: -v[1]
+    )
 
-    moved, message = apply_champion_rule(settings, weak.version, weak_auroc, val, limits)
+    set_alias(settings, better)
+    moved, message = apply_champion_rule(settings, worse, worse_auroc, val, limits)
     assert not moved and "stays" in message
-    assert get_alias_version(settings).version == outcome.version
+    assert get_alias_version(settings).version == better
 
-    set_alias(settings, weak.version)
-    moved, message = apply_champion_rule(settings, outcome.version, trained_auroc, val, limits)
+    set_alias(settings, worse)
+    moved, message = apply_champion_rule(settings, better, better_auroc, val, limits)
     assert moved and "beats" in message
-    assert get_alias_version(settings).version == outcome.version
+    assert get_alias_version(settings).version == better
+    set_alias(settings, outcome.version)
 
 
 def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

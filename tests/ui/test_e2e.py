@@ -1,0 +1,163 @@
+"""End to end: a real Serve application (ingress + detector on a tiny checkpoint), the page against it, and a real
+headless Chromium driving the real Streamlit server the way a person would: drop photos, read the verdicts.
+
+The browser test needs Debian's `chromium` (`apt-get install -y chromium`; `make test` installs it) and the
+`playwright` Python package; it never downloads a browser. Its screenshot lands in the test's tmp_path and in
+test-output/ at the repository root.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from tests.ui.conftest import PAGE
+from tests.ui.contract_server import free_port
+
+pytestmark = pytest.mark.slow
+
+KEY = "e2e-key"
+APP = "ui-e2e"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+OUTPUT_DIR = Path(__file__).resolve().parents[2] / "test-output"
+
+
+def product_photo(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (480, 360)) -> bytes:
+    """A studio-style product shot: a shaded box on a soft backdrop, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    backdrop = np.linspace(235, 190, height)[:, None, None] * np.ones((1, width, 3))
+    image = Image.fromarray(backdrop.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(c) for c in rng.integers(40, 200, 3))
+    box = (width * 0.3, height * 0.25, width * 0.7, height * 0.8)
+    draw.ellipse((box[0] - 10, box[3] - 12, box[2] + 10, box[3] + 14), fill=(150, 150, 150))
+    draw.rounded_rectangle(box, radius=18, fill=colour)
+    draw.rectangle((box[0] + 20, box[1] + 30, box[2] - 20, box[1] + 60), fill=(245, 245, 240))
+    image = image.filter(ImageFilter.GaussianBlur(1.2))
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 4, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def serve_http_port() -> int:
+    """The port of the Serve instance running in this Ray cluster, whoever started it (the serving tests may have)."""
+    from ray.serve.context import _get_global_client
+
+    return int(_get_global_client().http_config.port)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """(API URL, settings) of a real application at "/" that requires the API key KEY."""
+    from ray import serve
+
+    from app.config import Settings
+    from serving.app_builder import build_application
+    from serving.config import AppArgs
+    from tests.serving.conftest import make_checkpoint, undeploy
+
+    wanted = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": wanted})
+    port = serve_http_port()
+    root = tmp_path_factory.mktemp("ui-e2e")
+    settings = Settings(
+        work_dir=root / "work",
+        api_keys=[KEY],
+        serve={
+            "model_uri": str(make_checkpoint(root / "tiny-ckpt", seed=2)),
+            "ingress_min_replicas": 1, "ingress_max_replicas": 1,
+            "detector_min_replicas": 1, "detector_max_replicas": 1,
+        },
+        ui={"ray_dashboard_url": "http://127.0.0.1:8265", "mlflow_url": "http://127.0.0.1:5000",
+            "grafana_url": "http://127.0.0.1:3000"},
+    )
+    serve.run(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={})), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}", settings
+    undeploy(APP)
+    if port == wanted:
+        serve.shutdown()
+
+
+def test_page_against_the_real_service(service, ui_env) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    url, _ = service
+    ui_env(url, KEY)
+    page = AppTest.from_file(str(PAGE), default_timeout=120).run()
+    ready = [s.value for s in page.sidebar.success]
+    assert len(ready) == 1 and ready[0].startswith("Ready: model version local:")
+    page.file_uploader[0].set_value([
+        ("shelf.jpg", product_photo(0), "image/jpeg"),
+        ("animated.png", b"GIF89a" + bytes(64), "image/png"),
+    ]).run()
+    assert not page.exception, page.exception
+    verdicts = [m.value for m in page.main.markdown if m.value.startswith("### ")]
+    assert verdicts in (["### :red[AI-generated]"], ["### :green[Real photo]"])
+    captions = [c for image in page.main.image for c in image.captions]
+    assert any(c.startswith("Grad-CAM over the 64×64 center crop") for c in captions)
+    assert [e.value for e in page.main.error] == [
+        "Refused by the API (HTTP 415, unsupported_type): GIF images are not supported; send a JPEG, PNG or WebP"]
+    table = page.main.dataframe[0].value
+    assert table["model_version"].tolist()[0].startswith("local:")
+
+
+def test_browser_upload_shows_verdict_and_heatmap(service, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); `make test` installs it")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is missing")
+
+    from ui.launch import start_ui, stop_ui, wait_until_up
+
+    url, settings = service
+    photos = []
+    for name, seed, fmt in (("red-kettle.jpg", 3, "JPEG"), ("desk-lamp.png", 5, "PNG")):
+        path = tmp_path / name
+        path.write_bytes(product_photo(seed, fmt))
+        photos.append(path)
+    refused = tmp_path / "animated.png"  # a GIF under a .png name: the uploader lets it through, the API refuses it
+    refused.write_bytes(b"GIF89a" + bytes(64))
+
+    port = free_port()
+    with (tmp_path / "streamlit.log").open("w") as log:
+        process = start_ui(settings, url, port, log_file=log)
+        try:
+            page_url = wait_until_up(port, process=process)
+            with playwright_api.sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1440, "height": 2100})
+                    page.goto(page_url)
+                    page.get_by_text("Ready: model version local:").wait_for(timeout=60_000)
+                    page.locator('input[type="file"]').set_input_files([str(p) for p in [*photos, refused]])
+
+                    heatmaps = page.locator('img[alt^="Grad-CAM heatmap of"]')
+                    heatmaps.nth(1).wait_for(timeout=120_000)
+                    assert heatmaps.count() == 2
+                    for i in range(2):  # decoded by the browser, not just present in the DOM
+                        assert heatmaps.nth(i).evaluate("img => img.complete && img.naturalWidth") == 64
+                    verdicts = page.get_by_role("heading", name=re.compile(r"^(AI-generated|Real photo)$"))
+                    assert verdicts.count() == 2 and verdicts.first.is_visible()
+                    assert page.get_by_text("Probability AI-generated").count() == 2
+                    assert page.get_by_text("3 photos:").is_visible()
+                    assert page.get_by_text("Refused by the API (HTTP 415, unsupported_type): GIF images are not supported").is_visible()
+                    page.get_by_text("Download results (CSV)").wait_for()
+                    page.wait_for_timeout(500)  # let the images' fade-in settle for the screenshot
+                    screenshot = tmp_path / "ui-e2e.png"
+                    page.screenshot(path=str(screenshot), full_page=True)
+                finally:
+                    browser.close()
+        finally:
+            stop_ui(process)
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    shutil.copy(screenshot, OUTPUT_DIR / "ui-e2e.png")
+    assert screenshot.stat().st_size > 10_000

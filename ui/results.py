@@ -1,0 +1,53 @@
+"""How results read to a person: verdict labels, the batch table and its CSV, kept apart from the page to be testable."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ui.api import FileResult
+
+VERDICT_LABELS = {"ai_generated": "AI-generated", "real": "Real photo"}
+
+COLUMNS = [
+    "file", "verdict", "probability_ai_generated", "confidence", "threshold", "model_version",
+    "server_latency_ms", "round_trip_ms", "error", "detail",
+]
+
+
+def verdict_label(prediction: str | None) -> str:
+    return VERDICT_LABELS.get(prediction or "", "Refused")
+
+
+def results_table(results: list[FileResult]) -> pd.DataFrame:
+    """One row per file in upload order; a refused file keeps its row, with the API's error and detail."""
+    rows = [
+        {
+            "file": r.filename,
+            "verdict": verdict_label(r.prediction),
+            "probability_ai_generated": None if r.probability is None else round(r.probability, 4),
+            "confidence": r.confidence,
+            "threshold": r.threshold,
+            "model_version": r.model_version,
+            "server_latency_ms": None if r.inference_time_ms is None else round(r.inference_time_ms, 1),
+            "round_trip_ms": None if r.round_trip_ms is None else round(r.round_trip_ms, 1),
+            "error": r.error,
+            "detail": r.detail,
+        }
+        for r in results
+    ]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    text = ["file", "verdict", "confidence", "model_version", "error", "detail"]
+    table[text] = table[text].astype(object).where(table[text].notna(), "")  # blank, not "None", for a refusal
+    return table
+
+
+def results_csv(results: list[FileResult]) -> bytes:
+    return results_table(results).to_csv(index=False).encode("utf-8")
+
+
+def summary_line(results: list[FileResult]) -> str:
+    fakes = sum(r.prediction == "ai_generated" for r in results)
+    reals = sum(r.prediction == "real" for r in results)
+    refused = sum(not r.ok for r in results)
+    photos = "photo" if len(results) == 1 else "photos"
+    return f"{len(results)} {photos}: {fakes} AI-generated, {reals} real, {refused} refused"
