@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast system-deps clean
+.PHONY: install demo test test-fast system-deps train-compose clean
 
 # Reinstalls only when pyproject.toml changed, so a second `make test` starts at once.
 $(STAMP): pyproject.toml
@@ -32,6 +32,11 @@ test: $(STAMP) system-deps
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Train inside the compose stack (`docker compose up -d` first): its Ray cluster, tracked by its MLflow server.
+WORKERS ?= 2
+train-compose:
+	docker compose exec ray-head aipd train --address 127.0.0.1:6379 --workers $(WORKERS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .aipd .pytest_cache

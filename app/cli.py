@@ -337,45 +337,164 @@ def cluster_down(config: Optional[Path] = ConfigOpt) -> None:
 @handle_errors
 def demo(
     retrain: bool = typer.Option(False, "--retrain", help="Train even when a champion model already exists."),
+    exit_after_predictions: bool = typer.Option(
+        False, "--exit-after-predictions", help="Stop everything after the sample predictions (for scripts and tests)."
+    ),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not start the Streamlit UI."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """The main job on the embedded defaults: build the demo data, train, evaluate, register, report.
+    """The main job end to end: demo data, training, evaluation, registry, Ray Serve, the UI, sample predictions.
 
-    The demo data is cached; training is skipped when a champion already exists (unless --retrain), in which case
-    the champion is evaluated instead.
+    Builds the demo data (cached), trains, evaluates and registers a detector (skipped when a champion already exists,
+    unless --retrain), deploys the Serve application, starts the Streamlit UI, sends a few sample images through the
+    HTTP API and prints their verdicts and every address. It stays up until Ctrl-C, then stops what it started.
 
     Examples:
       aipd demo
       aipd demo --retrain
+      aipd demo --exit-after-predictions --no-ui
     """
-    from app.registry import get_alias_version, setup_mlflow
-
     settings = settings_from(config, ray_address=address)
     started = time.perf_counter()
     summary = build_demo(settings)
     print_demo_summary(summary)
-    setup_mlflow(settings)
-    champion = get_alias_version(settings)
-    if champion is None or retrain:
+    stack = _DemoStack(settings)
+    try:
+        stack.start_ray()
+        stack.train_unless_champion(retrain)
+        base_url = stack.deploy()
+        ui_url = None if no_ui else stack.start_ui(base_url)
+        stack.predict_samples(base_url)
+        elapsed = time.perf_counter() - started
+        console.print(f"first predictions {elapsed:.0f} s after the start")
+        stack.print_addresses(base_url, ui_url)
+        if not exit_after_predictions:
+            console.print("running; press Ctrl-C to stop everything this demo started")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stack.stop()
+
+
+class _DemoStack:
+    """What `aipd demo` starts, remembered so that exactly that is stopped at the end."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.model_copy(update={"work_dir": settings.work_dir.resolve()})
+        self.started_ray = False
+        self.deployed = False
+        self.ui_process: Any = None
+
+    def start_ray(self) -> None:
+        import ray
+
+        from app.ray_runtime import init_ray
+
+        self.started_ray = not ray.is_initialized() and not self.settings.ray_address
+        init_ray(self.settings, include_dashboard=True)
+
+    def train_unless_champion(self, retrain: bool) -> None:
+        from app.registry import get_alias_version, setup_mlflow
+
+        setup_mlflow(self.settings)
+        champion = get_alias_version(self.settings)
+        if champion is not None and not retrain:
+            console.print(f"champion exists (version {champion.version}): skipping training (use --retrain to train anew)")
+            return
         from training.trainer import run_training
 
-        console.print("[bold]training[/bold] (Ray Data -> Ray Train; progress below)")
-        outcome = run_training(settings)
+        console.print("[bold]training[/bold] (Ray Data -> Ray Train; Ray's progress below)")
+        outcome = run_training(self.settings)
         print_report(outcome.report)
-        console.print(f"registered {settings.registered_model} version {outcome.version} "
+        console.print(f"registered {self.settings.registered_model} version {outcome.version} "
                       f"({outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)")
         console.print(outcome.champion_message)
         console.print(f"report: {outcome.report.files.get('markdown')}")
-    else:
-        from training.report import evaluate_command
 
-        console.print(f"champion exists (version {champion.version}); evaluating it (use --retrain to train anew)")
-        report = evaluate_command(settings, None, None)
-        print_report(report)
-        console.print(f"report: {report.files.get('markdown')}")
-    print_mlflow_hint(settings)
-    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    def deploy(self) -> str:
+        from ray import serve
+
+        from serving.app_builder import build_application
+        from serving.config import APP_NAME, AppArgs
+
+        serve_settings = self.settings.serve
+        serve.start(http_options={"host": serve_settings.host, "port": serve_settings.port})
+        console.print("[bold]deploying[/bold] the Serve application (ingress + batched detector)")
+        serve.run(build_application(self.settings, AppArgs()), name=APP_NAME, route_prefix="/")
+        self.deployed = True
+        host = "127.0.0.1" if serve_settings.host in ("0.0.0.0", "::") else serve_settings.host
+        return f"http://{host}:{serve_settings.port}"
+
+    def start_ui(self, base_url: str) -> str:
+        from ui.launch import start_ui, wait_until_up
+
+        self.ui_log = open(self.settings.work_dir / "ui.log", "a")  # noqa: SIM115 - closed in stop()
+        self.ui_process = start_ui(self.settings, base_url, self.settings.ui.port, log_file=self.ui_log)
+        return wait_until_up(self.settings.ui.port, host=self.settings.ui.host, process=self.ui_process)
+
+    def predict_samples(self, base_url: str) -> None:
+        from app.data import index_dataset
+        from serving.client import predict_files
+
+        test = index_dataset(str(self.settings.demo_data_dir)).split("test")
+        samples = pd_sample(test, per_class=3)
+        key = self.settings.api_keys[0] if self.settings.api_keys else None
+        results = predict_files(base_url, [Path(p) for p in samples["path"]], api_key=key, timeout_s=120)
+        table = Table(title="sample predictions through the HTTP API (unseen test scenes)")
+        for column in ("file", "truth", "verdict", "probability", "confidence", "model", "ms"):
+            table.add_column(column, justify="right" if column in ("probability", "ms") else "left")
+        for truth, item in zip(samples["label"], results):
+            if "error" in item:
+                table.add_row(item["file"], _class_name(truth), f"[red]{item['error']}[/red]", "", "", "", "")
+                continue
+            table.add_row(item["file"], _class_name(truth), item["prediction"], f"{item['probability']:.3f}",
+                          item["confidence"], str(item["model_version"]), f"{item['inference_time_ms']:.1f}")
+        console.print(table)
+
+    def print_addresses(self, base_url: str, ui_url: str | None) -> None:
+        from app.ray_runtime import dashboard_url
+
+        dashboard = dashboard_url()
+        table = Table(title="where to look", show_header=False)
+        table.add_row("Serve API", f"{base_url}  (curl -F file=@photo.jpg {base_url}/predict; docs {base_url}/docs)")
+        if dashboard:
+            table.add_row("Ray dashboard", f"http://{dashboard}  (token: ~/.ray/auth_token; the /api wants "
+                          "'Authorization: Bearer <token>')")
+        table.add_row("MLflow", f"mlflow ui --backend-store-uri {self.settings.tracking_uri}  (then http://127.0.0.1:5000)"
+                      if self.settings.tracking_uri.startswith("sqlite:") else self.settings.tracking_uri)
+        if ui_url:
+            table.add_row("Streamlit UI", ui_url)
+        console.print(table)
+
+    def stop(self) -> None:
+        if self.ui_process is not None:
+            from ui.launch import stop_ui
+
+            stop_ui(self.ui_process)
+            self.ui_log.close()
+        if self.deployed:
+            from ray import serve
+
+            serve.shutdown()
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def pd_sample(records: Any, per_class: int) -> Any:
+    """A few files of each class, the same ones on every run."""
+    import pandas as pd
+
+    parts = [records[records["label"] == label].head(per_class) for label in (0, 1)]
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def _class_name(label: Any) -> str:
+    return "ai_generated" if int(label) == 1 else "real"
 
 
 # The stage commands live beside their stages; each module imports its heavy dependencies inside the command.

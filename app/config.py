@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -144,13 +144,16 @@ class Settings(BaseSettings):
     """Everything configurable, with the laptop defaults."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AIPD_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="AIPD_", env_nested_delimiter="__", extra="forbid", validate_default=True, populate_by_name=True
     )
 
     work_dir: Path = Path(".aipd")
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
-    ray_address: str | None = Field(None, description="Ray cluster address; None starts a local one")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (AIPD_RAY_ADDRESS or Ray's own RAY_ADDRESS); None starts a local one",
+        validation_alias=AliasChoices("ray_address", "AIPD_RAY_ADDRESS", "RAY_ADDRESS"),
+    )
     ray_num_cpus: int | None = Field(None, description="logical CPUs for a local Ray; None: max(8, cores)")
     mlflow_tracking_uri: str | None = Field(None, description="None: a SQLite store in the work directory")
     mlflow_experiment: str = "aipd"

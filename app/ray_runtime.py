@@ -43,3 +43,17 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def dashboard_url() -> str | None:
+    """host:port of the Ray dashboard of the cluster this process is connected to, when it runs one."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:  # the dashboard is optional; its absence is not an error
+        return None

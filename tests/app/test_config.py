@@ -57,3 +57,9 @@ def test_bad_files_and_values_say_what_is_wrong(tmp_path: Path) -> None:
         load_settings(unknown)
     with pytest.raises(Exception, match="epochs"):
         Settings(train={"epochs": 0})
+
+
+def test_rays_own_address_variable_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert load_settings().ray_address == "10.0.0.5:6379"
+    assert load_settings(ray_address="auto").ray_address == "auto", "a flag wins over the environment"

@@ -1,0 +1,44 @@
+"""`aipd demo` end to end on a tiny configuration: data, training, registry, Serve, UI, sample predictions, stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
+    serve_port, ui_port = _free_port(), _free_port()
+    env = {
+        **os.environ, "AIPD_WORK_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "",
+        "AIPD_DATA__DEMO_IMAGES_PER_CLASS": "40", "AIPD_DATA__DEMO_SIZE": "64",
+        "AIPD_TRAIN__EPOCHS": "1", "AIPD_TRAIN__CROP_SIZE": "48", "AIPD_TRAIN__BATCH_SIZE": "8",
+        "AIPD_SERVE__PORT": str(serve_port), "AIPD_UI__PORT": str(ui_port),
+    }
+    env.pop("RAY_ADDRESS")
+    done = subprocess.run([sys.executable, "-m", "app.cli", "demo", "--exit-after-predictions"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "registered aipd-detector version 1" in done.stdout
+    assert "sample predictions through the HTTP API" in done.stdout
+    assert done.stdout.count("real") >= 3 and "ai_generated" in done.stdout
+    assert f"http://127.0.0.1:{serve_port}" in done.stdout
+    assert f":{ui_port}" in done.stdout, "the Streamlit address is printed"
+    assert "mlflow ui --backend-store-uri" in done.stdout
+    # everything it started is stopped: nothing listens on its ports any more
+    for port in (serve_port, ui_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after the demo stopped"
