@@ -37,12 +37,23 @@ def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # Libraries that use the standard logging module (Ray, MLflow, uvicorn) go to stderr at the same level.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     _configured = (log_format, level.upper())
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at write time, so a swapped stream (test runners, Typer's CliRunner)
+    never leaves loggers holding a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def get_logger(name: str | None = None, **bound: Any) -> structlog.stdlib.BoundLogger:

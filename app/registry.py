@@ -131,12 +131,27 @@ def resolve_model(settings: Settings, uri: str | None = None) -> ResolvedModel:
             f"cannot load {uri}: {err.message if hasattr(err, 'message') else err}. "
             "Train one first (`aipd train`) or pass a checkpoint path."
         ) from err
-    checkpoint = root / "artifacts" / CHECKPOINT_ARTIFACT
-    if not checkpoint.is_dir():
-        checkpoint = root
-    if not (checkpoint / "config.json").is_file():
+    checkpoint = _checkpoint_in(root)
+    if checkpoint is None:
         raise RegistryError(f"{uri} holds no aipd checkpoint")
     return ResolvedModel(checkpoint, version)
+
+
+def _checkpoint_in(root: Path) -> Path | None:
+    """Where a downloaded model keeps its checkpoint: the MLmodel file names it under the pyfunc artifacts."""
+    import yaml
+
+    if (root / "config.json").is_file():
+        return root
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    spec = yaml.safe_load(mlmodel.read_text()) or {}
+    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}) or {}
+    relative = (artifacts.get(CHECKPOINT_ARTIFACT) or {}).get("path")
+    if relative and (root / relative / "config.json").is_file():
+        return root / relative
+    return None
 
 
 def _registry_version(uri: str) -> str:

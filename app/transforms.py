@@ -84,7 +84,8 @@ def to_model_input(
     batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW in [0, 1]; moved as uint8 first, so the transfer is 4x smaller."""
-    tensor = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+    # Ray hands out read-only views; torch wants writable memory, so those (only those) are copied.
+    tensor = torch.from_numpy(np.require(batch, requirements=["C", "W"])) if isinstance(batch, np.ndarray) else batch
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
         raise ValueError(f"expected a uint8 batch shaped (N, H, W, 3), got shape {tuple(tensor.shape)}")
     if tensor.dtype != torch.uint8:

@@ -139,6 +139,7 @@ class TrainOutcome:
 def run_training(settings: Settings) -> TrainOutcome:
     """``aipd train``: fit, evaluate on the test split, register, and move ``champion`` only if it wins."""
     import mlflow
+    from mlflow.entities import Param, RunTag
 
     from app.ray_runtime import cluster_has_gpus, init_ray
     from app.registry import log_detector, setup_mlflow
@@ -156,25 +157,26 @@ def run_training(settings: Settings) -> TrainOutcome:
     use_gpu = settings.train.use_gpu if settings.train.use_gpu is not None else cluster_has_gpus()
     experiment_id = setup_mlflow(settings)
     run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        run_id = run.info.run_id
-        mlflow.log_params(_flat({"train": settings.train.model_dump(), "model": settings.model.model_dump()}))
-        mlflow.log_params({"data": data_path, "use_gpu": use_gpu, **{
-            f"n_{split}_{cls}": n for split, c in counts.items() for cls, n in c.items()}})
-        mlflow.set_tags(_system_tags())
+    client = mlflow.MlflowClient()
+    # A run that stays RUNNING while Ray trains (rank 0 logs its epochs into it) and ends FINISHED or FAILED.
+    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    params = _flat({"train": settings.train.model_dump(), "model": settings.model.model_dump()})
+    params.update({"data": data_path, "use_gpu": use_gpu,
+                   **{f"n_{split}_{cls}": n for split, c in counts.items() for cls, n in c.items()}})
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in _system_tags().items()])
     log.info("training_started", run_id=run_id, data=data_path, use_gpu=use_gpu, workers=settings.train.num_workers)
 
     trainer = build_trainer(settings, index, use_gpu=use_gpu, name=f"{run_name}-{run_id[:8]}", mlflow_run_id=run_id)
     try:
         result = trainer.fit()
-    except Exception:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        if result.error:
+            raise RuntimeError(f"training failed: {result.error}")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
         raise
-    if result.error:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training failed: {result.error}")
     checkpoint_dir = best_checkpoint_dir(result, settings.work_dir.resolve() / "checkpoints" / run_id)
-    epochs_run = int(result.metrics_dataframe["epoch"].max()) + 1 if result.metrics_dataframe is not None else 0
+    epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else 0
 
     from app.model import load_checkpoint
     from training.evaluate import evaluate_loaded, write_report
@@ -199,7 +201,7 @@ def run_training(settings: Settings) -> TrainOutcome:
         "backbone": loaded.model_cfg.backbone,
     })
     moved, message = apply_champion_rule(settings, version.version, val_auroc, index.split("val"), limits)
-    mlflow.MlflowClient().set_tag(run_id, "champion", str(moved).lower())
+    client.set_tag(run_id, "champion", str(moved).lower())
     log.info("training_finished", run_id=run_id, version=version.version, champion=moved)
     return TrainOutcome(run_id, version.version, moved, message, checkpoint_dir, val_auroc, report,
                         time.perf_counter() - started, epochs_run)

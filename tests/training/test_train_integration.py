@@ -55,7 +55,6 @@ def test_two_worker_run_is_tracked_and_registered(trained) -> None:
 
 
 def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path) -> None:
-    import mlflow
     import torch
 
     from app.data import index_dataset
@@ -75,9 +74,9 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
         last.bias.neg_()
     inverted_dir = save_checkpoint(tmp_path / "inverted", trained_model.model, trained_model.model_cfg,
                                    trained_model.preprocess, threshold=0.5)
-    experiment_id = MlflowClient(tracking_uri=settings.tracking_uri).get_run(outcome.run_id).info.experiment_id
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run = client.create_run(client.get_run(outcome.run_id).info.experiment_id, run_name="inverted")
+    inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
     trained_auroc = _val_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
     inverted_auroc = _val_auroc(load_checkpoint(inverted_dir), val, limits)
     assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=1e-6)
@@ -125,8 +124,6 @@ def test_evaluate_says_when_there_is_no_model(tmp_path: Path, small_demo: Path, 
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
-    from ray.util.state import list_actors
-
     from training.trainer import run_training
 
     settings = tiny_settings(tmp_path, small_demo, epochs=5, max_failures=2)
@@ -138,10 +135,11 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
     while time.time() < deadline and thread.is_alive() and killed is None:
         time.sleep(0.5)
         run_id = _running_run(settings)
-        if run_id and MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc"):
-            workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        # two epochs logged: the first epoch's checkpoint has certainly been reported by then
+        if run_id and len(MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc")) >= 2:
+            workers = _train_worker_pids()
             if workers:
-                killed = workers[-1]["pid"]
+                killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
     thread.join(timeout=600)
     assert killed is not None, "the run ended before a worker could be killed"
@@ -152,6 +150,19 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
     assert run.info.status == "FINISHED"
     assert client.get_metric_history(outcome.run_id, "resumed_from_epoch"), "the restarted workers loaded a checkpoint"
     assert outcome.epochs_run == 5
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray names its worker processes after the actor they host (ray::RayTrainWorker...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return sorted(pids)
 
 
 def _catching(fn, settings, box):
