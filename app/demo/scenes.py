@@ -141,9 +141,9 @@ def _label(rng: np.random.Generator, photos: tuple[SourcePhoto, ...], h: int, w:
     while y < h - 3:
         x = int(w * 0.08)
         word_h = max(2, size // 3)
-        while x < w * 0.9:
+        while x < w * 0.9 - 3:
             ww = int(rng.integers(3, max(4, w // 5)))
-            draw.rectangle([x, y, min(x + ww, w - 2), y + word_h], fill=ink8)
+            draw.rectangle([x, y, max(x, min(x + ww, w - 2)), y + word_h], fill=ink8)
             x += ww + int(rng.integers(2, 6))
         y += word_h + int(rng.integers(3, 8))
     if rng.random() < 0.6:
