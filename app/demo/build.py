@@ -22,7 +22,7 @@ import numpy as np
 
 from app.demo.sources import SPLITS
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 LABELS = ("real", "ai_generated")
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 JPEG_QUALITY = (80, 95)  # both classes, drawn once per pair
@@ -54,6 +54,7 @@ class DemoSummary:
     decoder_steps: int = DECODER_STEPS
     phase_seconds: dict[str, float] = field(default_factory=dict)
     recipe_version: int = RECIPE_VERSION
+    cached: bool = False  # True when an earlier build was returned instead of building
 
     @property
     def total_images(self) -> int:
@@ -66,9 +67,10 @@ class DemoSummary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, out_dir: Path) -> "DemoSummary":
-        keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in keys and k != "out_dir"}, out_dir=out_dir)
+    def from_dict(cls, d: dict, out_dir: Path) -> DemoSummary:
+        keys = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in d.items() if k in keys and k not in ("out_dir", "cached")}
+        return cls(**values, out_dir=out_dir, cached=True)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class _ScenePlan:
 
 def _plan(images_per_class: int, seed: int) -> list[_ScenePlan]:
     n = images_per_class
-    n_train = int(round(n * SPLIT_FRACTIONS["train"]))
-    n_val = int(round(n * SPLIT_FRACTIONS["val"]))
+    n_train = round(n * SPLIT_FRACTIONS["train"])
+    n_val = round(n * SPLIT_FRACTIONS["val"])
     order = np.random.default_rng([seed, _STREAM_SPLIT]).permutation(n)
     split_of = {}
     for rank, index in enumerate(order):
@@ -89,8 +91,13 @@ def _plan(images_per_class: int, seed: int) -> list[_ScenePlan]:
 
 
 def _cache_key(images_per_class: int, size: int, seed: int, decoder_steps: int) -> dict:
-    return {"images_per_class": images_per_class, "size": size, "seed": seed, "decoder_steps": decoder_steps,
-            "recipe_version": RECIPE_VERSION}
+    return {
+        "images_per_class": images_per_class,
+        "size": size,
+        "seed": seed,
+        "decoder_steps": decoder_steps,
+        "recipe_version": RECIPE_VERSION,
+    }
 
 
 def _cached(out_dir: Path, key: dict) -> DemoSummary | None:
@@ -172,10 +179,14 @@ def build_demo_dataset(
         size=size,
         seed=seed,
         counts={s: {lab: sum(r["split"] == s and r["label"] == lab for r in rows) for lab in LABELS} for s in SPLITS},
-        sources={s: sorted({src for r in rows if r["split"] == s for src in r["source"].split("+") if src}) for s in SPLITS},
+        sources={
+            s: sorted({src for r in rows if r["split"] == s for src in r["source"].split("+") if src}) for s in SPLITS
+        },
         build_seconds=round(time.perf_counter() - start, 2),
         decoders={k: {"psnr_db": round(p, 2), "fit_seconds": round(t, 2)} for k, (_, p, t) in fitted.items()},
-        hard_cases={h: sum(h in r["hard_case"].split("+") for r in rows) for h in ("denoised", "softened", "added_noise")},
+        hard_cases={
+            h: sum(h in r["hard_case"].split("+") for r in rows) for h in ("denoised", "softened", "added_noise")
+        },
         decoder_steps=decoder_steps,
         phase_seconds={k: round(v, 2) for k, v in timings.items()},
     )
@@ -229,4 +240,3 @@ class _executor:
             self.pool.join()
         else:
             worker.exit_inline(self._threads)
-

@@ -129,7 +129,7 @@ def _demosaic_malvar(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def capture(scenes: torch.Tensor, settings: list[CameraSettings], noise: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def capture(scenes: torch.Tensor, settings: list[CameraSettings], noise: torch.T
     """
     b = scenes.shape[0]
     linear = scenes.clamp(0, 1) ** 2.2
-    per = lambda values: torch.tensor(values, dtype=torch.float32).view(b, -1, 1, 1)  # noqa: E731
+    per = lambda values: torch.tensor(values, dtype=torch.float32).view(b, -1, 1, 1)
     blurred = blur_per_image(linear, [s.optics_sigma for s in settings])
     sensor = F.avg_pool2d(blurred, 2) * per([s.exposure for s in settings])
     gains = per([s.wb_gains for s in settings])
@@ -157,7 +157,9 @@ def capture(scenes: torch.Tensor, settings: list[CameraSettings], noise: torch.T
         idx = [i for i, s in enumerate(settings) if s.demosaic == kind]
         if idx:
             sub = raw[idx]
-            out[idx] = _demosaic_bilinear(sub.expand(-1, 3, -1, -1), masks) if kind == "bilinear" else _demosaic_malvar(sub)
+            out[idx] = (
+                _demosaic_bilinear(sub.expand(-1, 3, -1, -1), masks) if kind == "bilinear" else _demosaic_malvar(sub)
+            )
     out = out * gains * per([s.wb_error for s in settings])
     sat = per([s.saturation for s in settings])
     grey = out.mean(dim=1, keepdim=True)

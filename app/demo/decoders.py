@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 DECODER_KINDS: tuple[str, ...] = ("autoencoder", "transposed_conv", "nearest_conv", "bilinear_conv")
 
@@ -86,6 +86,10 @@ class Decoder(nn.Module):
         self.conv = nn.Conv2d(detail, detail, 3, padding=1)
         self.to_rgb = nn.Conv2d(detail, 3, 1)
         self.rgb_up = _upsample(up_kind, 3, smooth=True)
+        with torch.no_grad():  # both corrections start silent: the decoder starts as plain upsampling and learns detail
+            for layer in (self.stem_rgb, self.to_rgb):
+                layer.weight.zero_()
+                layer.bias.zero_()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x * 2 - 1
@@ -113,7 +117,14 @@ class FittedDecoder:
 
 
 def fit_decoder(
-    kind: str, train: torch.Tensor, holdout: torch.Tensor, seed: int, steps: int = 300, patch: int = 32, batch: int = 16, lr: float = 3e-3
+    kind: str,
+    train: torch.Tensor,
+    holdout: torch.Tensor,
+    seed: int,
+    steps: int = 300,
+    patch: int = 32,
+    batch: int = 16,
+    lr: float = 3e-3,
 ) -> FittedDecoder:
     """Train one decoder to reproduce noise-free camera images (random patches), deterministic for a seed.
 

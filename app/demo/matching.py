@@ -32,8 +32,27 @@ def highpass(g: torch.Tensor) -> torch.Tensor:
 
 
 # Compare-exchange pairs that leave the median of nine values in position 4 (Paeth's median-of-9 network).
-_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
-            (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+_MEDIAN9 = (
+    (1, 2),
+    (4, 5),
+    (7, 8),
+    (0, 1),
+    (3, 4),
+    (6, 7),
+    (1, 2),
+    (4, 5),
+    (7, 8),
+    (0, 3),
+    (5, 8),
+    (4, 7),
+    (3, 6),
+    (1, 4),
+    (2, 5),
+    (4, 7),
+    (4, 2),
+    (6, 4),
+    (4, 2),
+)
 
 
 def median3x3(g: torch.Tensor) -> torch.Tensor:
@@ -62,7 +81,9 @@ def _view(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _sharpen_for_hf(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _sharpen_for_hf(
+    p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, a: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     """Solve var(P + s Q + a R) = target^2 for s exactly (the high-pass is linear); the root nearest 0 wins."""
     base = p + _view(a) * r
     base = base - base.flatten(1).mean(1).view(-1, 1, 1, 1)
@@ -88,7 +109,9 @@ def _noise_amount(image: torch.Tensor, noise: torch.Tensor, target: torch.Tensor
     return ((target**2 - n0**2).clamp_min(0) / gain).sqrt().clamp(0, MAX_NOISE_GAIN)
 
 
-def match_to_twin(clean: torch.Tensor, noise: torch.Tensor, hf_target: torch.Tensor, nz_target: torch.Tensor, rounds: int = 3) -> torch.Tensor:
+def match_to_twin(
+    clean: torch.Tensor, noise: torch.Tensor, hf_target: torch.Tensor, nz_target: torch.Tensor, rounds: int = 3
+) -> torch.Tensor:
     """Sharpen (or soften) and add noise to a batch of fakes so both statistics meet their twins' values.
 
     clean: (B, 3, H, W) decoder outputs; noise: a unit noise field per image (decoder-shaped or white).

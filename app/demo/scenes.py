@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -29,12 +29,12 @@ class Scene:
     products: tuple[str, ...]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo_image(name: str) -> Image.Image:
     return Image.fromarray((load_photo(name) * 255.0 + 0.5).astype(np.uint8))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -93,7 +93,9 @@ def _mask(h: int, w: int, draw_fn) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _background(rng: np.random.Generator, photos: tuple[SourcePhoto, ...], h: int, w: int) -> tuple[np.ndarray, set[str]]:
+def _background(
+    rng: np.random.Generator, photos: tuple[SourcePhoto, ...], h: int, w: int
+) -> tuple[np.ndarray, set[str]]:
     used: set[str] = set()
     kind = rng.choice(["photo", "studio", "tabletop"], p=[0.4, 0.3, 0.3])
     if kind == "photo":
@@ -198,7 +200,9 @@ def _product(
         y0 = y1 - bh
         dx, dy = depth * (1 if light < 0 else -1) * 0.6, -depth * 0.6
         front = _mask(h, w, lambda d: d.rectangle([x0, y0, x1, y1], fill=255))
-        top_face = _mask(h, w, lambda d: d.polygon([(x0, y0), (x1, y0), (x1 + dx, y0 + dy), (x0 + dx, y0 + dy)], fill=255))
+        top_face = _mask(
+            h, w, lambda d: d.polygon([(x0, y0), (x1, y0), (x1 + dx, y0 + dy), (x0 + dx, y0 + dy)], fill=255)
+        )
         sx = x1 if dx > 0 else x0
         side = _mask(h, w, lambda d: d.polygon([(sx, y0), (sx + dx, y0 + dy), (sx + dx, y1 + dy), (sx, y1)], fill=255))
         grad = (1.0 + 0.25 * light * (xx - cx) / max(bw, 1) - 0.15 * (yy - y0) / max(bh, 1))[..., None]
@@ -231,7 +235,11 @@ def _product(
             shoulder = _mask(h, w, lambda d: d.ellipse([x0, body_top - bh * 0.18, x1, body_top + bh * 0.18], fill=255))
             neck = _mask(h, w, lambda d: d.rectangle([cx - nw / 2, y0 + bh * 0.05, cx + nw / 2, body_top], fill=255))
             cap_col = _random_colour(rng)
-            cap = _mask(h, w, lambda d: d.rounded_rectangle([cx - nw * 0.6, y0, cx + nw * 0.6, y0 + bh * 0.1], radius=2, fill=255))
+            cap = _mask(
+                h,
+                w,
+                lambda d: d.rounded_rectangle([cx - nw * 0.6, y0, cx + nw * 0.6, y0 + bh * 0.1], radius=2, fill=255),
+            )
             add(np.maximum(shoulder, neck), colour * diffuse[..., None] + spec[..., None])
             add(body, shaded)
             add(cap, cap_col * diffuse[..., None] + 0.5 * spec[..., None])
@@ -263,7 +271,9 @@ def _product(
     else:  # a tube lying down
         tw, th = scale * rng.uniform(0.7, 1.2), scale * rng.uniform(0.15, 0.3)
         y0, y1 = base - th, base
-        tube = _mask(h, w, lambda d: d.rounded_rectangle([cx - tw / 2, y0, cx + tw / 2, y1], radius=th * 0.45, fill=255))
+        tube = _mask(
+            h, w, lambda d: d.rounded_rectangle([cx - tw / 2, y0, cx + tw / 2, y1], radius=th * 0.45, fill=255)
+        )
         diffuse, spec = _cylinder_shade((yy - (y0 + y1) / 2) / max(th / 2, 1), -0.4, gloss)
         add(tube, colour * diffuse[..., None] + spec[..., None])
     return np.clip(layer, 0.0, 1.0), _blur_mask(alpha, 0.6), top, left, used

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_photo(name: str) -> np.ndarray:
     """The photo as float32 RGB in [0, 1]; grey textures come back with three equal channels."""
     photo = next((p for p in SOURCE_PHOTOS if p.name == name), None)

@@ -90,15 +90,18 @@ def render_pairs(args: tuple[int, int, str, list, dict[str, dict]]) -> list[dict
         cam_noise.append(rng.standard_normal((1, size, size), dtype=np.float32))
         soften = rng.random() < plan.SOFTEN_PROB
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        draws.append({
-            "scene": scene,
-            "soften_sigma": float(rng.uniform(*plan.SOFTEN_SIGMA)) if soften else 0.0,
-            "quality": int(rng.integers(plan.JPEG_QUALITY[0], plan.JPEG_QUALITY[1] + 1)),
-            "kind": kind,
-            "decoder_noise": rng.standard_normal((1, size, size), dtype=np.float32),
-            "white_noise": rng.standard_normal((3, size, size), dtype=np.float32)
-            if rng.random() < plan.FAKE_WHITE_NOISE_PROB else None,
-        })
+        draws.append(
+            {
+                "scene": scene,
+                "soften_sigma": float(rng.uniform(*plan.SOFTEN_SIGMA)) if soften else 0.0,
+                "quality": int(rng.integers(plan.JPEG_QUALITY[0], plan.JPEG_QUALITY[1] + 1)),
+                "kind": kind,
+                "decoder_noise": rng.standard_normal((1, size, size), dtype=np.float32),
+                "white_noise": rng.standard_normal((3, size, size), dtype=np.float32)
+                if rng.random() < plan.FAKE_WHITE_NOISE_PROB
+                else None,
+            }
+        )
         scenes.append(scene.image)
     with torch.no_grad():
         x = _to_tensor(scenes)
@@ -115,15 +118,24 @@ def render_pairs(args: tuple[int, int, str, list, dict[str, dict]]) -> list[dict
         for label, image in (("real", reals[i]), ("ai_generated", fakes[i])):
             rel = f"{p.split}/{label}/{scene_id}.jpg"
             _save_jpeg(image, Path(out_dir) / rel, d["quality"])
-            rows.append({
-                "path": rel, "label": label, "split": p.split, "scene_id": scene_id, "source": source,
-                "generator": "camera" if label == "real" else d["kind"],
-                "hard_case": _hard_case(label, d, cam), "jpeg_quality": d["quality"],
-            })
+            rows.append(
+                {
+                    "path": rel,
+                    "label": label,
+                    "split": p.split,
+                    "scene_id": scene_id,
+                    "source": source,
+                    "generator": "camera" if label == "real" else d["kind"],
+                    "hard_case": _hard_case(label, d, cam),
+                    "jpeg_quality": d["quality"],
+                }
+            )
     return rows
 
 
-def _regenerate_all(noise_free: torch.Tensor, reals: torch.Tensor, draws: list[dict], decoders: dict[str, Decoder]) -> torch.Tensor:
+def _regenerate_all(
+    noise_free: torch.Tensor, reals: torch.Tensor, draws: list[dict], decoders: dict[str, Decoder]
+) -> torch.Tensor:
     clean = torch.empty_like(noise_free)
     field = torch.empty_like(noise_free)
     for kind, model in decoders.items():
