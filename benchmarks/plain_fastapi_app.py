@@ -2,7 +2,7 @@
 
 plain: one FastAPI + uvicorn process that decodes the upload, crops it and runs one forward pass per request, the way
 the original service did. It uses the project's own decode, crop and model code (`app.images`, `app.transforms`,
-`serving.detector.run_batch` with a batch of one: channels_last, inference mode, bf16 on GPU), so the only
+`serving.detector.run_batch` with a batch of one: channels_last, inference mode, the same precision), so the only
 difference from the Ray Serve application is the serving architecture: no batching, no replicas.
 
 noop: a raw ASGI app that reads the whole upload and answers a fixed JSON. Nothing is faster to serve, so its
@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 
-def build_plain_app(checkpoint: str, device: str) -> Any:
+def build_plain_app(checkpoint: str, device: str, precision: str = "auto") -> Any:
     from fastapi import FastAPI, File, HTTPException, UploadFile
 
     from app.config import Settings
@@ -33,7 +33,7 @@ def build_plain_app(checkpoint: str, device: str) -> Any:
         import torch
 
         torch.set_num_threads(available_cores())
-    active = load_active(Settings(), checkpoint, torch_device, warmup_sizes=(1,))
+    active = load_active(Settings(), checkpoint, torch_device, warmup_sizes=(1,), precision=precision)
     app = FastAPI(title="plain baseline")
 
     @app.post("/predict")
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="checkpoint directory (app.model format)")
     parser.add_argument("--noop", action="store_true", help="serve the do-nothing app instead")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
     if args.noop:
         app = noop_app
     elif args.checkpoint:
-        app = build_plain_app(args.checkpoint, args.device)
+        app = build_plain_app(args.checkpoint, args.device, args.precision)
     else:
         parser.error("give --checkpoint or --noop")
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")

@@ -200,11 +200,13 @@ def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int
         import torch
 
         torch.set_num_threads(args.torch_threads or available_cores())
-    active = load_active(Settings(), checkpoint, device, warmup_sizes=(1, args.max_batch_size))
+    active = load_active(Settings(), checkpoint, device, warmup_sizes=(1, args.max_batch_size),
+                         precision=args.precision)
     crop = np.zeros((args.crop, args.crop, 3), np.uint8)
     for batch in sorted({1, 8, args.max_batch_size}):
         ms = _median_ms(lambda: run_batch(active, [crop] * batch), 10 if device.type == "cpu" else 50)
-        lines.append(f"| forward, {args.backbone} {args.crop}px ({device.type}) | batch {batch} | "
+        lines.append(f"| forward, {args.backbone} {args.crop}px ({device.type}, {'bf16' if active.bf16 else 'fp32'}) "
+                     f"| batch {batch} | "
                      f"{ms:.2f} ({ms / batch:.2f} per image) |")
     del active
     for line in lines[2:]:
@@ -292,7 +294,8 @@ class ServeTarget:
                 "use_gpu": args.device == "cuda",
             },
         )
-        self.app_args = AppArgs(champion_poll_s=0, torch_threads=args.torch_threads, autoscaling={})
+        self.app_args = AppArgs(champion_poll_s=0, torch_threads=args.torch_threads, precision=args.precision,
+                                autoscaling={})
 
     def start(self) -> None:
         from ray import serve
@@ -387,6 +390,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--torch-threads", type=int, default=None, help="CPU inference threads per detector replica")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 on GPU, float32 on CPU; every target uses the same")
     parser.add_argument("--backbone", default="efficientnet_b0")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--sizes", default="224x224,320x240,512x384,640x480,1024x768", help="JPEG sizes, mixed")
@@ -422,7 +427,8 @@ def main() -> None:
             servers["noop"] = Subprocess(["--noop"])
             servers["noop"].start()
         if "plain" in targets:
-            servers["plain"] = Subprocess(["--checkpoint", checkpoint, "--device", args.device])
+            servers["plain"] = Subprocess(["--checkpoint", checkpoint, "--device", args.device,
+                                           "--precision", args.precision])
             servers["plain"].start()
             wait_http(servers["plain"].url + "/health")
         serve_targets = [t for t in ("unbatched", "batched") if t in targets]
@@ -432,6 +438,10 @@ def main() -> None:
             from app.config import Settings
             from app.ray_runtime import init_ray
 
+            # Ray starts its workers at nice 15 so they never starve the raylet; the baselines run at nice 0. On a
+            # machine shared with other work that alone halves the service's share of the CPU, so for a like-for-like
+            # comparison a local cluster's workers start at the baselines' priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             resources = init_ray(Settings(ray_address=args.address), include_dashboard=False, log_to_driver=False)
             # Every target stays up while the others are measured (idle, they cost next to nothing), so a drift in
             # the machine's background load hits all of them alike; on one GPU the two applications share it.

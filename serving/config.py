@@ -1,0 +1,195 @@
+"""Deployment options from `Settings`, and the standard Ray Serve config file made from them.
+
+`aipd serve` writes the file (`serving/serve_config.yaml` in the repository is one, made from the defaults), and the
+same file works with Ray's own tools: `serve run serving/serve_config.yaml` on a laptop, `serve deploy` against a
+cluster. It names the application builder (`serving.app_builder:build_app`) with its `args` - the serving settings -
+and lists both deployments with their autoscaling bounds, so an operator can change replicas, batch size or the model
+URI in the file and `serve deploy` it: the detector's `user_config` changes apply live, without restarting replicas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from app.config import Settings
+
+APP_NAME = "aipd"
+BUILDER = "serving.app_builder:build_app"
+INGRESS = "IngressDeployment"
+DETECTOR = "DetectorDeployment"
+INGRESS_MAX_ONGOING = 256  # the ingress mostly waits on the detector; it needs many requests in flight, not CPUs
+DETECTOR_MIN_ONGOING = 256  # see detector_options
+
+# OpenMP threads that finish an operator spin before sleeping (libgomp, which PyPI's torch uses, spins 300,000 rounds).
+# On a CPU node the proxy and the ingress need those cores between the ~200 operators of a forward pass. Measured on
+# the 2-core development machine, EfficientNet-B0 at batch 1 with 2 threads: default spin 21 ms alone but 1,690 ms
+# with one core busy elsewhere; passive waiting 33 ms / 68 ms; a spin of 1,000 rounds 23 ms / 71 ms.
+DETECTOR_ENV = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
+
+# Settings sections the replicas use; the rest (train, tune, data) stays out of the file.
+SERVING_FIELDS = (
+    "work_dir", "log_format", "log_level", "mlflow_tracking_uri", "mlflow_experiment", "registered_model",
+    "champion_alias", "images", "serve",
+)
+
+
+class AppArgs(BaseModel):
+    """The `args` of the application builder, as written under `applications[0].args` in the config file.
+
+    API keys are never written here: the builder reads them from `AIPD_API_KEYS` where it runs (on the cluster).
+    """
+
+    config_file: str | None = Field(None, description="an aipd settings YAML read where the builder runs")
+    settings: dict[str, Any] = Field(default_factory=dict, description="settings overrides, same shape as Settings")
+    champion_poll_s: float = Field(10.0, ge=0, description="how often the detector re-resolves an alias model URI")
+    torch_threads: int | None = Field(None, ge=1, description="CPU inference threads per detector replica")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, float32 on CPU; bf16 also on CPU pays on AMX chips in batches"
+    )
+    autoscaling: dict[str, Any] = Field(
+        default_factory=lambda: {"upscale_delay_s": 10.0, "downscale_delay_s": 120.0},
+        description="extra AutoscalingConfig fields for both deployments (delays, look_back_period_s, ...)",
+    )
+
+
+def parse_alias(uri: str) -> tuple[str, str] | None:
+    """(name, alias) for a model URI that follows an alias (`models:/NAME@ALIAS`), else None."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/")
+    if "@" not in ref:
+        return None
+    name, alias = ref.split("@", 1)
+    return name, alias
+
+
+def portable_settings(settings: Settings) -> dict[str, Any]:
+    """The serving part of the settings as plain values (no secrets), for `args.settings`."""
+    dumped = settings.model_dump(mode="json", include=set(SERVING_FIELDS))
+    return {key: dumped[key] for key in SERVING_FIELDS}
+
+
+def detector_user_config(settings: Settings, args: AppArgs) -> dict[str, Any]:
+    serve = settings.serve
+    return {
+        "model_uri": settings.default_model_uri,
+        "max_batch_size": serve.max_batch_size,
+        "batch_wait_timeout_s": serve.batch_wait_timeout_s,
+        "champion_poll_s": args.champion_poll_s,
+        "torch_threads": args.torch_threads,
+        "precision": args.precision,
+    }
+
+
+def _autoscaling(min_replicas: int, max_replicas: int, target: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max(max_replicas, min_replicas, 1),
+        "target_ongoing_requests": target,
+        **extra,
+    }
+
+
+def ingress_options(settings: Settings, args: AppArgs) -> dict[str, Any]:
+    serve = settings.serve
+    return {
+        "max_ongoing_requests": INGRESS_MAX_ONGOING,
+        "autoscaling_config": _autoscaling(
+            serve.ingress_min_replicas, serve.ingress_max_replicas, serve.target_ongoing_requests, args.autoscaling
+        ),
+        "ray_actor_options": {"num_cpus": 0.5},
+    }
+
+
+def detector_options(settings: Settings, args: AppArgs, num_gpus: float | None) -> dict[str, Any]:
+    """Let requests queue inside the detector, where the batcher can take them; scale out only once batches are full.
+
+    `max_ongoing_requests` must be at least `max_batch_size` or a batch never fills; it is set far higher because
+    when every replica is at its cap, requests wait in the caller's router, which re-probes replicas for room: on
+    the 2-core machine that cost cut throughput by two thirds at 32+ concurrent requests (benchmarks/RESULTS.md),
+    while a waiting crop in the detector's queue costs only its 150 KB. `target_ongoing_requests` below the batch
+    size would add replicas (and GPUs) while batches are still half empty, so the detector's target is at least
+    `max_batch_size`.
+    """
+    serve = settings.serve
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max(DETECTOR_MIN_ONGOING, 4 * serve.max_batch_size),
+        "autoscaling_config": _autoscaling(
+            serve.detector_min_replicas,
+            serve.detector_max_replicas,
+            max(serve.target_ongoing_requests, float(serve.max_batch_size)),
+            args.autoscaling,
+        ),
+        "user_config": detector_user_config(settings, args),
+    }
+    if num_gpus is not None:
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": num_gpus, "runtime_env": {"env_vars": DETECTOR_ENV}}
+    return options
+
+
+def detector_gpus(settings: Settings) -> float:
+    """1 GPU per detector replica when asked for, or when left to us (`use_gpu: null`) and the cluster has one."""
+    use_gpu = settings.serve.use_gpu
+    if use_gpu is not None:
+        return 1.0 if use_gpu else 0.0
+    import ray
+
+    from app.ray_runtime import cluster_has_gpus
+
+    return 1.0 if ray.is_initialized() and cluster_has_gpus() else 0.0
+
+
+def serve_config(settings: Settings, args: AppArgs | None = None) -> dict[str, Any]:
+    """A `ServeDeploySchema` document. The detector's GPUs are left to the builder when `serve.use_gpu` is null,
+    so one file serves a laptop and a GPU cluster."""
+    args = args or AppArgs()
+    args = args.model_copy(update={"settings": {**portable_settings(settings), **args.settings}})
+    fixed_gpus = None if settings.serve.use_gpu is None else (1.0 if settings.serve.use_gpu else 0.0)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.serve.host, "port": settings.serve.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": BUILDER,
+                "args": args.model_dump(mode="json"),
+                "deployments": [
+                    {"name": INGRESS, **ingress_options(settings, args)},
+                    {"name": DETECTOR, **detector_options(settings, args, fixed_gpus)},
+                ],
+            }
+        ],
+    }
+
+
+_HEADER = """\
+# Ray Serve config for the AI Product Photo Detector, generated by `aipd serve --write-config` from the settings.
+#   laptop:   serve run serving/serve_config.yaml        (or simply: aipd serve)
+#   cluster:  serve deploy serving/serve_config.yaml     (RAY_ADDRESS / --address names the cluster)
+# Changing a detector user_config value and running `serve deploy` again applies it live (no replica restarts);
+# model_uri may name models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION or a checkpoint dir.
+# API keys are not stored here: set AIPD_API_KEYS on the cluster. Relative work_dir paths resolve where Ray runs.
+# The detector asks for a GPU when serve.use_gpu is true, or when it is null and the cluster has GPUs.
+"""
+
+
+def write_serve_config(path: str | Path, config: dict[str, Any]) -> Path:
+    validate_serve_config(config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+    return path
+
+
+def validate_serve_config(config: dict[str, Any]) -> Any:
+    """Parse with Ray's own schema, the one `serve deploy` uses; raises pydantic's ValidationError when wrong."""
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else (
+        ServeDeploySchema.parse_obj(config)
+    )

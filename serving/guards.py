@@ -1,0 +1,93 @@
+"""API keys and rate limits: who may call the prediction routes, and how often.
+
+Rate-limit state lives in each ingress replica's memory: with N ingress replicas a client can get up to N times its
+limit when the proxy spreads its requests. That is the usual trade for a limiter with no shared store on the request
+path (a shared Redis or a Ray actor would add a network hop to every request); for a hard global limit put one in
+front of Serve (an API gateway) or run a single ingress replica.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from dataclasses import dataclass
+
+from serving.schemas import ApiError
+
+API_KEY_HEADER = "x-api-key"
+
+
+def check_api_key(keys: list[str], presented: str | None) -> str | None:
+    """The key that matched (the rate-limit identity), or None when keys are off; raises 401 otherwise.
+
+    Every configured key is compared in constant time, so timing does not reveal how much of a guess was right.
+    """
+    if not keys:
+        return None
+    if not presented:
+        raise ApiError(401, "unauthorized", "missing X-API-Key header; this service requires an API key")
+    matched = None
+    for key in keys:
+        if hmac.compare_digest(key.encode(), presented.encode()):
+            matched = key
+    if matched is None:
+        raise ApiError(401, "unauthorized", "invalid API key in X-API-Key")
+    return matched
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per client: `per_minute` requests a minute on average, bursts up to `per_minute` at once."""
+
+    MAX_CLIENTS = 100_000  # beyond this, full (idle) buckets are forgotten so memory stays bounded
+
+    def __init__(self, per_minute: int, clock=time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0
+
+    def acquire(self, client: str) -> None:
+        """Take one token for `client` or raise 429 with Retry-After (whole seconds until the next token)."""
+        if not self.enabled:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_CLIENTS:
+                self._forget_idle(now)
+            bucket = self._buckets[client] = _Bucket(self.capacity, now)
+        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return
+        wait = max(1, math.ceil((1.0 - bucket.tokens) / self.rate))
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {self.per_minute} requests a minute from this client; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+    def _forget_idle(self, now: float) -> None:
+        full_after = self.capacity / self.rate if self.rate > 0 else 0.0
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.updated < full_after}
+
+
+def client_identity(api_key: str | None, client_host: str | None) -> str:
+    """Rate limits follow the API key when there is one (a key shared by a fleet is one client), else the address."""
+    if api_key:
+        return "key:" + api_key
+    return "ip:" + (client_host or "unknown")

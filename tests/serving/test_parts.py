@@ -1,0 +1,257 @@
+"""The serving parts that run without Ray: upload streaming, guards, metrics aggregation, verdicts, the config file,
+and the detector's model code on a tiny real checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from serving.schemas import ApiError
+from tests.serving.conftest import CROP, jpeg, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------------- uploads
+def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "b0undary") -> bytes:
+    body = b""
+    for field, filename, data in parts:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def _read(body: bytes, chunk: int = 1000, headers: dict[str, str] | None = None, **kwargs):
+    from serving.uploads import read_files
+
+    async def stream():
+        for start in range(0, len(body), chunk):
+            yield body[start : start + chunk]
+
+    head = {"content-type": "multipart/form-data; boundary=b0undary", **(headers or {})}
+    options = {"field_name": "file", "max_files": 1, "max_file_bytes": 5000, "fail_fast": True, **kwargs}
+    return asyncio.run(read_files(head, stream(), **options))
+
+
+def test_upload_parts_are_read_across_chunk_borders() -> None:
+    data = bytes(range(256)) * 10
+    files = _read(_multipart([("other", "x.txt", b"ignored"), ("file", "a.jpg", data)]), chunk=7)
+    assert len(files) == 1 and files[0].filename == "a.jpg" and files[0].data == data
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    def never():
+        raise AssertionError("the body must not be read")
+
+    from serving.uploads import read_files
+
+    async def stream():
+        never()
+        yield b""
+
+    headers = {"content-type": "multipart/form-data; boundary=b0undary", "content-length": str(10**9)}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(read_files(headers, stream(), field_name="file", max_files=1, max_file_bytes=5000, fail_fast=True))
+    assert (err.value.status, err.value.error) == (413, "too_large")
+
+
+def test_streaming_stops_at_the_first_byte_over_the_limit() -> None:
+    from serving.uploads import read_files
+
+    consumed = 0
+
+    async def endless():
+        nonlocal consumed
+        yield b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        while True:
+            consumed += 4096
+            yield bytes(4096)
+
+    headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(read_files(headers, endless(), field_name="file", max_files=1, max_file_bytes=5000, fail_fast=True))
+    assert err.value.status == 413 and consumed <= 8192
+
+
+def test_batch_mode_keeps_an_oversize_file_as_a_failed_entry() -> None:
+    body = _multipart([("files", "big", bytes(6000)), ("files", "ok", b"fine")])
+    files = _read(body, field_name="files", max_files=4, fail_fast=False)
+    assert [(f.filename, f.too_large, f.data) for f in files] == [("big", True, b""), ("ok", False, b"fine")]
+
+
+@pytest.mark.parametrize("body, headers, status, error", [
+    (b"{}", {"content-type": "application/json"}, 415, "unsupported_media_type"),
+    (_multipart([("image", "a", b"x")]), {}, 400, "missing_file"),
+    (_multipart([("file", "a", b"x")])[:-20], {}, 400, "bad_multipart"),
+    (_multipart([("file", "a", b"x"), ("file", "b", b"y")]), {}, 413, "too_many_files"),
+], ids=["not multipart", "no file field", "unterminated", "two files for one"])
+def test_malformed_uploads(body: bytes, headers: dict[str, str], status: int, error: str) -> None:
+    with pytest.raises(ApiError) as err:
+        _read(body, headers=headers)
+    assert (err.value.status, err.value.error) == (status, error)
+
+
+# ----------------------------------------------------------------------------------------------------- guards
+def test_api_keys() -> None:
+    from serving.guards import check_api_key
+
+    assert check_api_key([], None) is None, "no keys configured: open"
+    assert check_api_key(["a", "b"], "b") == "b"
+    for presented in (None, "", "c", "b "):
+        with pytest.raises(ApiError) as err:
+            check_api_key(["a", "b"], presented)
+        assert err.value.status == 401
+
+
+def test_token_bucket_allows_a_minute_of_burst_then_refills() -> None:
+    from serving.guards import RateLimiter, client_identity
+
+    now = [0.0]
+    limiter = RateLimiter(per_minute=6, clock=lambda: now[0])
+    alice, bob = client_identity("alice-key", "10.0.0.1"), client_identity(None, "10.0.0.1")
+    for _ in range(6):
+        limiter.acquire(alice)
+    with pytest.raises(ApiError) as err:
+        limiter.acquire(alice)
+    assert err.value.status == 429 and err.value.headers["Retry-After"] == "10"
+    limiter.acquire(bob)  # the same address without the key is another client
+    now[0] = 10.0  # one token back after 60 s / 6
+    limiter.acquire(alice)
+    with pytest.raises(ApiError):
+        limiter.acquire(alice)
+    RateLimiter(per_minute=0).acquire(alice)  # 0 turns the limit off
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_metrics_from_several_replicas_add_up() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import MetricsState, add_counter, add_observation
+
+    state = MetricsState()
+    for replica in range(3):
+        delta: dict = {}
+        add_counter(delta, "predictions_total", 2, {"status": "200", "result": "real"})
+        add_observation(delta, "prediction_batch_size", 1 + replica * 4)
+        add_observation(delta, "prediction_latency_seconds", 0.02, {"route": "predict"})
+        state.merge(delta)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(state.render().decode())
+        for s in family.samples
+    }
+    assert samples[("predictions_total", (("result", "real"), ("status", "200")))] == 6
+    assert samples[("prediction_batch_size_count", ())] == 3
+    assert samples[("prediction_batch_size_sum", ())] == 1 + 5 + 9
+    assert samples[("prediction_batch_size_bucket", (("le", "1.0"),))] == 1
+    assert samples[("prediction_batch_size_bucket", (("le", "8.0"),))] == 2
+    assert samples[("prediction_batch_size_bucket", (("le", "+Inf"),))] == 3
+    with pytest.raises(ValueError, match="labels"):
+        add_counter({}, "predictions_total", 1, {"status": "200"})
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
+@pytest.mark.parametrize("p, t, verdict, confidence", [
+    (0.99, 0.5, "ai_generated", "high"), (0.55, 0.5, "ai_generated", "low"), (0.3, 0.5, "real", "medium"),
+    (0.0, 0.5, "real", "high"), (0.92, 0.9, "ai_generated", "low"), (0.97, 0.9, "ai_generated", "high"),
+    (0.75, 0.9, "real", "low"), (0.1, 0.9, "real", "high"),
+])
+def test_verdict_and_confidence_follow_the_threshold(p: float, t: float, verdict: str, confidence: str) -> None:
+    from serving.schemas import confidence_of, verdict_of
+
+    assert (verdict_of(p, t), confidence_of(p, t)) == (verdict, confidence)
+
+
+@pytest.mark.parametrize("data, kind", [
+    (b"GIF89a....", "GIF"), (b"BM....", "BMP"), (b"  <svg xmlns=...", "SVG"), (b'<?xml version="1.0"?><svg>', "SVG"),
+    (b"\x00\x00\x00\x18ftypheic", "HEIF/AVIF"), (b"hello, world", None), (b"%PDF-1.4", None), (b"", None),
+])
+def test_other_image_types_are_told_apart_from_non_images(data: bytes, kind: str | None) -> None:
+    from serving.ingress import other_image_type
+
+    assert other_image_type(data) == kind
+
+
+# ----------------------------------------------------------------------------------------------- config file
+def test_generated_config_is_a_valid_serve_config() -> None:
+    from app.config import Settings
+    from serving.config import AppArgs, serve_config, validate_serve_config
+
+    settings = Settings(serve={"max_batch_size": 48, "use_gpu": True, "detector_max_replicas": 4})
+    config = serve_config(settings, AppArgs(champion_poll_s=3))
+    schema = validate_serve_config(config)
+    app = schema.applications[0]
+    assert app.import_path == "serving.app_builder:build_app" and app.route_prefix == "/"
+    detector = {d["name"]: d for d in config["applications"][0]["deployments"]}["DetectorDeployment"]
+    assert detector["max_ongoing_requests"] >= detector["user_config"]["max_batch_size"] == 48
+    assert detector["autoscaling_config"]["max_replicas"] == 4
+    assert detector["ray_actor_options"]["num_gpus"] == 1
+    assert detector["user_config"]["champion_poll_s"] == 3
+    assert "api_keys" not in config["applications"][0]["args"]["settings"], "no secrets in the file"
+
+
+def test_the_repository_config_is_what_aipd_serve_writes_from_the_defaults(tmp_path: Path) -> None:
+    from app.config import Settings
+    from serving.config import serve_config, validate_serve_config, write_serve_config
+
+    committed = REPO / "serving" / "serve_config.yaml"
+    validate_serve_config(yaml.safe_load(committed.read_text()))
+    fresh = write_serve_config(tmp_path / "serve_config.yaml", serve_config(Settings()))
+    assert fresh.read_text() == committed.read_text(), (
+        "serving/serve_config.yaml is stale: regenerate it with "
+        "`aipd serve --write-config serving/serve_config.yaml --dry-run`"
+    )
+
+
+def test_the_builder_accepts_the_config_file_args() -> None:
+    from ray.serve import Application
+
+    from serving.app_builder import build_app
+
+    args = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())["applications"][0]["args"]
+    assert isinstance(build_app(args), Application)
+
+
+# ------------------------------------------------------------------------------------------- detector model code
+@pytest.fixture(scope="module")
+def active(tmp_path_factory: pytest.TempPathFactory):
+    from app.config import Settings
+    from serving.detector import load_active, pick_device
+
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("parts") / "checkpoint", seed=4, threshold=0.7)
+    return load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 4))
+
+
+def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
+    from serving.detector import run_batch
+
+    crops = [np.random.default_rng(i).integers(0, 256, (CROP, CROP, 3), dtype=np.uint8) for i in range(5)]
+    together = run_batch(active, crops)
+    alone = np.concatenate([run_batch(active, [crop]) for crop in crops])
+    assert together.shape == (5,) and np.allclose(together, alone, atol=1e-5)
+    assert active.threshold == 0.7 and active.crop_size == CROP and active.version.startswith("local:")
+
+
+def test_a_crop_of_another_size_is_recropped(active) -> None:
+    from serving.detector import fit_crop
+
+    assert fit_crop(np.zeros((CROP * 2, CROP * 3, 3), np.uint8), CROP).shape == (CROP, CROP, 3)
+    small = fit_crop(np.zeros((10, 20, 3), np.uint8), CROP)
+    assert small.shape == (CROP, CROP, 3) and small.dtype == np.uint8
+
+
+def test_gradcam_gives_a_heatmap_png_and_the_same_probability(active) -> None:
+    from serving.detector import explain_crop, run_batch
+
+    crop = np.asarray(Image.open(io.BytesIO(jpeg(CROP, CROP, seed=2))).convert("RGB"))
+    crop.setflags(write=False)  # as it arrives from Ray's object store
+    result = explain_crop(active, crop)
+    assert result["probability"] == pytest.approx(float(run_batch(active, [crop])[0]), abs=1e-4)
+    heatmap = Image.open(io.BytesIO(result["heatmap_png"]))
+    assert heatmap.format == "PNG" and heatmap.size == (CROP, CROP)
