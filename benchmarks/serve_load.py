@@ -399,6 +399,8 @@ def main() -> None:
     parser.add_argument("--check-at", type=int, default=32, help="concurrency of the summary ratios")
     parser.add_argument("--json-out", type=Path, help="write every cell as JSON here")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--serve-throughput-optimized", action="store_true",
+                        help="start the local cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     args = parser.parse_args()
 
     os.environ.update(DETECTOR_ENV)  # before torch loads OpenMP: the hop profile runs in this process
@@ -442,6 +444,8 @@ def main() -> None:
             # machine shared with other work that alone halves the service's share of the CPU, so for a like-for-like
             # comparison a local cluster's workers start at the baselines' priority.
             os.environ.setdefault("RAY_worker_niceness", "0")
+            if args.serve_throughput_optimized:  # Serve's own switch: gRPC proxy-to-replica, one loop per replica
+                os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
             resources = init_ray(Settings(ray_address=args.address), include_dashboard=False, log_to_driver=False)
             # Every target stays up while the others are measured (idle, they cost next to nothing), so a drift in
             # the machine's background load hits all of them alike; on one GPU the two applications share it.

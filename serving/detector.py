@@ -29,7 +29,7 @@ from ray import serve
 from app.config import Settings
 from serving.config import parse_alias
 
-# Crops never trigger Serve's own batching timer above this; a longer wait is a misconfiguration, not a choice.
+# A lone request waits this long for company; above a second that is a misconfiguration, not a trade-off.
 MAX_BATCH_WAIT_S = 1.0
 
 # bf16 autocast: always on GPU; on CPU only when asked ("bf16"), since there it pays only on chips with bf16 matrix
