@@ -7,6 +7,7 @@ checkpoint; every rank calls ``ray.train.report`` the same number of times, as R
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,7 +69,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world)))
+        # Ray pins OMP_NUM_THREADS to the worker's logical CPUs (1 by default); on a CPU-only machine the workers
+        # share the real cores instead, or a laptop trains on one thread.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
 
     model_cfg = ModelConfig(**cfg.model)
     model = build_model(model_cfg)
