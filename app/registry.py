@@ -124,7 +124,7 @@ def resolve_model(settings: Settings, uri: str | None = None) -> ResolvedModel:
     version = "unknown"
     try:
         if uri.startswith("models:/"):
-            version = _registry_version(uri)
+            version = registry_version(uri)
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         raise RegistryError(
@@ -154,7 +154,8 @@ def _checkpoint_in(root: Path) -> Path | None:
     return None
 
 
-def _registry_version(uri: str) -> str:
+def registry_version(uri: str) -> str:
+    """The version number a ``models:/`` URI points at now (an alias is looked up), for responses and run links."""
     from mlflow import MlflowClient
 
     ref = uri.removeprefix("models:/")

@@ -55,10 +55,10 @@ def _source_run(settings: Settings, uri: str) -> str | None:
         return None
     from mlflow import MlflowClient
 
-    from app.registry import _registry_version
+    from app.registry import registry_version
 
     name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
-    version = _registry_version(uri)
+    version = registry_version(uri)
     try:
         return MlflowClient().get_model_version(name, version).run_id
     except Exception:

@@ -183,7 +183,7 @@ def run_training(settings: Settings) -> TrainOutcome:
 
     loaded = load_checkpoint(checkpoint_dir)
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
-    val_auroc = _val_auroc(loaded, index.split("val"), limits)
+    val_auroc = validation_auroc(loaded, index.split("val"), limits)
     report = evaluate_loaded(loaded, index.split("test"), model_name=str(checkpoint_dir), data_name=data_path, **limits)
     report_dir = settings.work_dir.resolve() / "reports" / run_id
     write_report(report, report_dir)
@@ -207,7 +207,8 @@ def run_training(settings: Settings) -> TrainOutcome:
                         time.perf_counter() - started, epochs_run)
 
 
-def _val_auroc(loaded: Any, records: pd.DataFrame, limits: dict[str, int]) -> float:
+def validation_auroc(loaded: Any, records: pd.DataFrame, limits: dict[str, int]) -> float:
+    """A model's AUROC on a split, scored the way evaluation scores it; the champion rule and tuning compare these."""
     from training.evaluate import score_split
     from training.metrics import auroc
 
@@ -230,7 +231,7 @@ def apply_champion_rule(
     if current.version == new_version:
         return True, f"version {new_version} is already the champion"
     champion = load_checkpoint(resolve_model(settings, f"models:/{settings.registered_model}/{current.version}").checkpoint_dir)
-    champion_auroc = _val_auroc(champion, val_records, limits)
+    champion_auroc = validation_auroc(champion, val_records, limits)
     if new_val_auroc > champion_auroc:
         set_alias(settings, new_version)
         return True, (f"champion -> version {new_version}: val AUROC {new_val_auroc:.4f} beats version "

@@ -448,7 +448,7 @@ def _register_best(settings: Settings, index: Any, best: TrialSummary, state: Ex
     """Register the best trial's best checkpoint under its child run; the champion rule decides the alias."""
     from app.model import load_checkpoint
     from app.registry import log_detector
-    from training.trainer import _val_auroc, apply_champion_rule
+    from training.trainer import validation_auroc, apply_champion_rule
 
     assert best.checkpoint_path is not None and best.run_id is not None
     checkpoint_dir = settings.work_dir / "checkpoints" / best.run_id
@@ -458,7 +458,7 @@ def _register_best(settings: Settings, index: Any, best: TrialSummary, state: Ex
     loaded = load_checkpoint(checkpoint_dir)
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
     val_records = index.split("val")
-    val_auroc = _val_auroc(loaded, val_records, limits)
+    val_auroc = validation_auroc(loaded, val_records, limits)
     version = log_detector(settings, checkpoint_dir, run_id=best.run_id, tags={
         "threshold": loaded.threshold, "crop_size": loaded.preprocess.crop_size, "val_auroc": round(val_auroc, 6),
         "target_fpr": settings.train.target_fpr, "data": settings.data.path, "backbone": loaded.model_cfg.backbone,

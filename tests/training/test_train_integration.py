@@ -60,7 +60,7 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
     from app.data import index_dataset
     from app.model import load_checkpoint, save_checkpoint
     from app.registry import get_alias_version, log_detector, set_alias
-    from training.trainer import _val_auroc, apply_champion_rule
+    from training.trainer import validation_auroc, apply_champion_rule
 
     settings, outcome = trained
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
@@ -77,8 +77,8 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     run = client.create_run(client.get_run(outcome.run_id).info.experiment_id, run_name="inverted")
     inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
-    trained_auroc = _val_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
-    inverted_auroc = _val_auroc(load_checkpoint(inverted_dir), val, limits)
+    trained_auroc = validation_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
+    inverted_auroc = validation_auroc(load_checkpoint(inverted_dir), val, limits)
     assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=1e-6)
     assert trained_auroc != pytest.approx(0.5), "ties would make both models equal"
     (better, better_auroc), (worse, worse_auroc) = sorted(
