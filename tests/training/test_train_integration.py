@@ -65,8 +65,10 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
     settings, outcome = trained
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
     val = index_dataset(str(small_demo)).split("val")
-    # The trained model with its verdicts inverted scores exactly 1 - AUROC on any data: one of the two is better,
+    # The trained model with its verdicts inverted scores about 1 - AUROC on any data: one of the two is better,
     # whatever the tiny run learned, and both are real models the rule must judge on the validation split.
+    # Not exactly 1 - AUROC: a barely trained model's scores crowd around 0.5, where float32 sigmoid(x) and
+    # sigmoid(-x) round distinct logits into different ties.
     trained_model = load_checkpoint(outcome.checkpoint_dir)
     with torch.no_grad():
         last = trained_model.model.head[-1]
@@ -79,8 +81,8 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
     inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
     trained_auroc = validation_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
     inverted_auroc = validation_auroc(load_checkpoint(inverted_dir), val, limits)
-    assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=1e-6)
-    assert trained_auroc != pytest.approx(0.5), "ties would make both models equal"
+    assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=0.05)
+    assert trained_auroc != inverted_auroc, "the rule needs one model strictly better than the other"
     (better, better_auroc), (worse, worse_auroc) = sorted(
         [(outcome.version, trained_auroc), (inverted.version, inverted_auroc)], key=lambda v: -v[1]
     )
