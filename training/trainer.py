@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import platform
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +171,7 @@ def run_training(settings: Settings) -> TrainOutcome:
 
     trainer = build_trainer(settings, index, use_gpu=use_gpu, name=f"{run_name}-{run_id[:8]}", mlflow_run_id=run_id)
     try:
-        result = trainer.fit()
+        result = fit_keeping_sigint_handler(trainer)
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
     except BaseException:
@@ -205,6 +207,21 @@ def run_training(settings: Settings) -> TrainOutcome:
     log.info("training_finished", run_id=run_id, version=version.version, champion=moved)
     return TrainOutcome(run_id, version.version, moved, message, checkpoint_dir, val_auroc, report,
                         time.perf_counter() - started, epochs_run)
+
+
+def fit_keeping_sigint_handler(trainer: Any) -> Any:
+    """``trainer.fit()``, then the caller's Ctrl-C handler back in place.
+
+    Ray Train installs its own SIGINT handler for the run and leaves it installed afterwards, so a later Ctrl-C
+    would only log "aborting the training run" - `aipd demo`, which keeps serving after training, could not be stopped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def validation_auroc(loaded: Any, records: pd.DataFrame, limits: dict[str, int]) -> float:

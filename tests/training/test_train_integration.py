@@ -22,13 +22,24 @@ EVALUATE_KEYS = {"auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr
                  "blurred_real_flag_rate", "robustness"}
 
 
+# The main thread's Ctrl-C handler before and after the module's training run (see the test that reads it).
+SIGINT_HANDLERS: dict[str, object] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, small_demo: Path, tmp_path_factory: pytest.TempPathFactory):
     from training.trainer import run_training
 
     settings = tiny_settings(tmp_path_factory.mktemp("work"), small_demo)
+    SIGINT_HANDLERS["before"] = signal.getsignal(signal.SIGINT)
     outcome = run_training(settings)
+    SIGINT_HANDLERS["after"] = signal.getsignal(signal.SIGINT)
     return settings, outcome
+
+
+def test_ctrl_c_still_reaches_the_caller_after_training(trained) -> None:
+    # Ray Train leaves its own SIGINT handler behind; `aipd demo` keeps serving after training and must stop on Ctrl-C.
+    assert SIGINT_HANDLERS["after"] is SIGINT_HANDLERS["before"]
 
 
 def test_two_worker_run_is_tracked_and_registered(trained) -> None:
