@@ -59,6 +59,9 @@ class ActiveModel:
     threshold: float
     device: Any
     bf16: bool
+    # What run_batch calls: the model itself, or on a CPU in float32 a frozen TorchScript trace of it (Grad-CAM keeps
+    # the eager model, which has gradients).
+    infer: Any = None
 
 
 class ModelNotFoundYet(RuntimeError):
@@ -132,9 +135,26 @@ def load_active(
         device=device,
         bf16=use_bf16(device, precision),
     )
+    active.infer = frozen_for_cpu(model, active.crop_size) if device.type == "cpu" and not active.bf16 else model
     for size in sorted(set(warmup_sizes)):
         run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
     return active
+
+
+def frozen_for_cpu(model: Any, crop_size: int) -> Any:
+    """A frozen TorchScript trace: batch norm folded into the convolutions and oneDNN's fused kernels.
+
+    On the 2-core machine EfficientNet-B0 at 224 px, batch 1, runs in 13-21 ms frozen against 22-31 ms eager (110 ms
+    against 166-208 ms at batch 8), with the same outputs; tracing takes about 2 s. Any batch size runs through it.
+    """
+    import warnings
+
+    import torch
+
+    example = torch.zeros(1, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace warnings about Python control flow; the detector has none per input
+        return torch.jit.freeze(torch.jit.trace(model, example))
 
 
 def fit_crop(crop: np.ndarray, crop_size: int) -> np.ndarray:
@@ -157,7 +177,7 @@ def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
     batch = np.stack([fit_crop(crop, active.crop_size) for crop in crops])
     x = to_model_input(batch, device=active.device, channels_last=True)
     with torch.inference_mode(), torch.autocast(device_type=active.device.type, dtype=torch.bfloat16, enabled=active.bf16):
-        logits = active.model(x)
+        logits = (active.infer or active.model)(x)
     return torch.sigmoid(logits.float()).cpu().numpy()
 
 
