@@ -406,8 +406,14 @@ class _DemoStack:
             return
         from training.trainer import run_training
 
+        settings = self.settings
+        epochs = settings.demo.train_epochs
+        if epochs is not None and epochs != settings.train.epochs:
+            settings = settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": epochs})})
+            console.print(f"the demo trains {epochs} epochs for a quick start; `aipd train` trains the full "
+                          f"{self.settings.train.epochs} and takes over as champion if it does better")
         console.print("[bold]training[/bold] (Ray Data -> Ray Train; Ray's progress below)")
-        outcome = run_training(self.settings)
+        outcome = run_training(settings)
         print_report(outcome.report)
         console.print(f"registered {self.settings.registered_model} version {outcome.version} "
                       f"({outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)")

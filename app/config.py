@@ -140,6 +140,16 @@ class UiSettings(BaseModel):
     grafana_url: str | None = Field(None, description="e.g. http://127.0.0.1:3000")
 
 
+class DemoSettings(BaseModel):
+    """`aipd demo`: the whole loop, meant to answer within 10 minutes of a fresh clone on a 2-core laptop."""
+
+    train_epochs: int | None = Field(
+        6, ge=1,
+        description="epochs the demo trains (None: train.epochs). Fewer than `aipd train`'s so the first prediction "
+                    "comes within 10 minutes; a later `aipd train` becomes champion only if it beats the demo's model",
+    )
+
+
 class Settings(BaseSettings):
     """Everything configurable, with the laptop defaults."""
 
@@ -167,6 +177,7 @@ class Settings(BaseSettings):
     tune: TuneSettings = TuneSettings()
     serve: ServeSettings = ServeSettings()
     ui: UiSettings = UiSettings()
+    demo: DemoSettings = DemoSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
     env = {
         **os.environ, "AIPD_WORK_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "",
         "AIPD_DATA__DEMO_IMAGES_PER_CLASS": "40", "AIPD_DATA__DEMO_SIZE": "64",
-        "AIPD_TRAIN__EPOCHS": "1", "AIPD_TRAIN__CROP_SIZE": "48", "AIPD_TRAIN__BATCH_SIZE": "8",
+        "AIPD_TRAIN__EPOCHS": "2", "AIPD_DEMO__TRAIN_EPOCHS": "1", "AIPD_TRAIN__CROP_SIZE": "48", "AIPD_TRAIN__BATCH_SIZE": "8",
         "AIPD_SERVE__PORT": str(serve_port), "AIPD_UI__PORT": str(ui_port),
     }
     env.pop("RAY_ADDRESS")
@@ -38,6 +39,9 @@ def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{serve_port}" in done.stdout
     assert f":{ui_port}" in done.stdout, "the Streamlit address is printed"
     assert "mlflow ui --backend-store-uri" in done.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert [run.data.metrics["epochs_run"] for run in runs] == [1.0], "the demo trains demo.train_epochs, not train.epochs"
     # everything it started is stopped: nothing listens on its ports any more
     for port in (serve_port, ui_port):
         with socket.socket() as sock:
