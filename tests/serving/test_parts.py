@@ -238,6 +238,15 @@ def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
     assert active.threshold == 0.7 and active.crop_size == CROP and active.version.startswith("local:")
 
 
+def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> None:
+    import torch
+
+    assert isinstance(active.infer, torch.jit.ScriptModule), "float32 on a CPU serves through the frozen trace"
+    x = torch.rand(3, 3, CROP, CROP).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.allclose(active.infer(x), active.model(x), atol=1e-5)
+
+
 def test_a_crop_of_another_size_is_recropped(active) -> None:
     from serving.detector import fit_crop
 
