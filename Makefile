@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install demo test test-fast system-deps train-compose clean
 
 DEMO_STAMP := $(VENV)/.installed-runtime-stamp
-# --no-compile: byte-compiling every module of torch, ray and mlflow costs about a minute at install time, while
-# Python compiles the few it imports on first use in seconds. Measured on the 2-core machine: runtime-only with
-# --no-compile 1 min 33 s, with the dev extra and byte-compiling 2 min 32 s.
+# --no-compile: pip byte-compiles every module of torch, ray and mlflow one by one; Python compiles the ones it imports
+# on first use instead. Measured on the 2-core machine: runtime-only with --no-compile 1 min 33 s, with the dev extra
+# and byte-compiling 2 min 32 s. Not yet measured: how much of a fresh venv's slower first training epoch (2.5 min
+# against 1 min warm) is that first-use compiling.
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 
 # Each stamp reinstalls only when pyproject.toml changed, so a second `make test` or `make demo` starts at once.
