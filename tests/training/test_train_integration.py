@@ -69,34 +69,35 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
     import torch
 
     from app.data import index_dataset
-    from app.model import load_checkpoint, save_checkpoint
+    from app.model import build_model, load_checkpoint, save_checkpoint
     from app.registry import get_alias_version, log_detector, set_alias
     from training.trainer import validation_auroc, apply_champion_rule
 
     settings, outcome = trained
     limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
     val = index_dataset(str(small_demo)).split("val")
-    # The trained model with its verdicts inverted scores about 1 - AUROC on any data: one of the two is better,
-    # whatever the tiny run learned, and both are real models the rule must judge on the validation split.
-    # Not exactly 1 - AUROC: a barely trained model's scores crowd around 0.5, where float32 sigmoid(x) and
-    # sigmoid(-x) round distinct logits into different ties.
+    # Two real models the rule must judge on the validation split, one strictly better whatever the tiny run learned
+    # (it can end constant, AUROC exactly 0.5): a freshly initialised detector, whose scores vary from image to image,
+    # and the same with its verdicts inverted, which scores about 1 - its AUROC. Registered as versions of their own.
     trained_model = load_checkpoint(outcome.checkpoint_dir)
-    with torch.no_grad():
-        last = trained_model.model.head[-1]
-        last.weight.neg_()
-        last.bias.neg_()
-    inverted_dir = save_checkpoint(tmp_path / "inverted", trained_model.model, trained_model.model_cfg,
-                                   trained_model.preprocess, threshold=0.5)
+    torch.manual_seed(7)
+    fresh = build_model(trained_model.model_cfg).eval()
     client = MlflowClient(tracking_uri=settings.tracking_uri)
-    run = client.create_run(client.get_run(outcome.run_id).info.experiment_id, run_name="inverted")
-    inverted = log_detector(settings, inverted_dir, run_id=run.info.run_id, tags={"threshold": 0.5})
-    trained_auroc = validation_auroc(load_checkpoint(outcome.checkpoint_dir), val, limits)
-    inverted_auroc = validation_auroc(load_checkpoint(inverted_dir), val, limits)
-    assert inverted_auroc == pytest.approx(1.0 - trained_auroc, abs=0.05)
-    assert trained_auroc != inverted_auroc, "the rule needs one model strictly better than the other"
-    (better, better_auroc), (worse, worse_auroc) = sorted(
-        [(outcome.version, trained_auroc), (inverted.version, inverted_auroc)], key=lambda v: -v[1]
-    )
+    experiment_id = client.get_run(outcome.run_id).info.experiment_id
+    versions, aurocs = [], []
+    for name in ("fresh", "inverted"):
+        if name == "inverted":
+            with torch.no_grad():
+                fresh.head[-1].weight.neg_()
+                fresh.head[-1].bias.neg_()
+        directory = save_checkpoint(tmp_path / name, fresh, trained_model.model_cfg, trained_model.preprocess,
+                                    threshold=0.5)
+        run = client.create_run(experiment_id, run_name=name)
+        versions.append(log_detector(settings, directory, run_id=run.info.run_id, tags={"threshold": 0.5}).version)
+        aurocs.append(validation_auroc(load_checkpoint(directory), val, limits))
+    assert aurocs[1] == pytest.approx(1.0 - aurocs[0], abs=0.05)
+    assert aurocs[0] != aurocs[1], "the rule needs one model strictly better than the other"
+    (better, better_auroc), (worse, worse_auroc) = sorted(zip(versions, aurocs), key=lambda v: -v[1])
 
     set_alias(settings, better)
     moved, message = apply_champion_rule(settings, worse, worse_auroc, val, limits)
