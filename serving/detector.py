@@ -142,8 +142,9 @@ def load_active(
     )
     if freeze:
         freeze_for_cpu(active, warmup_sizes)
-    for size in sorted(set(warmup_sizes)):
-        run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
+    if active.infer is None:  # a frozen trace comes warmed up; the eager model (GPU, bf16, freeze=False) is warmed here
+        for size in sorted(set(warmup_sizes)):
+            run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
     return active
 
 

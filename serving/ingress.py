@@ -12,6 +12,7 @@ stall the other requests of this replica.
 import asyncio
 import base64
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -223,38 +224,24 @@ class IngressDeployment:
     @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_UPLOAD_ONE,
               summary="Is this product photo AI-generated? (multipart field `file`)")
     async def predict(self, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        try:
-            crop = await self._read_one(request)
-            result = await self._call(self._detector.predict, crop)
-            body = self._prediction(result, started)
-            self._count("200", body["prediction"])
+        def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
             self._metrics.observe("prediction_probability", body["probability"])
-            return JSONResponse(body)
-        except ApiError as err:
-            return self._refuse(err)
-        finally:
-            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": "predict"})
+            return body
+
+        return await self._answer_one(request, "predict", self._detector.predict, answer)
 
     @api.post("/predict/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_UPLOAD_ONE,
               summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies")
     async def explain(self, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        try:
-            crop = await self._read_one(request)
-            result = await self._call(self._detector.explain, crop)
-            body = self._prediction(result, started)
+        def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
             body.update(
                 heatmap_base64=base64.b64encode(result["heatmap_png"]).decode("ascii"),
                 heatmap_format="png",
                 crop_size=result["crop_size"],
             )
-            self._count("200", body["prediction"])
-            return JSONResponse(ExplainResponse(**body).model_dump())
-        except ApiError as err:
-            return self._refuse(err)
-        finally:
-            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": "explain"})
+            return ExplainResponse(**body).model_dump()
+
+        return await self._answer_one(request, "explain", self._detector.explain, answer)
 
     @api.post("/predict/batch", response_model=BatchResponse, responses=_ERRORS, openapi_extra=_UPLOAD_MANY,
               summary="Several photos at once (multipart field `files`); one bad file fails alone")
@@ -292,6 +279,22 @@ class IngressDeployment:
                 detail = (status or {}).get("detail") or "the model is loading"
                 raise ApiError(503, "not_ready", f"{detail}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S})
             self._learn(status)
+
+    async def _answer_one(
+        self, request: Request, route: str, method: Any, answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+    ) -> JSONResponse:
+        """The frame of the one-photo routes: read and guard the upload, ask the detector, count, refuse, time."""
+        started = time.perf_counter()
+        try:
+            crop = await self._read_one(request)
+            result = await self._call(method, crop)
+            body = answer(result, self._prediction(result, started))
+            self._count("200", body["prediction"])
+            return JSONResponse(body)
+        except ApiError as err:
+            return self._refuse(err)
+        finally:
+            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": route})
 
     async def _read_one(self, request: Request) -> np.ndarray:
         await self._guard(request)
