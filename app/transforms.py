@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    import torch
 
 # Context kept around the crop while blurring and re-compressing (see train_augment): wider than the
 # Gaussian's reach at the largest sigma (~3 sigma). The context window starts on the photo's 16-px
@@ -84,6 +87,8 @@ def to_model_input(
     batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW in [0, 1]; moved as uint8 first, so the transfer is 4x smaller."""
+    import torch  # here, not at the top: Ray Data's decode workers and the Serve ingress never need it
+
     # Ray hands out read-only views; torch wants writable memory, so those (only those) are copied.
     tensor = torch.from_numpy(np.require(batch, requirements=["C", "W"])) if isinstance(batch, np.ndarray) else batch
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
