@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install demo test test-fast system-deps train-compose clean
 
 DEMO_STAMP := $(VENV)/.installed-runtime-stamp
-SITE_PACKAGES = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 # pip would byte-compile one module at a time; compileall uses every core (30 s on 2 cores) and skips the packages'
 # own test suites. Without .pyc files every Ray worker, Serve replica and test process compiles torch, ray and mlflow
 # from source again wherever PYTHONDONTWRITEBYTECODE is set (it is on the 2-core machine): there,
 # `import torch, torchvision, timm` takes 12.8 s without them and 4.8 s with them. Some packages ship Python 2
 # templates that never compile and are never imported, hence -qq and `|| true`.
-COMPILE = $(PY) -m compileall -qq -j0 -x '/tests?/' $(SITE_PACKAGES) >/dev/null || true
+COMPILE = $(PY) -m compileall -qq -j0 -x '/tests?/' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+	>/dev/null || true
 
 # Each stamp reinstalls only when pyproject.toml changed, so a second `make test` or `make demo` starts at once.
 # The demo needs only the runtime dependencies; the tests add the dev extra (which covers the demo's too).
