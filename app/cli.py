@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -371,6 +372,9 @@ def demo(
         stack.print_addresses(base_url, ui_url)
         if not exit_after_predictions:
             console.print("running; press Ctrl-C to stop everything this demo started")
+            # Ray and Ray Train install their own SIGTERM handlers on the way (one of them ignored `kill`, leaving
+            # the whole stack running); from here on, SIGTERM stops the demo as Ctrl-C does.
+            signal.signal(signal.SIGTERM, _stop_on_sigterm)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
@@ -406,12 +410,11 @@ class _DemoStack:
             return
         from training.trainer import run_training
 
-        settings = self.settings
-        epochs = settings.demo.train_epochs
-        if epochs is not None and epochs != settings.train.epochs:
-            settings = settings.model_copy(update={"train": settings.train.model_copy(update={"epochs": epochs})})
-            console.print(f"the demo trains {epochs} epochs for a quick start; `aipd train` trains the full "
-                          f"{self.settings.train.epochs} and takes over as champion if it does better")
+        settings = demo_training_settings(self.settings)
+        if settings.train != self.settings.train:
+            console.print(f"the demo trains a quick model ({settings.train.epochs} epochs, lr {settings.train.lr:g}); "
+                          f"`aipd train` trains the full {self.settings.train.epochs} epochs and takes over as champion "
+                          "if it does better")
         console.print("[bold]training[/bold] (Ray Data -> Ray Train; Ray's progress below)")
         outcome = run_training(settings)
         print_report(outcome.report)
@@ -458,6 +461,11 @@ class _DemoStack:
                 continue
             table.add_row(item["file"], _class_name(truth), item["prediction"], f"{item['probability']:.3f}",
                           item["confidence"], str(item["model_version"]), f"{item['inference_time_ms']:.1f}")
+        threshold = _served_threshold(base_url)
+        if threshold is not None:
+            table.caption = (f"ai_generated when the probability is at least {threshold:.2f}: the threshold set on "
+                             f"validation data for {self.settings.train.target_fpr:.0%} false positives, so a real photo "
+                             "is rarely flagged and an AI photo the model is unsure of passes as real")
         console.print(table)
 
     def print_addresses(self, base_url: str, ui_url: str | None) -> None:
@@ -489,6 +497,27 @@ class _DemoStack:
             import ray
 
             ray.shutdown()
+
+
+def demo_training_settings(settings: Settings) -> Settings:
+    """The settings with the demo's short schedule (demo.train_epochs, demo.train_lr) in place of train's own."""
+    overrides = {"epochs": settings.demo.train_epochs, "lr": settings.demo.train_lr}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return settings.model_copy(update={"train": settings.train.model_copy(update=overrides)})
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _served_threshold(base_url: str) -> float | None:
+    """The decision threshold of the model the service runs, from its /health (None if it does not say)."""
+    import httpx
+
+    try:
+        return float(httpx.get(f"{base_url}/health", timeout=10).json()["threshold"])
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return None
 
 
 def pd_sample(records: Any, per_class: int) -> Any:

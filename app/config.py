@@ -149,6 +149,11 @@ class DemoSettings(BaseModel):
                     "a fresh clone on 2 cores (test AUROC about 0.9); `aipd train` trains train.epochs (12: 0.97) and "
                     "becomes champion only if it beats the demo's model on the same validation data",
     )
+    train_lr: float | None = Field(
+        3e-3, gt=0,
+        description="the demo's learning rate (None: train.lr). A short schedule learns more with a higher rate: in 6 "
+                    "epochs 3e-3 and 4e-3 reached val AUROC 0.87-0.89, 2e-3 0.71-0.86 (benchmarks/demo_schedule.py)",
+    )
 
 
 class Settings(BaseSettings):

@@ -42,6 +42,8 @@ def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
     assert [run.data.metrics["epochs_run"] for run in runs] == [1.0], "the demo trains demo.train_epochs, not train.epochs"
+    assert float(runs[0].data.params["train.lr"]) == 3e-3, "the demo's short schedule takes demo.train_lr"
+    assert "the threshold set on validation data" in " ".join(done.stdout.split()), "the verdicts' threshold is explained"
     # everything it started is stopped: nothing listens on its ports any more
     for port in (serve_port, ui_port):
         with socket.socket() as sock:

@@ -152,14 +152,17 @@ def evaluate_loaded(
     metrics = classification_metrics(labels, scores, loaded.threshold)
     metrics["_labels"], metrics["_scores"] = labels, scores
     sweep: dict[str, float] = {}
+    blurred_scores = None
     if robustness:
         from training.metrics import auroc
 
         for name in ROBUSTNESS:
             l2, s2 = score(records, corrupt=corruption(name))
             sweep[name] = auroc(l2, s2)
-    reals = records[records["label"] == 0]
-    _, blurred_scores = score(reals, corrupt=corruption("blur_sigma1"))
+            if name == "blur_sigma1":
+                blurred_scores = s2[l2 == 0]
+    if blurred_scores is None:
+        _, blurred_scores = score(records[records["label"] == 0], corrupt=corruption("blur_sigma1"))
     flag_rate = float((blurred_scores >= loaded.threshold).mean()) if blurred_scores.size else float("nan")
     return EvaluationReport(metrics, sweep, flag_rate, model_name, data_name)
 

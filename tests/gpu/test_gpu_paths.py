@@ -1,0 +1,75 @@
+"""The CUDA paths, run for real on the GPU machine (skipped elsewhere): a Ray Train worker trains on the GPU in bf16
+and registers its model, and a Serve detector replica that holds a GPU answers the HTTP API with the probabilities
+the CPU model gives for the same photos (bf16 on the GPU, float32 on the CPU: close, not equal).
+
+On the GPU machine:  python -m pytest -q -m gpu tests/gpu
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.serving.conftest import CROP, jpeg, make_checkpoint, undeploy
+from tests.training.conftest import tiny_settings
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on the GPU machine"),
+]
+
+
+def test_a_ray_train_worker_trains_on_the_gpu_and_registers(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from training.trainer import run_training
+
+    settings = tiny_settings(tmp_path, small_demo, use_gpu=True, num_workers=1, epochs=2, batch_size=16)
+    outcome = run_training(settings)
+
+    assert outcome.epochs_run == 2
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.data.params["use_gpu"] == "True"
+    assert run.data.metrics["train_images_per_s"] > 0
+    assert 0.0 <= outcome.report.metrics["auroc"] <= 1.0
+    assert client.get_model_version(settings.registered_model, outcome.version).run_id == outcome.run_id
+
+
+def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.images import decode_image
+    from app.model import load_checkpoint
+    from app.transforms import eval_preprocess, to_model_input
+    from serving.config import AppArgs
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=5)
+    settings = Settings(
+        work_dir=tmp_path / "work",
+        serve={"model_uri": str(checkpoint), "use_gpu": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
+               "detector_min_replicas": 1, "detector_max_replicas": 1},
+    )
+    app = deploy("gpu", settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    try:
+        health = app.http.get("/health").json()
+        assert health["device"].startswith("cuda"), health
+
+        photos = [jpeg(seed=seed) for seed in range(6)]
+        served = []
+        for data in photos:
+            response = app.predict(data)
+            assert response.status_code == 200, response.text
+            served.append(response.json()["probability"])
+
+        loaded = load_checkpoint(checkpoint, device="cpu")
+        loaded.model.eval()
+        crops = np.stack([eval_preprocess(decode_image(data), CROP) for data in photos])
+        with torch.inference_mode():
+            expected = torch.sigmoid(loaded.model(to_model_input(crops)).float()).reshape(-1).numpy()
+        np.testing.assert_allclose(served, expected, atol=0.02)
+    finally:
+        undeploy("gpu")
