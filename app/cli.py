@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -372,9 +371,6 @@ def demo(
         stack.print_addresses(base_url, ui_url)
         if not exit_after_predictions:
             console.print("running; press Ctrl-C to stop everything this demo started")
-            # Ray and Ray Train install their own SIGTERM handlers on the way (one of them ignored `kill`, leaving
-            # the whole stack running); from here on, SIGTERM stops the demo as Ctrl-C does.
-            signal.signal(signal.SIGTERM, _stop_on_sigterm)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
@@ -504,10 +500,6 @@ def demo_training_settings(settings: Settings) -> Settings:
     overrides = {"epochs": settings.demo.train_epochs, "lr": settings.demo.train_lr}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return settings.model_copy(update={"train": settings.train.model_copy(update=overrides)})
-
-
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _served_threshold(base_url: str) -> float | None:
