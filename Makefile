@@ -46,7 +46,7 @@ system-deps:
 	else echo "warning: not root or no apt-get: chromium/prometheus tests will skip"; fi
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -145,9 +145,9 @@ class DemoSettings(BaseModel):
 
     train_epochs: int | None = Field(
         6, ge=1,
-        description="epochs the demo trains (None: train.epochs). The demo's quick model answers within 10 minutes of "
-                    "a fresh clone on 2 cores (test AUROC about 0.9); `aipd train` trains train.epochs (12: 0.97) and "
-                    "becomes champion only if it beats the demo's model on the same validation data",
+        description="epochs the demo trains (None: train.epochs). With 6, a fresh clone answered after 8.5-11 min on "
+                    "2 cores, as fast as the shared host ran (test AUROC 0.91-0.92); `aipd train` trains train.epochs "
+                    "(12: 0.97) and becomes champion only if it beats the demo's model on the same validation data",
     )
     train_lr: float | None = Field(
         3e-3, gt=0,
