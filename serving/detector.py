@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -62,6 +62,8 @@ class ActiveModel:
     # What run_batch calls: the model itself, or on a CPU in float32 a frozen TorchScript trace of it (Grad-CAM keeps
     # the eager model, which has gradients).
     infer: Any = None
+    # Threads that ran this model's GPU warm-up (see warm_up).
+    warmed_threads: set[int] = field(default_factory=set)
 
 
 class ModelNotFoundYet(RuntimeError):
@@ -112,12 +114,13 @@ def use_bf16(device: Any, precision: str) -> bool:
 
 def load_active(
     settings: Settings, uri: str, device: Any, warmup_sizes: tuple[int, ...] = (1,), precision: str = "auto",
-    freeze: bool = True,
+    freeze: bool = True, warm: bool = True,
 ) -> ActiveModel:
     """Resolve, load and warm up a model; alias URIs are pinned to the version they point at right now.
 
     freeze=False leaves the CPU trace to the caller (`freeze_for_cpu`), e.g. on a background thread: a replica
-    started under load must become ready fast, and tracing takes seconds there.
+    started under load must become ready fast, and tracing takes seconds there. warm=False leaves the warm-up to the
+    caller (`warm_up`), which must run it on the thread that will run the batches.
     """
     import torch
 
@@ -142,10 +145,43 @@ def load_active(
     )
     if freeze:
         freeze_for_cpu(active, warmup_sizes)
-    if active.infer is None:  # a frozen trace comes warmed up; the eager model (GPU, bf16, freeze=False) is warmed here
-        for size in sorted(set(warmup_sizes)):
-            run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
+    if warm and active.infer is None:  # a frozen trace comes warmed up
+        warm_up(active, warmup_sizes)
     return active
+
+
+def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
+    """Run the eager model once per batch size it will see; on a GPU, every padded size up to the largest.
+
+    On a GPU, call it on the thread that runs the batches: PyTorch keeps cuDNN's execution plans per thread, and a
+    warm-up on the loader thread left the serving thread to build them again, 2-3 s per batch size on an H100, in
+    the middle of the traffic. The replica does it before its first batch (about 15 s for sizes 1-64, once per
+    thread: a later model of the same architecture finds the plans built).
+    """
+    sizes = gpu_batch_buckets(max(warmup_sizes)) if active.device.type == "cuda" else warmup_sizes
+    for size in sorted(set(sizes)):
+        run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
+
+
+def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a GPU replica runs: powers of two up to the one that holds ``max_batch_size``.
+
+    cuDNN builds its execution plans per input shape, and on an H100 (torch 2.11, cuDNN 9.19) the first forward of
+    EfficientNet-B0 at each new batch size took 2.1-3.0 s against 9-14 ms after. Batches of any size from 1 to 64 made
+    the batched service answer 3-16 req/s at 8-128 concurrent clients, slower than one forward per request. Padding to
+    these few sizes, all warmed up at load, bounds that cost to the replica's start.
+    """
+    sizes = [1]
+    while sizes[-1] < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes)
+
+
+def padded_batch_size(n: int, device_type: str) -> int:
+    """On a GPU the smallest bucket that holds n (see gpu_batch_buckets); on a CPU n itself, where padding only costs."""
+    if device_type != "cuda":
+        return n
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def freeze_for_cpu(active: ActiveModel, warmup_sizes: tuple[int, ...] = (1,)) -> None:
@@ -197,10 +233,14 @@ def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
     from app.transforms import to_model_input
 
     batch = np.stack([fit_crop(crop, active.crop_size) for crop in crops])
+    n = len(batch)
+    padded = padded_batch_size(n, active.device.type)
+    if padded > n:
+        batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
     x = to_model_input(batch, device=active.device, channels_last=True)
     with torch.inference_mode(), torch.autocast(device_type=active.device.type, dtype=torch.bfloat16, enabled=active.bf16):
         logits = (active.infer or active.model)(x)
-    return torch.sigmoid(logits.float()).cpu().numpy()
+    return torch.sigmoid(logits.float()).cpu().numpy()[:n]
 
 
 def explain_crop(active: ActiveModel, crop: np.ndarray) -> dict[str, Any]:
@@ -241,8 +281,12 @@ class DetectorDeployment:
         self._failed: tuple[str, str | None] | None = None
 
     # ---------------------------------------------------------------------------------------------- configuration
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batch size and wait apply to the next batch; a new model URI loads beside the current model."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch size and wait apply to the next batch; a new model URI loads beside the current model.
+
+        `async` so that Serve runs it on the event loop that runs the batches (a sync method would run in its thread
+        pool): the first model's GPU warm-up then happens on the serving thread, before the replica takes traffic.
+        """
         import torch
 
         config = DetectorConfig(**user_config)
@@ -262,6 +306,8 @@ class DetectorDeployment:
         self._config = config
         if self._active is None and self._keeper is None:
             self._reconcile(first=True)  # during replica start: Serve routes no request here until this returns
+            if self._active is not None:
+                self._warm_on_this_thread(self._active)
         self._ensure_keeper()
         self._wake.set()
 
@@ -311,7 +357,8 @@ class DetectorDeployment:
                 started = time.perf_counter()
                 sizes = (1, min(config.max_batch_size, 64))
                 loaded = load_active(
-                    self._settings, uri, self._device, warmup_sizes=sizes, precision=config.precision, freeze=False
+                    self._settings, uri, self._device, warmup_sizes=sizes, precision=config.precision, freeze=False,
+                    warm=self._device.type != "cuda",  # on a GPU the serving thread warms it (see warm_up)
                 )
             except ModelNotFoundYet as err:
                 if active is None:
@@ -354,8 +401,9 @@ class DetectorDeployment:
         active = self._active
         if active is None:
             return [{"error": "not_ready", "detail": self._problem}] * len(crops)
-        started = time.perf_counter()
         try:
+            self._warm_on_this_thread(active)
+            started = time.perf_counter()
             probabilities = run_batch(active, crops)
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
             self._log.error("inference failed", error=str(err), batch_size=len(crops))
@@ -368,6 +416,12 @@ class DetectorDeployment:
             {"probability": float(p), "batch_size": len(crops), "forward_ms": seconds * 1000.0, **info}
             for p in probabilities
         ]
+
+    def _warm_on_this_thread(self, active: ActiveModel) -> None:
+        """GPU only: warm every padded batch size on the calling thread, once per model (see warm_up)."""
+        if active.device.type == "cuda" and threading.get_ident() not in active.warmed_threads:
+            warm_up(active, (1, min(self._config.max_batch_size, 64)))
+            active.warmed_threads.add(threading.get_ident())
 
     def explain(self, crop: np.ndarray) -> dict[str, Any]:
         """Grad-CAM for one crop; a sync method, so Serve runs it in its thread pool beside the batches."""

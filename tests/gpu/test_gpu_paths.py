@@ -71,5 +71,11 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
         with torch.inference_mode():
             expected = torch.sigmoid(loaded.model(to_model_input(crops)).float()).reshape(-1).numpy()
         np.testing.assert_allclose(served, expected, atol=0.02)
+
+        # six photos in one request reach the detector together: a batch padded to 8 on the GPU, cut back to 6
+        files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+        batch = app.http.post("/predict/batch", files=files)
+        assert batch.status_code == 200, batch.text
+        np.testing.assert_allclose([r["probability"] for r in batch.json()["results"]], expected, atol=0.02)
     finally:
         undeploy("gpu")

@@ -238,6 +238,16 @@ def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
     assert active.threshold == 0.7 and active.crop_size == CROP and active.version.startswith("local:")
 
 
+def test_gpu_batches_are_padded_to_a_few_sizes_that_are_all_warmed_up() -> None:
+    from serving.detector import gpu_batch_buckets, padded_batch_size
+
+    assert gpu_batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert gpu_batch_buckets(48)[-1] == 64 and gpu_batch_buckets(1) == (1,)
+    for n in range(1, 65):
+        assert n <= padded_batch_size(n, "cuda") < 2 * n and padded_batch_size(n, "cuda") in gpu_batch_buckets(n)
+    assert padded_batch_size(5, "cpu") == 5, "on a CPU padding would only cost"
+
+
 def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> None:
     import torch
 
