@@ -155,8 +155,9 @@ def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
 
     On a GPU, call it on the thread that runs the batches: PyTorch keeps cuDNN's execution plans per thread, and a
     warm-up on the loader thread left the serving thread to build them again, 2-3 s per batch size on an H100, in
-    the middle of the traffic. The replica does it before its first batch (about 15 s for sizes 1-64, once per
-    thread: a later model of the same architecture finds the plans built).
+    the middle of the traffic. The replica does it in its `async` reconfigure, on that thread, before it takes
+    traffic (about 15 s for sizes 1-64 on an H100); a later model of the same architecture and crop size finds the
+    plans built, and its warm-up before its first batch takes milliseconds.
     """
     sizes = gpu_batch_buckets(max(warmup_sizes)) if active.device.type == "cuda" else warmup_sizes
     for size in sorted(set(sizes)):
@@ -169,7 +170,7 @@ def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     cuDNN builds its execution plans per input shape, and on an H100 (torch 2.11, cuDNN 9.19) the first forward of
     EfficientNet-B0 at each new batch size took 2.1-3.0 s against 9-14 ms after. Batches of any size from 1 to 64 made
     the batched service answer 3-16 req/s at 8-128 concurrent clients, slower than one forward per request. Padding to
-    these few sizes, all warmed up at load, bounds that cost to the replica's start.
+    these few sizes, all warmed up before the replica takes traffic, bounds that cost to the replica's start.
     """
     sizes = [1]
     while sizes[-1] < max_batch_size:
