@@ -457,8 +457,9 @@ class _DemoStack:
                 continue
             table.add_row(item["file"], _class_name(truth), item["prediction"], f"{item['probability']:.3f}",
                           item["confidence"], str(item["model_version"]), f"{item['inference_time_ms']:.1f}")
-        threshold = _served_threshold(base_url)
-        if threshold is not None:
+        thresholds = [item["threshold"] for item in results if item.get("threshold") is not None]
+        if thresholds:
+            threshold = thresholds[0]
             table.caption = (f"ai_generated when the probability is at least {threshold:.2f}: the threshold set on "
                              f"validation data for {self.settings.train.target_fpr:.0%} false positives, so a real photo "
                              "is rarely flagged and an AI photo the model is unsure of passes as real")
@@ -500,16 +501,6 @@ def demo_training_settings(settings: Settings) -> Settings:
     overrides = {"epochs": settings.demo.train_epochs, "lr": settings.demo.train_lr}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return settings.model_copy(update={"train": settings.train.model_copy(update=overrides)})
-
-
-def _served_threshold(base_url: str) -> float | None:
-    """The decision threshold of the model the service runs, from its /health (None if it does not say)."""
-    import httpx
-
-    try:
-        return float(httpx.get(f"{base_url}/health", timeout=10).json()["threshold"])
-    except (httpx.HTTPError, KeyError, TypeError, ValueError):
-        return None
 
 
 def pd_sample(records: Any, per_class: int) -> Any:

@@ -164,6 +164,11 @@ def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
         run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
 
 
+def warmup_sizes(config: DetectorConfig) -> tuple[int, ...]:
+    """The batch sizes a replica warms up for its configuration (on a GPU, every padded size up to the largest)."""
+    return (1, min(config.max_batch_size, 64))
+
+
 def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """The batch sizes a GPU replica runs: powers of two up to the one that holds ``max_batch_size``.
 
@@ -172,16 +177,15 @@ def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     the batched service answer 3-16 req/s at 8-128 concurrent clients, slower than one forward per request. Padding to
     these few sizes, all warmed up before the replica takes traffic, bounds that cost to the replica's start.
     """
-    sizes = [1]
-    while sizes[-1] < max_batch_size:
-        sizes.append(sizes[-1] * 2)
-    return tuple(sizes)
+    return tuple(1 << i for i in range(_next_power_of_two(max_batch_size).bit_length()))
 
 
 def padded_batch_size(n: int, device_type: str) -> int:
     """On a GPU the smallest bucket that holds n (see gpu_batch_buckets); on a CPU n itself, where padding only costs."""
-    if device_type != "cuda":
-        return n
+    return _next_power_of_two(n) if device_type == "cuda" else n
+
+
+def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -356,7 +360,7 @@ class DetectorDeployment:
                 if (uri, target) == self._failed:
                     return  # this exact model failed to load already; wait for the alias or the config to move
                 started = time.perf_counter()
-                sizes = (1, min(config.max_batch_size, 64))
+                sizes = warmup_sizes(config)
                 loaded = load_active(
                     self._settings, uri, self._device, warmup_sizes=sizes, precision=config.precision, freeze=False,
                     warm=self._device.type != "cuda",  # on a GPU the serving thread warms it (see warm_up)
@@ -421,7 +425,7 @@ class DetectorDeployment:
     def _warm_on_this_thread(self, active: ActiveModel) -> None:
         """GPU only: warm every padded batch size on the calling thread, once per model (see warm_up)."""
         if active.device.type == "cuda" and threading.get_ident() not in active.warmed_threads:
-            warm_up(active, (1, min(self._config.max_batch_size, 64)))
+            warm_up(active, warmup_sizes(self._config))
             active.warmed_threads.add(threading.get_ident())
 
     def explain(self, crop: np.ndarray) -> dict[str, Any]:

@@ -281,7 +281,8 @@ class IngressDeployment:
             self._learn(status)
 
     async def _answer_one(
-        self, request: Request, route: str, method: Any, answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+        self, request: Request, route: str, method: Any,
+        answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
     ) -> JSONResponse:
         """The frame of the one-photo routes: read and guard the upload, ask the detector, count, refuse, time."""
         started = time.perf_counter()
