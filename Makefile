@@ -5,15 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast system-deps train-compose clean
+.PHONY: install demo test test-fast lint format system-deps train-compose clean
 
 DEMO_STAMP := $(VENV)/.installed-runtime-stamp
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-compile
-# pip would byte-compile one module at a time; compileall uses every core (30 s on 2 cores) and skips the packages'
-# own test suites. Without .pyc files every Ray worker, Serve replica and test process compiles torch, ray and mlflow
-# from source again wherever PYTHONDONTWRITEBYTECODE is set (it is on the 2-core machine): there,
-# `import torch, torchvision, timm` takes 12.8 s without them and 4.8 s with them. Some packages ship Python 2
-# templates that never compile and are never imported, hence -qq and `|| true`.
+# pip would byte-compile one module at a time; compileall uses every core and skips the packages' own test suites.
+# Without .pyc files every Ray worker, Serve replica and test process compiles torch, ray and mlflow from source again
+# wherever PYTHONDONTWRITEBYTECODE is set (benchmarks/RESULTS.md has the cost). Some packages ship Python 2 templates
+# that never compile and are never imported, hence -qq and `|| true`.
 COMPILE = $(PY) -m compileall -qq -j0 -x '/tests?/' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
 	>/dev/null || true
 
@@ -50,6 +49,15 @@ test: $(STAMP) system-deps
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The lint gate CI runs before the tests: ruff's checks and its formatter, both configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # Train inside the compose stack (`docker compose up -d` first): its Ray cluster, tracked by its MLflow server.
 WORKERS ?= 2

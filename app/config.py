@@ -22,10 +22,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from app.errors import UserError
+
 _yaml_file: ContextVar[Path | None] = ContextVar("aipd_yaml_file", default=None)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A settings file or value the user must fix; the message names it."""
 
 
@@ -75,8 +77,10 @@ class TrainSettings(BaseModel):
 
 class TuneSettings(BaseModel):
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="experiment name (folder tune-<name> under ray_results); None: a timestamp, or the latest on resume",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="experiment name (folder tune-<name> under ray_results); None: a timestamp, or the latest on "
+        "resume",
     )
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
@@ -144,15 +148,15 @@ class DemoSettings(BaseModel):
     """`aipd demo`: the whole loop on one machine."""
 
     train_epochs: int | None = Field(
-        6, ge=1,
-        description="epochs the demo trains (None: train.epochs). With 6, a fresh clone answered after 8.5-11 min on "
-                    "2 cores, as fast as the shared host ran (test AUROC 0.91-0.92); `aipd train` trains train.epochs "
-                    "(12: 0.97) and becomes champion only if it beats the demo's model on the same validation data",
+        6,
+        ge=1,
+        description="epochs the demo trains (None: train.epochs); a short schedule answers sooner, and `aipd train` "
+        "trains train.epochs and becomes champion only if it beats the demo's model on validation data",
     )
     train_lr: float | None = Field(
-        3e-3, gt=0,
-        description="the demo's learning rate (None: train.lr). A short schedule learns more with a higher rate: in 6 "
-                    "epochs 3e-3 and 4e-3 reached val AUROC 0.87-0.89, 2e-3 0.71-0.86 (benchmarks/demo_schedule.py)",
+        3e-3,
+        gt=0,
+        description="the demo's learning rate (None: train.lr); a short schedule learns more with a higher rate",
     )
 
 
@@ -167,7 +171,8 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
     ray_address: str | None = Field(
-        None, description="Ray cluster address (AIPD_RAY_ADDRESS or Ray's own RAY_ADDRESS); None starts a local one",
+        None,
+        description="Ray cluster address (AIPD_RAY_ADDRESS or Ray's own RAY_ADDRESS); None starts a local one",
         validation_alias=AliasChoices("ray_address", "AIPD_RAY_ADDRESS", "RAY_ADDRESS"),
     )
     ray_num_cpus: int | None = Field(None, description="logical CPUs for a local Ray; None: max(8, cores)")
@@ -175,7 +180,9 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "aipd"
     registered_model: str = "aipd-detector"
     champion_alias: str = "champion"
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="AIPD_API_KEYS=k1,k2; empty turns keys off")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="AIPD_API_KEYS=k1,k2; empty turns keys off"
+    )
     data: DataSettings = DataSettings()
     images: ImageLimits = ImageLimits()
     model: ModelSettings = ModelSettings()
@@ -238,7 +245,25 @@ class Settings(BaseSettings):
 
     @property
     def default_model_uri(self) -> str:
-        return self.serve.model_uri or f"models:/{self.registered_model}@{self.champion_alias}"
+        from app.model_ref import alias_uri
+
+        return self.serve.model_uri or alias_uri(self.registered_model, self.champion_alias)
+
+    @property
+    def service_url(self) -> str:
+        """Where a client on this machine reaches the HTTP API that `aipd serve` starts with these settings."""
+        return reachable_url(self.serve.host, self.serve.port)
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def reachable_url(host: str, port: int) -> str:
+    """The URL a client on this machine opens for a server bound to ``host:port`` (a wildcard: via loopback)."""
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    if ":" in shown:  # an IPv6 literal
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -15,11 +15,16 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
+
+from app.errors import UserError
+
+if TYPE_CHECKING:
+    from app.config import ImageLimits
 
 LABELS: dict[str, int] = {"real": 0, "ai_generated": 1}
 CLASS_NAMES: tuple[str, str] = ("real", "ai_generated")
@@ -28,7 +33,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """The dataset cannot be used as given; the message says what to change."""
 
 
@@ -42,6 +47,13 @@ class DatasetIndex:
 
     def split(self, name: str) -> pd.DataFrame:
         return self.records[self.records["split"] == name].reset_index(drop=True)
+
+    def require_splits(self, *names: str) -> None:
+        """Fail with one line when a split the caller needs holds no image."""
+        counts = self.counts()
+        for name in names:
+            if sum(counts[name].values()) == 0:
+                raise DatasetError(f"the {name} split of {self.source} is empty")
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -153,7 +165,9 @@ def _stable_unit(path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _fill_missing_splits(records: pd.DataFrame, val_fraction: float, test_fraction: float) -> tuple[pd.DataFrame, list[str]]:
+def _fill_missing_splits(
+    records: pd.DataFrame, val_fraction: float, test_fraction: float
+) -> tuple[pd.DataFrame, list[str]]:
     """Files without a split get one; a split that exists on disk is never mixed with carved files."""
     present = set(records["split"].dropna())
     unassigned = records["split"].isna()
@@ -183,8 +197,7 @@ class DecodeOptions:
 
     crop_size: int
     train: bool
-    max_bytes: int
-    max_pixels: int
+    limits: ImageLimits
     augment: Any = None  # app.transforms.AugmentConfig when train is True
     log_format: str = "console"
     corrupt: Callable[[Any], Any] | None = None  # evaluation only: a picklable change applied after decoding
@@ -192,7 +205,7 @@ class DecodeOptions:
 
 def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
     """Read, decode and preprocess one batch; unreadable files are dropped and logged, never fatal."""
-    from app.images import ImageError, decode_image, read_image_bytes
+    from app.images import ImageError, read_and_decode
     from app.logging import configure_logging, get_logger
     from app.transforms import eval_preprocess, train_augment
 
@@ -201,13 +214,9 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
     crops: list[np.ndarray] = []
     labels: list[int] = []
     paths: list[str] = []
-    for path, label in zip(batch["path"], batch["label"]):
+    for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            image = decode_image(
-                read_image_bytes(str(path), max_bytes=options.max_bytes),
-                max_bytes=options.max_bytes,
-                max_pixels=options.max_pixels,
-            )
+            image = read_and_decode(str(path), options.limits)
         except (ImageError, OSError) as err:
             get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
             continue
@@ -255,17 +264,17 @@ class CheckReport:
         return sum(sum(c.values()) for c in self.counts.values())
 
 
-def check_dataset(index: DatasetIndex, max_bytes: int, max_pixels: int) -> CheckReport:
+def check_dataset(index: DatasetIndex, limits: ImageLimits) -> CheckReport:
     """Decode every file once (on Ray, in parallel) and list the ones that fail."""
     import ray.data
 
     def probe(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from app.images import ImageError, decode_image, read_image_bytes
+        from app.images import ImageError, read_and_decode
 
         reasons: list[str] = []
         for path in batch["path"]:
             try:
-                decode_image(read_image_bytes(str(path), max_bytes=max_bytes), max_bytes=max_bytes, max_pixels=max_pixels)
+                read_and_decode(str(path), limits)
                 reasons.append("")
             except (ImageError, OSError) as err:
                 reasons.append(str(err) or type(err).__name__)
@@ -278,4 +287,6 @@ def check_dataset(index: DatasetIndex, max_bytes: int, max_pixels: int) -> Check
     bad_paths = set(bad["path"])
     good = index.records[~index.records["path"].isin(bad_paths)]
     counts = DatasetIndex(index.source, good).counts()
-    return CheckReport(counts=counts, bad_files=sorted(zip(bad["path"], bad["reason"])), notes=list(index.notes))
+    return CheckReport(
+        counts=counts, bad_files=sorted(zip(bad["path"], bad["reason"], strict=True)), notes=list(index.notes)
+    )

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import io
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from app.errors import UserError
+
+if TYPE_CHECKING:
+    from app.config import ImageLimits
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -30,7 +36,7 @@ _OPENERS: dict[str, type[ImageFile.ImageFile]] = {
 _WHITE = (255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A byte string that cannot become an RGB image; `reason` is one of `REASONS`."""
 
     def __init__(self, reason: str, message: str) -> None:
@@ -133,6 +139,13 @@ def read_image_bytes(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{path} has more than {max_bytes:,} bytes")
     return data
+
+
+def read_and_decode(path: str, limits: ImageLimits) -> Image.Image:
+    """A dataset file through the one decoding path: read within the byte limit, then validated and decoded."""
+    return decode_image(
+        read_image_bytes(path, max_bytes=limits.max_bytes), max_bytes=limits.max_bytes, max_pixels=limits.max_pixels
+    )
 
 
 def _open_header(data: bytes, kind: str) -> ImageFile.ImageFile:

@@ -41,7 +41,9 @@ def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
         cache_logger_on_first_use=False,
     )
     # Libraries that use the standard logging module (Ray, MLflow, uvicorn) go to stderr at the same level.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     _configured = (log_format, level.upper())
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.errors import UserError
+
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FORMAT = 1
@@ -27,11 +29,8 @@ CHECKPOINT_FORMAT = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The 3x3 high-pass residual of an 8-bit photo in [0, 1] is small: measured on scikit-image's photos,
-# its standard deviation is 0.02-0.045 and its 99th percentile |value| 0.07-0.18 (sensor noise and
-# JPEG error are a few grey levels; only edges go further). Times 16, the bulk lands at std ~0.3-0.7
-# with the 99th percentile at ~1.1-2.8, the range of an ImageNet-normalised input (about -2.1..2.6),
-# so the first layers (and any pretrained weights) see activations of the size they were built for,
+# The high-pass residual of an 8-bit photo in [0, 1] is a few hundredths; times 16 it spans about the range of an
+# ImageNet-normalised input, so the first layers (and pretrained weights) see activations of the size they expect,
 # while a larger factor would mostly amplify edges, i.e. content.
 STEM_SCALE = 16.0
 
@@ -40,7 +39,7 @@ STEM_SCALE = 16.0
 HUB_PREFIX = "hub"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights were asked for and cannot be had (no such file, or no hub offline)."""
 
 
@@ -167,6 +166,23 @@ def save_checkpoint(
     tmp.write_text(text + "\n")
     tmp.replace(directory / CONFIG_FILE)  # config.json last and atomic: its presence means complete
     return directory
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """Whether a complete checkpoint lies there (config.json is written last, see save_checkpoint)."""
+    directory = Path(directory)
+    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Copy a checkpoint's model files (and nothing else a training checkpoint holds, such as optimizer state)."""
+    import shutil
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):  # config.json last: its presence means complete
+        shutil.copy2(Path(source) / name, target / name)
+    return target
 
 
 def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:

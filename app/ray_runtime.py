@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Settings
+from app.errors import UserError
 
 
-class ClusterUnavailableError(RuntimeError):
+class ClusterUnavailableError(UserError, RuntimeError):
     """The named Ray cluster cannot be reached; the message says which address was tried."""
 
 
@@ -55,5 +56,5 @@ def dashboard_url() -> str | None:
         from ray._private.worker import get_dashboard_url
 
         return get_dashboard_url() or None
-    except Exception:  # the dashboard is optional; its absence is not an error
+    except Exception:  # noqa: BLE001 - the dashboard is optional; its absence is not an error
         return None

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
+from app.errors import UserError
+from app.model_ref import ModelRef, parse_model_ref, version_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """MLflow is unreachable or the requested model does not exist; the message says which."""
 
 
@@ -59,9 +65,7 @@ class RegisteredVersion:
     tags: dict[str, str]
 
 
-def log_detector(
-    settings: Settings, checkpoint_dir: Path, *, run_id: str, tags: dict[str, Any]
-) -> RegisteredVersion:
+def log_detector(settings: Settings, checkpoint_dir: Path, *, run_id: str, tags: dict[str, Any]) -> RegisteredVersion:
     """Log the checkpoint to ``run_id`` as a pyfunc model and register it as a new version of the detector."""
     import mlflow
     from mlflow import MlflowClient
@@ -110,30 +114,31 @@ class ResolvedModel:
 
 
 def resolve_model(settings: Settings, uri: str | None = None) -> ResolvedModel:
-    """Turn ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...`` or a checkpoint path into local files."""
-    uri = uri or settings.default_model_uri
-    local = Path(uri)
-    if "://" not in uri and not uri.startswith("models:/"):
-        if not (local / "config.json").is_file():
-            raise RegistryError(f"{uri} is not a checkpoint directory (no config.json there)")
-        return ResolvedModel(local, f"local:{local.resolve().name}")
+    """Turn ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, another MLflow URI or a checkpoint path into files."""
+    from app.model import is_checkpoint
+
+    ref = parse_model_ref(uri or settings.default_model_uri)
+    if ref.kind == "path":
+        if not is_checkpoint(ref.uri):
+            raise RegistryError(f"{ref.uri} is not a checkpoint directory (no model.pt and config.json there)")
+        return ResolvedModel(Path(ref.uri), f"local:{Path(ref.uri).resolve().name}")
     import mlflow
     from mlflow.exceptions import MlflowException
 
     setup_mlflow(settings)
     version = "unknown"
     try:
-        if uri.startswith("models:/"):
-            version = registry_version(uri)
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        if ref.in_registry:
+            version = registry_version(ref)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri))
     except MlflowException as err:
         raise RegistryError(
-            f"cannot load {uri}: {err.message if hasattr(err, 'message') else err}. "
+            f"cannot load {ref.uri}: {err.message if hasattr(err, 'message') else err}. "
             "Train one first (`aipd train`) or pass a checkpoint path."
         ) from err
     checkpoint = _checkpoint_in(root)
     if checkpoint is None:
-        raise RegistryError(f"{uri} holds no aipd checkpoint")
+        raise RegistryError(f"{ref.uri} holds no aipd checkpoint")
     return ResolvedModel(checkpoint, version)
 
 
@@ -141,7 +146,9 @@ def _checkpoint_in(root: Path) -> Path | None:
     """Where a downloaded model keeps its checkpoint: the MLmodel file names it under the pyfunc artifacts."""
     import yaml
 
-    if (root / "config.json").is_file():
+    from app.model import is_checkpoint
+
+    if is_checkpoint(root):
         return root
     mlmodel = root / "MLmodel"
     if not mlmodel.is_file():
@@ -149,19 +156,82 @@ def _checkpoint_in(root: Path) -> Path | None:
     spec = yaml.safe_load(mlmodel.read_text()) or {}
     artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}) or {}
     relative = (artifacts.get(CHECKPOINT_ARTIFACT) or {}).get("path")
-    if relative and (root / relative / "config.json").is_file():
+    if relative and is_checkpoint(root / relative):
         return root / relative
     return None
 
 
-def registry_version(uri: str) -> str:
-    """The version number a ``models:/`` URI points at now (an alias is looked up), for responses and run links."""
+def registry_version(ref: ModelRef) -> str:
+    """The version number a registry reference points at now (an alias is looked up), for answers and run links."""
     from mlflow import MlflowClient
 
-    ref = uri.removeprefix("models:/")
-    client = MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = ref.partition("/")
-    return version or "latest"
+    if ref.kind == "alias":
+        return str(MlflowClient().get_model_version_by_alias(ref.name, ref.alias).version)
+    return str(ref.version)
+
+
+def source_run(ref: ModelRef) -> str | None:
+    """The run that made a registered version, so its evaluation lands beside its training."""
+    if not ref.in_registry:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version(ref.name, registry_version(ref)).run_id
+    except MlflowException:
+        return None
+
+
+def mlflow_ui_url(settings: Settings) -> str:
+    """Where a person looks at the runs: the tracking server itself, or the local MLflow UI over the SQLite store."""
+    uri = settings.tracking_uri
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+
+
+def mlflow_ui_hint(settings: Settings) -> str:
+    """One line that tells how to open the MLflow UI for these settings."""
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri}  (then open {LOCAL_MLFLOW_UI})"
+
+
+def run_link(settings: Settings, experiment_id: str, run_id: str) -> str:
+    link = f"{mlflow_ui_url(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        return link
+    return f"{link}  (after `mlflow ui --backend-store-uri {settings.tracking_uri}`)"
+
+
+# ------------------------------------------------------------------------------------------------- the champion
+def apply_champion_rule(
+    settings: Settings, new_version: str, new_val_auroc: float, val_records: pd.DataFrame
+) -> tuple[bool, str]:
+    """Move ``champion`` to the new version only if it beats the current champion on this same validation split.
+
+    The champion is re-scored now rather than trusted from its tags: an older version was validated on another
+    split, by another preprocessing, or not at all.
+    """
+    from app.model import load_checkpoint
+    from app.scoring import validation_auroc
+
+    current = get_alias_version(settings)
+    if current is None:
+        set_alias(settings, new_version)
+        return True, f"champion -> version {new_version} (there was no champion yet; val AUROC {new_val_auroc:.4f})"
+    if current.version == new_version:
+        return True, f"version {new_version} is already the champion"
+    champion_ref = version_uri(settings.registered_model, current.version)
+    champion = load_checkpoint(resolve_model(settings, champion_ref).checkpoint_dir)
+    champion_auroc = validation_auroc(champion, val_records, settings.images)
+    if new_val_auroc > champion_auroc:
+        set_alias(settings, new_version)
+        return True, (
+            f"champion -> version {new_version}: val AUROC {new_val_auroc:.4f} beats version "
+            f"{current.version}'s {champion_auroc:.4f} on the same validation data"
+        )
+    return False, (
+        f"champion stays at version {current.version}: its val AUROC {champion_auroc:.4f} >= "
+        f"{new_val_auroc:.4f} of the new version {new_version} on the same validation data"
+    )

@@ -44,9 +44,7 @@ def eval_preprocess(image: Image.Image, crop_size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + crop_size, top + crop_size)), dtype=np.uint8)
 
 
-def train_augment(
-    image: Image.Image, crop_size: int, aug: AugmentConfig, rng: np.random.Generator
-) -> np.ndarray:
+def train_augment(image: Image.Image, crop_size: int, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Blur (prob) -> JPEG re-compress (prob) -> random crop at native resolution -> random h-flip.
 
     Every random number is drawn on every call, in a fixed order, so the crop position for a given

@@ -42,22 +42,45 @@ def run_grid(epochs: int, args: argparse.Namespace, stamp: str) -> list[dict]:
 
     use_gpu = args.gpus_per_trial > 0
     settings = load_settings(
-        work_dir=args.work_dir / f"{stamp}-e{epochs}", data={"path": str(args.data_dir)}, log_format="console",
+        work_dir=args.work_dir / f"{stamp}-e{epochs}",
+        data={"path": str(args.data_dir)},
+        log_format="console",
         train={"num_workers": 1, "use_gpu": use_gpu, "seed": 0},
-        tune={"name": f"schedule-{stamp}-e{epochs}", "num_samples": 1, "epochs": epochs, "scheduler": "fifo",
-              "max_concurrent": args.concurrent, "gpus_per_trial": args.gpus_per_trial},
+        tune={
+            "name": f"schedule-{stamp}-e{epochs}",
+            "num_samples": 1,
+            "epochs": epochs,
+            "scheduler": "fifo",
+            "max_concurrent": args.concurrent,
+            "gpus_per_trial": args.gpus_per_trial,
+        },
     )
-    space = {"lr": tune.grid_search(args.lr), "batch_size": tune.grid_search(args.batch),
-             "weight_decay": settings.train.weight_decay, "dropout": settings.model.dropout,
-             "crop_size": settings.train.crop_size, "augment_prob": None}
+    space = {
+        "lr": tune.grid_search(args.lr),
+        "batch_size": tune.grid_search(args.batch),
+        "weight_decay": settings.train.weight_decay,
+        "dropout": settings.model.dropout,
+        "crop_size": settings.train.crop_size,
+        "augment_prob": None,
+    }
     outcome = run_tuning(settings, search_space=space)
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     rows = []
     for trial in outcome.trials:
-        history = sorted(client.get_metric_history(trial.run_id, "val_auroc"), key=lambda m: m.step) if trial.run_id else []
-        rows.append({"epochs": epochs, "lr": trial.params["lr"], "batch_size": trial.params["batch_size"],
-                     "best_val_auroc": trial.best_val_auroc, "epochs_run": trial.epochs_run,
-                     "val_auroc_by_epoch": [round(m.value, 4) for m in history], "status": trial.status})
+        history = (
+            sorted(client.get_metric_history(trial.run_id, "val_auroc"), key=lambda m: m.step) if trial.run_id else []
+        )
+        rows.append(
+            {
+                "epochs": epochs,
+                "lr": trial.params["lr"],
+                "batch_size": trial.params["batch_size"],
+                "best_val_auroc": trial.best_val_auroc,
+                "epochs_run": trial.epochs_run,
+                "val_auroc_by_epoch": [round(m.value, 4) for m in history],
+                "status": trial.status,
+            }
+        )
     return rows
 
 
@@ -86,8 +109,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: (r["epochs"], r["lr"], r["batch_size"])):
         last = r["val_auroc_by_epoch"][-1] if r["val_auroc_by_epoch"] else float("nan")
-        print(f"| {card} | {r['epochs']} | {r['lr']:g} | {r['batch_size']} | {r['best_val_auroc'] or 0:.4f} | "
-              f"{last:.4f} | {r['status']} |")
+        print(
+            f"| {card} | {r['epochs']} | {r['lr']:g} | {r['batch_size']} | {r['best_val_auroc'] or 0:.4f} | "
+            f"{last:.4f} | {r['status']} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"benchmark": "demo_schedule", "card": card, "rows": rows}, indent=2))

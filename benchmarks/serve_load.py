@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages come from this checkout
 
 from serving.config import DETECTOR_ENV  # noqa: E402
+
 BOUNDARY = "aipdbenchmarkboundary"
 APP_NAME = "bench"
 
@@ -86,8 +88,10 @@ def make_jpegs(sizes: list[tuple[int, int]], per_size: int, seed: int = 0) -> li
 
 def multipart(jpeg: bytes) -> bytes:
     """The body `curl -F file=@p.jpg` sends."""
-    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="p.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     return head + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -153,12 +157,23 @@ class Samples:
         values = np.array(self.latencies_s) * 1000.0 if self.latencies_s else np.array([float("nan")])
         p50, p95, p99 = (float(np.percentile(values, q)) for q in (50, 95, 99))
         server = float(np.median(self.server_ms)) if self.server_ms else None
-        return Cell(target, concurrency, len(self.latencies_s) / self.seconds, p50, p95, p99, len(self.latencies_s),
-                    self.errors, server, self.images / self.batches if self.batches else None)
+        return Cell(
+            target,
+            concurrency,
+            len(self.latencies_s) / self.seconds,
+            p50,
+            p95,
+            p99,
+            len(self.latencies_s),
+            self.errors,
+            server,
+            self.images / self.batches if self.batches else None,
+        )
 
 
-def run_load(pool, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float, procs: int,
-             into: Samples) -> None:
+def run_load(
+    pool, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float, procs: int, into: Samples
+) -> None:
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     jobs = [(url, bodies, share, warmup, duration, i * 7919) for i, share in enumerate(shares)]
@@ -180,35 +195,39 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1000.0
 
 
-def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int]], args: argparse.Namespace) -> list[str]:
+def profile_hops(
+    checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int]], args: argparse.Namespace
+) -> list[str]:
     """The in-process cost of each step a request takes, to read the load table against: what the ingress spends
     decoding and cropping each upload size, and what one forward pass costs at each batch size on this device.
     (End to end minus the service's own `inference_time_ms` is the proxy and HTTP hop; `inference_time_ms` minus
     decode and forward is the ingress-to-detector hop plus batch waiting.)"""
-    from app.config import Settings
-    from serving.detector import available_cores, load_active, pick_device, run_batch
+    from app.config import ImageLimits, Settings
     from serving.ingress import decode_and_crop
+    from serving.runtime import available_cores, load_active, pick_device, run_batch
 
     lines = ["| step | size | ms |", "| --- | --- | ---: |"]
     per_size = len(jpegs) // len(sizes)
     for index, (width, height) in enumerate(sizes):
         sample = jpegs[index * per_size]
-        ms = _median_ms(lambda: decode_and_crop(sample, args.crop, 10 << 20, 40_000_000), 20)
+        ms = _median_ms(functools.partial(decode_and_crop, sample, args.crop, ImageLimits()), 20)
         lines.append(f"| decode + crop (ingress) | {width}x{height} JPEG, {len(sample) // 1024} KiB | {ms:.2f} |")
     device = pick_device(args.device == "cuda")
     if device.type == "cpu":
         import torch
 
         torch.set_num_threads(args.torch_threads or available_cores())
-    active = load_active(Settings(), checkpoint, device, warmup_sizes=(1, args.max_batch_size),
-                         precision=args.precision)
+    active = load_active(
+        Settings(), checkpoint, device, warmup_sizes=(1, args.max_batch_size), precision=args.precision
+    )
     crop = np.zeros((args.crop, args.crop, 3), np.uint8)
     for batch in sorted({1, 8, args.max_batch_size}):
-        ms = _median_ms(lambda: run_batch(active, [crop] * batch), 10 if device.type == "cpu" else 50)
-        lines.append(f"| forward, {args.backbone} {args.crop}px ({device.type}, {'bf16' if active.bf16 else 'fp32'}) "
-                     f"| batch {batch} | "
-                     f"{ms:.2f} ({ms / batch:.2f} per image) |")
-    del active
+        ms = _median_ms(functools.partial(run_batch, active, [crop] * batch), 10 if device.type == "cpu" else 50)
+        lines.append(
+            f"| forward, {args.backbone} {args.crop}px ({device.type}, {'bf16' if active.bf16 else 'fp32'}) "
+            f"| batch {batch} | "
+            f"{ms:.2f} ({ms / batch:.2f} per image) |"
+        )
     for line in lines[2:]:
         print("  " + line, flush=True)
     return lines
@@ -275,8 +294,9 @@ class Subprocess:
 class ServeTarget:
     """The Ray Serve application with the given batch size, deployed under /<name> beside the other targets."""
 
-    def __init__(self, name: str, port: int, checkpoint: str, args: argparse.Namespace, max_batch_size: int,
-                 num_gpus: float) -> None:
+    def __init__(
+        self, name: str, port: int, checkpoint: str, args: argparse.Namespace, max_batch_size: int, num_gpus: float
+    ) -> None:
         from app.config import Settings
         from serving.config import AppArgs
 
@@ -287,23 +307,32 @@ class ServeTarget:
             work_dir=Path(tempfile.gettempdir()) / "aipd-bench",
             log_level="WARNING",
             serve={
-                "model_uri": checkpoint, "max_batch_size": max_batch_size,
-                "batch_wait_timeout_s": args.batch_wait_ms / 1000.0, "rate_limit_per_minute": 0,
-                "ingress_min_replicas": args.ingress_replicas, "ingress_max_replicas": args.ingress_replicas,
-                "detector_min_replicas": args.replicas, "detector_max_replicas": args.replicas,
+                "model_uri": checkpoint,
+                "max_batch_size": max_batch_size,
+                "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
+                "rate_limit_per_minute": 0,
+                "ingress_min_replicas": args.ingress_replicas,
+                "ingress_max_replicas": args.ingress_replicas,
+                "detector_min_replicas": args.replicas,
+                "detector_max_replicas": args.replicas,
                 "use_gpu": args.device == "cuda",
             },
         )
-        self.app_args = AppArgs(champion_poll_s=0, torch_threads=args.torch_threads, precision=args.precision,
-                                autoscaling={})
+        self.app_args = AppArgs(
+            champion_poll_s=0, torch_threads=args.torch_threads, precision=args.precision, autoscaling={}
+        )
 
     def start(self) -> None:
         from ray import serve
 
         from serving.app_builder import build_application
 
-        serve.run(build_application(self.settings, self.app_args, num_gpus=self.num_gpus), name=self.name,
-                  route_prefix=f"/{self.name}", logging_config={"log_level": "WARNING", "enable_access_log": False})
+        serve.run(
+            build_application(self.settings, self.app_args, num_gpus=self.num_gpus),
+            name=self.name,
+            route_prefix=f"/{self.name}",
+            logging_config={"log_level": "WARNING", "enable_access_log": False},
+        )
         wait_http(self.url + "/health")
 
     def metrics(self) -> str:
@@ -352,13 +381,17 @@ def machine() -> str:
 
 
 def table(cells: list[Cell]) -> str:
-    lines = ["| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | server p50 ms | mean batch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | server p50 ms | mean batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in cells:
         batch = f"{c.mean_batch:.1f}" if c.mean_batch else "-"
         server = f"{c.server_p50_ms:.1f}" if c.server_p50_ms is not None else "-"
-        lines.append(f"| {c.target} | {c.concurrency} | {c.requests_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} | "
-                     f"{c.p99_ms:.1f} | {c.errors} | {server} | {batch} |")
+        lines.append(
+            f"| {c.target} | {c.concurrency} | {c.requests_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} | "
+            f"{c.p99_ms:.1f} | {c.errors} | {server} | {batch} |"
+        )
     return "\n".join(lines)
 
 
@@ -383,15 +416,23 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64,128")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before each cell's window")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="passes over all cells, targets interleaved; samples are pooled across rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="passes over all cells, targets interleaved; samples are pooled across rounds",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="detector replicas (one GPU each on cuda)")
     parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--torch-threads", type=int, default=None, help="CPU inference threads per detector replica")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 on GPU, float32 on CPU; every target uses the same")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 on GPU, float32 on CPU; every target uses the same",
+    )
     parser.add_argument("--backbone", default="efficientnet_b0")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--sizes", default="224x224,320x240,512x384,640x480,1024x768", help="JPEG sizes, mixed")
@@ -399,8 +440,11 @@ def main() -> None:
     parser.add_argument("--check-at", type=int, default=32, help="concurrency of the summary ratios")
     parser.add_argument("--json-out", type=Path, help="write every cell as JSON here")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    parser.add_argument("--serve-throughput-optimized", action="store_true",
-                        help="start the local cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    parser.add_argument(
+        "--serve-throughput-optimized",
+        action="store_true",
+        help="start the local cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+    )
     args = parser.parse_args()
 
     os.environ.update(DETECTOR_ENV)  # before torch loads OpenMP: the hop profile runs in this process
@@ -409,8 +453,10 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     jpegs = make_jpegs(sizes, per_size=8)
     bodies = [multipart(jpeg) for jpeg in jpegs]
-    print(f"machine: {machine()}; uploads: {len(bodies)} JPEGs, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB",
-          flush=True)
+    print(
+        f"machine: {machine()}; uploads: {len(bodies)} JPEGs, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB",
+        flush=True,
+    )
 
     import multiprocessing
 
@@ -429,8 +475,9 @@ def main() -> None:
             servers["noop"] = Subprocess(["--noop"])
             servers["noop"].start()
         if "plain" in targets:
-            servers["plain"] = Subprocess(["--checkpoint", checkpoint, "--device", args.device,
-                                           "--precision", args.precision])
+            servers["plain"] = Subprocess(
+                ["--checkpoint", checkpoint, "--device", args.device, "--precision", args.precision]
+            )
             servers["plain"].start()
             wait_http(servers["plain"].url + "/health")
         serve_targets = [t for t in ("unbatched", "batched") if t in targets]
@@ -464,17 +511,28 @@ def main() -> None:
                         server = servers[target]
                         into = samples.setdefault((target, concurrency), Samples([], []))
                         before = batch_counts(server.metrics()) if isinstance(server, ServeTarget) else None
-                        run_load(pool, server.url + "/predict", bodies, concurrency, args.warmup, args.duration,
-                                 args.client_procs, into)
+                        run_load(
+                            pool,
+                            server.url + "/predict",
+                            bodies,
+                            concurrency,
+                            args.warmup,
+                            args.duration,
+                            args.client_procs,
+                            into,
+                        )
                         if before is not None:
                             after = batch_counts(server.metrics())
                             into.images += after[0] - before[0]
                             into.batches += after[1] - before[1]
                         cell = into.cell(target, concurrency)
-                        print(f"  round {round_index + 1} {target:>9} c={concurrency:<4} {cell.requests_per_s:8.1f} req/s"
-                              f"  p50 {cell.p50_ms:7.1f}  p95 {cell.p95_ms:7.1f}  p99 {cell.p99_ms:7.1f} ms  "
-                              f"errors {cell.errors}" + (f"  mean batch {cell.mean_batch:.1f}" if cell.mean_batch else ""),
-                              flush=True)
+                        print(
+                            f"  round {round_index + 1} {target:>9} c={concurrency:<4} {cell.requests_per_s:8.1f} req/s"
+                            f"  p50 {cell.p50_ms:7.1f}  p95 {cell.p95_ms:7.1f}  p99 {cell.p99_ms:7.1f} ms  "
+                            f"errors {cell.errors}"
+                            + (f"  mean batch {cell.mean_batch:.1f}" if cell.mean_batch else ""),
+                            flush=True,
+                        )
     finally:
         for server in servers.values():
             server.stop()
@@ -494,8 +552,17 @@ def main() -> None:
     print()
     print(summary(cells, args.check_at))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"machine": machine(), "args": vars(args) | {"json_out": str(args.json_out)},
-                                             "hops": hops, "cells": [asdict(c) for c in cells]}, indent=2))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "args": vars(args) | {"json_out": str(args.json_out)},
+                    "hops": hops,
+                    "cells": [asdict(c) for c in cells],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

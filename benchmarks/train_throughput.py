@@ -40,7 +40,9 @@ def _write_chunk(args: tuple[str, int, int, int]) -> int:
         image = Image.fromarray(base).resize((side, side), Image.Resampling.BICUBIC)
         noise = rng.normal(0, 4 if label == "real" else 1, (side, side, 3))
         pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels).filter(ImageFilter.SMOOTH_MORE if label == "ai_generated" else ImageFilter.DETAIL)
+        image = Image.fromarray(pixels).filter(
+            ImageFilter.SMOOTH_MORE if label == "ai_generated" else ImageFilter.DETAIL
+        )
         split = "val" if i % 50 < 2 else "train"
         path = Path(folder) / split / label / f"{i:06d}.jpg"
         image.save(path, "JPEG", quality=int(rng.integers(80, 96)))
@@ -142,8 +144,14 @@ def plain_dataloader(records, device: str, batch: int, crop: int, steps: int, wo
 
     step = _step_fn(device, crop)
     loader = torch.utils.data.DataLoader(
-        _FileDataset(records, crop), batch_size=batch, shuffle=True, num_workers=workers, pin_memory=True,
-        drop_last=True, persistent_workers=True, prefetch_factor=4,
+        _FileDataset(records, crop),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=True,
+        drop_last=True,
+        persistent_workers=True,
+        prefetch_factor=4,
     )
     it = iter(loader)
     for _ in range(3):
@@ -170,9 +178,17 @@ def ray_pipeline(data_dir: Path, device: str, batch: int, crop: int, epochs: int
     from training.trainer import build_trainer
 
     settings = load_settings(
-        work_dir=data_dir / "work", ray_num_cpus=os.cpu_count(),
-        train={"num_workers": gpus, "use_gpu": device.startswith("cuda"), "batch_size": batch, "crop_size": crop,
-               "epochs": epochs, "max_failures": 0, "cpus_per_worker": 2},
+        work_dir=data_dir / "work",
+        ray_num_cpus=os.cpu_count(),
+        train={
+            "num_workers": gpus,
+            "use_gpu": device.startswith("cuda"),
+            "batch_size": batch,
+            "crop_size": crop,
+            "epochs": epochs,
+            "max_failures": 0,
+            "cpus_per_worker": 2,
+        },
     )
     init_ray(settings)
     index = index_dataset(str(data_dir))
@@ -180,11 +196,13 @@ def ray_pipeline(data_dir: Path, device: str, batch: int, crop: int, epochs: int
     result = trainer.fit()
     frame = result.metrics_dataframe  # rows of the kept (best) checkpoints, not every epoch
     last = result.metrics  # the last epoch's report
-    return {"images_per_s": float(last["train_images_per_s_steady"]) / max(1, gpus),
-            "images_per_s_whole_epoch": float(last["train_images_per_s"]) / max(1, gpus),
-            "time_to_first_batch_s": float(last["time_to_first_batch_s"]),
-            "first_epoch_time_to_first_batch_s": float(frame.sort_values("epoch").iloc[0]["time_to_first_batch_s"]),
-            "epochs": int(last["epoch"]) + 1}
+    return {
+        "images_per_s": float(last["train_images_per_s_steady"]) / max(1, gpus),
+        "images_per_s_whole_epoch": float(last["train_images_per_s"]) / max(1, gpus),
+        "time_to_first_batch_s": float(last["time_to_first_batch_s"]),
+        "first_epoch_time_to_first_batch_s": float(frame.sort_values("epoch").iloc[0]["time_to_first_batch_s"]),
+        "epochs": int(last["epoch"]) + 1,
+    }
 
 
 def main() -> None:
@@ -209,8 +227,14 @@ def main() -> None:
     started = time.perf_counter()
     make_files(args.data_dir, args.files, args.side)
     print(f"data: {args.files} JPEG files of {args.side} px ready in {time.perf_counter() - started:.1f} s", flush=True)
-    results: dict = {"card": card, "cores": os.cpu_count(), "files": args.files, "side": args.side, "crop": args.crop,
-                     "batch": args.batch}
+    results: dict = {
+        "card": card,
+        "cores": os.cpu_count(),
+        "files": args.files,
+        "side": args.side,
+        "crop": args.crop,
+        "batch": args.batch,
+    }
     if "a" in args.only:
         results["a_model_only"] = model_only(args.device, args.batch, args.crop, args.steps, not args.nchw)
         print(f"(a) model only: {results['a_model_only']:.0f} img/s", flush=True)
@@ -218,17 +242,21 @@ def main() -> None:
         from app.data import index_dataset
 
         records = index_dataset(str(args.data_dir)).split("train")
-        results["b_dataloader"] = plain_dataloader(records, args.device, args.batch, args.crop, args.steps,
-                                                   os.cpu_count() or 1)
+        results["b_dataloader"] = plain_dataloader(
+            records, args.device, args.batch, args.crop, args.steps, os.cpu_count() or 1
+        )
         print(f"(b) DataLoader x{os.cpu_count()}: {results['b_dataloader']:.0f} img/s", flush=True)
     if "c" in args.only:
         c = ray_pipeline(args.data_dir, args.device, args.batch, args.crop, args.epochs, args.gpus)
         results["c_ray"] = c["images_per_s"]
         results["c_time_to_first_batch_s"] = c["time_to_first_batch_s"]
         results["c_whole_epoch"] = c["images_per_s_whole_epoch"]
-        print(f"(c) Ray Data -> Ray Train ({args.gpus} GPU): {c['images_per_s']:.0f} img/s per GPU steady, "
-              f"{c['images_per_s_whole_epoch']:.0f} over the whole epoch, first batch after "
-              f"{c['time_to_first_batch_s']:.1f} s", flush=True)
+        print(
+            f"(c) Ray Data -> Ray Train ({args.gpus} GPU): {c['images_per_s']:.0f} img/s per GPU steady, "
+            f"{c['images_per_s_whole_epoch']:.0f} over the whole epoch, first batch after "
+            f"{c['time_to_first_batch_s']:.1f} s",
+            flush=True,
+        )
     print("\n| card | (a) model only | (b) DataLoader | (c) Ray pipeline | c/a | c/b |")
     print("| --- | --- | --- | --- | --- | --- |")
     a, b, c = results.get("a_model_only"), results.get("b_dataloader"), results.get("c_ray")

@@ -15,7 +15,8 @@ Reported per run: the wall time of the Tune run (``Tuner.fit``, the number compa
 sequential / packed; the card's name comes from ``nvidia-smi``.
 
 Usage (GPU machine):  python benchmarks/tune_gpu.py --out "$OUT/tune_gpu.json"
-A CPU smoke run:      python benchmarks/tune_gpu.py --device cpu --trials 2 --files 200 --side 64 --epochs 1 --crop 48 --batch 8
+A CPU smoke run:      python benchmarks/tune_gpu.py --device cpu --trials 2 --files 200 --side 64 --epochs 1 \
+                          --crop 48 --batch 8
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def gpu_name() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "none"
     except (OSError, subprocess.TimeoutExpired):
         return "none"
@@ -55,8 +60,12 @@ def run_mode(mode: str, args: argparse.Namespace, stamp: str) -> dict:
     packed = mode == "packed"
     use_gpu = args.device != "cpu"
     tune = {
-        "name": f"bench-{mode}-{stamp}", "num_samples": args.trials, "epochs": args.epochs, "search_alg": "random",
-        "scheduler": "fifo", "max_concurrent": args.trials if packed else 1,
+        "name": f"bench-{mode}-{stamp}",
+        "num_samples": args.trials,
+        "epochs": args.epochs,
+        "search_alg": "random",
+        "scheduler": "fifo",
+        "max_concurrent": args.trials if packed else 1,
         "gpus_per_trial": (1.0 / args.trials if packed else 1.0) if use_gpu else 0.0,
         "cpus_per_trial": args.cpus_per_trial,
     }
@@ -65,17 +74,31 @@ def run_mode(mode: str, args: argparse.Namespace, stamp: str) -> dict:
     if args.batch:
         tune["batch_size"] = [args.batch]
     settings = load_settings(
-        work_dir=args.work_dir / mode, data={"path": str(args.data_dir)}, log_format="console",
-        train={"num_workers": 1, "use_gpu": use_gpu, "seed": 0}, tune=tune,
+        work_dir=args.work_dir / mode,
+        data={"path": str(args.data_dir)},
+        log_format="console",
+        train={"num_workers": 1, "use_gpu": use_gpu, "seed": 0},
+        tune=tune,
     )
     started = time.perf_counter()
     outcome = run_tuning(settings)
     wall_s = time.perf_counter() - started
     return {
-        "mode": mode, "max_concurrent": tune["max_concurrent"], "gpus_per_trial": tune["gpus_per_trial"],
-        "tune_fit_wall_s": round(outcome.fit_wall_s, 2), "command_wall_s": round(wall_s, 2),
-        "trials": [{"trial": t.trial_id, "params": t.params, "best_val_auroc": t.best_val_auroc,
-                    "epochs_run": t.epochs_run, "status": t.status} for t in outcome.trials],
+        "mode": mode,
+        "max_concurrent": tune["max_concurrent"],
+        "gpus_per_trial": tune["gpus_per_trial"],
+        "tune_fit_wall_s": round(outcome.fit_wall_s, 2),
+        "command_wall_s": round(wall_s, 2),
+        "trials": [
+            {
+                "trial": t.trial_id,
+                "params": t.params,
+                "best_val_auroc": t.best_val_auroc,
+                "epochs_run": t.epochs_run,
+                "status": t.status,
+            }
+            for t in outcome.trials
+        ],
         "best_val_auroc": round(outcome.val_auroc, 4),
     }
 
@@ -101,20 +124,33 @@ def main() -> None:
     runs = [run_mode(mode, args, stamp) for mode in args.order.split(",")]
     by_mode = {r["mode"]: r for r in runs}
     results = {
-        "benchmark": "tune_gpu", "gpu": gpu_name(), "host": platform.node(), "trials": args.trials,
-        "epochs": args.epochs, "files": args.files, "side": args.side, "runs": runs,
+        "benchmark": "tune_gpu",
+        "gpu": gpu_name(),
+        "host": platform.node(),
+        "trials": args.trials,
+        "epochs": args.epochs,
+        "files": args.files,
+        "side": args.side,
+        "runs": runs,
     }
     if {"packed", "sequential"} <= set(by_mode):
         results["speedup_sequential_over_packed"] = round(
-            by_mode["sequential"]["tune_fit_wall_s"] / by_mode["packed"]["tune_fit_wall_s"], 2)
+            by_mode["sequential"]["tune_fit_wall_s"] / by_mode["packed"]["tune_fit_wall_s"], 2
+        )
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
-    print("| card | trials x epochs | packed: GPU/trial, concurrent | wall s | sequential: GPU/trial, concurrent | wall s | ratio |")
+    print(
+        "| card | trials x epochs | packed: GPU/trial, concurrent | wall s "
+        "| sequential: GPU/trial, concurrent | wall s | ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     p, s = by_mode.get("packed"), by_mode.get("sequential")
     if p and s:
-        print(f"| {results['gpu']} | {args.trials} x {args.epochs} | {p['gpus_per_trial']:.3g}, {p['max_concurrent']} | "
-              f"{p['tune_fit_wall_s']:.0f} | {s['gpus_per_trial']:.3g}, {s['max_concurrent']} | {s['tune_fit_wall_s']:.0f} | "
-              f"{results['speedup_sequential_over_packed']:.2f}x |")
+        print(
+            f"| {results['gpu']} | {args.trials} x {args.epochs} | {p['gpus_per_trial']:.3g}, {p['max_concurrent']} | "
+            f"{p['tune_fit_wall_s']:.0f} | {s['gpus_per_trial']:.3g}, {s['max_concurrent']} | "
+            f"{s['tune_fit_wall_s']:.0f} | "
+            f"{results['speedup_sequential_over_packed']:.2f}x |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

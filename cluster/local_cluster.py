@@ -8,6 +8,7 @@ token from ``~/.ray/auth_token`` with ``RAY_AUTH_MODE=token``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,10 +19,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from app.errors import UserError
+
 WORKER_PORT_SPAN = 200
 
 
-class LocalClusterError(RuntimeError):
+class LocalClusterError(UserError, RuntimeError):
     """The local cluster could not be started or found; the message says what happened and where the log is."""
 
 
@@ -81,8 +84,14 @@ def _node_ports(used_bases: list[int]) -> dict[str, int]:
     while base in used_bases:
         base += WORKER_PORT_SPAN
     used_bases.append(base)
-    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port")
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
     ports = {name: _free_port() for name in names}
     ports["min-worker-port"] = base
     ports["max-worker-port"] = base + WORKER_PORT_SPAN - 1
@@ -92,7 +101,10 @@ def _node_ports(used_bases: list[int]) -> dict[str, int]:
 def _start_node(args: list[str], log_path: Path) -> int:
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, which outlives this function
     process = subprocess.Popen(
-        [_ray_binary(), "start", "--block", *args], stdout=log, stderr=subprocess.STDOUT, env=_env(),
+        [_ray_binary(), "start", "--block", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
         start_new_session=True,
     )
     return process.pid
@@ -108,11 +120,23 @@ def cluster_up(work_dir: Path, workers: int = 1, cpus_per_node: int = 4, timeout
     used: list[int] = []
     head_ports = _node_ports(used)
     gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
-    head_args = ["--head", f"--port={gcs_port}", f"--num-cpus={cpus_per_node}", f"--dashboard-port={dashboard_port}",
-                 "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}"]
+    head_args = [
+        "--head",
+        f"--port={gcs_port}",
+        f"--num-cpus={cpus_per_node}",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client_port}",
+    ]
     head_args += [f"--{k}={v}" for k, v in head_ports.items()]
-    nodes = [NodeProcess("head", _start_node(head_args, state_dir / "head.log"), str(state_dir / "head.log"),
-                         {**head_ports, "gcs": gcs_port, "dashboard": dashboard_port, "client": client_port})]
+    nodes = [
+        NodeProcess(
+            "head",
+            _start_node(head_args, state_dir / "head.log"),
+            str(state_dir / "head.log"),
+            {**head_ports, "gcs": gcs_port, "dashboard": dashboard_port, "client": client_port},
+        )
+    ]
     address = f"127.0.0.1:{gcs_port}"
     cluster = LocalCluster(address, f"http://127.0.0.1:{dashboard_port}", str(state_file), nodes)
     _save(cluster)
@@ -148,8 +172,9 @@ def alive_node_count(address: str) -> int:
         "print(sum(1 for n in ray.nodes() if n['Alive']))\n"
     )
     try:
-        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, env=_env(),
-                             timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code, address], capture_output=True, text=True, env=_env(), timeout=60
+        )
     except subprocess.TimeoutExpired:
         return 0
     lines = out.stdout.strip().splitlines()
@@ -190,10 +215,8 @@ def cluster_down(work_dir: Path, grace_s: float = 15.0) -> list[int]:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def group_members(pgid: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""`aipd serve` and `aipd predict`: the serving stage's commands, added to the `aipd` app by `register`.
+"""`aipd serve` and `aipd predict`: the serving stage's commands.
 
 Ray, torch and the deployments are imported inside the commands, so `aipd --help` stays fast.
 """
@@ -12,131 +12,140 @@ from typing import Any, Optional
 
 import typer
 
+from app.cli_common import ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
+from app.config import Settings, reachable_url
 
-def register(app: typer.Typer) -> None:
-    """Add `serve` and `predict` to the `aipd` Typer app (called from app/cli.py)."""
-    from app.cli import ConfigOpt, console, err_console, handle_errors, settings_from
+cli = new_app()
 
-    @app.command("serve")
-    @handle_errors
-    def serve_command(
-        model_uri: Optional[str] = typer.Option(
-            None, "--model-uri", "-m",
-            help="models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION or a checkpoint "
-            "directory. Default: models:/aipd-detector@champion.",
-        ),
-        host: Optional[str] = typer.Option(None, "--host", help="HTTP host (0.0.0.0 to listen on every interface)."),
-        port: Optional[int] = typer.Option(None, "--port", help="HTTP port.", min=1, max=65535),
-        replicas: Optional[int] = typer.Option(
-            None, "--replicas", help="A fixed number of detector replicas (sets both bounds).", min=1
-        ),
-        min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="Detector autoscaling lower bound.", min=0),
-        max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Detector autoscaling upper bound.", min=1),
-        ingress_replicas: Optional[int] = typer.Option(
-            None, "--ingress-max-replicas", help="Ingress autoscaling upper bound (decoding runs there).", min=1
-        ),
-        max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Images per forward pass.", min=1),
-        batch_wait_ms: Optional[float] = typer.Option(
-            None, "--batch-wait-ms", help="How long a batch waits to fill, in milliseconds.", min=0
-        ),
-        precision: str = typer.Option(
-            "auto", "--precision", help="auto (bf16 on GPU, float32 on CPU), fp32 or bf16 (pays on AMX CPUs)."
-        ),
-        champion_poll_s: float = typer.Option(
-            10.0, "--champion-poll-s", help="How often an alias model URI is re-resolved (0: never).", min=0
-        ),
-        address: Optional[str] = typer.Option(
-            None, "--address", help="Ray cluster address; the app is deployed there and the command returns."
-        ),
-        write_config: Optional[Path] = typer.Option(
-            None, "--write-config", help="Where to write the Serve config YAML (default: <work_dir>/serve_config.yaml)."
-        ),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Write the config file and exit without serving."),
-        ray_metrics_port: Optional[int] = typer.Option(
-            None, "--ray-metrics-port", help="Port of Ray's own Prometheus metrics (ray_serve_*), local cluster only."
-        ),
-        config: Optional[Path] = ConfigOpt,
-    ) -> None:
-        """Serve the detector over HTTP with Ray Serve: batched, autoscaled, following the champion model.
 
-        Writes the standard Ray Serve config file for these settings (usable with `serve run` / `serve deploy`),
-        then deploys it. The API: POST /predict, /predict/batch, /predict/explain; GET /health, /metrics, /docs.
+@cli.command("serve")
+@handle_errors
+def serve_command(
+    model_uri: Optional[str] = typer.Option(
+        None,
+        "--model-uri",
+        "-m",
+        help="models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION or a checkpoint "
+        "directory. Default: models:/aipd-detector@champion.",
+    ),
+    host: Optional[str] = typer.Option(None, "--host", help="HTTP host (0.0.0.0 to listen on every interface)."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port.", min=1, max=65535),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", help="A fixed number of detector replicas (sets both bounds).", min=1
+    ),
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="Detector autoscaling lower bound.", min=0),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Detector autoscaling upper bound.", min=1),
+    ingress_replicas: Optional[int] = typer.Option(
+        None, "--ingress-max-replicas", help="Ingress autoscaling upper bound (decoding runs there).", min=1
+    ),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Images per forward pass.", min=1),
+    batch_wait_ms: Optional[float] = typer.Option(
+        None, "--batch-wait-ms", help="How long a batch waits to fill, in milliseconds.", min=0
+    ),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16 on GPU, float32 on CPU), fp32 or bf16 (pays on AMX CPUs)."
+    ),
+    champion_poll_s: float = typer.Option(
+        10.0, "--champion-poll-s", help="How often an alias model URI is re-resolved (0: never).", min=0
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster address; the app is deployed there and the command returns."
+    ),
+    write_config: Optional[Path] = typer.Option(
+        None, "--write-config", help="Where to write the Serve config YAML (default: <work_dir>/serve_config.yaml)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the config file and exit without serving."),
+    ray_metrics_port: Optional[int] = typer.Option(
+        None, "--ray-metrics-port", help="Port of Ray's own Prometheus metrics (ray_serve_*), local cluster only."
+    ),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Serve the detector over HTTP with Ray Serve: batched, autoscaled, following the champion model.
 
-        Examples:
-          aipd serve
-          aipd serve --model-uri .aipd/checkpoints/best --port 8080
-          aipd serve --host 0.0.0.0 --min-replicas 1 --max-replicas 4 --max-batch-size 64
-          aipd serve --address ray://head:10001 --model-uri models:/aipd-detector/3
-          aipd serve --write-config serving/serve_config.yaml --dry-run
-        """
-        from serving.config import AppArgs, serve_config, write_serve_config
+    Writes the standard Ray Serve config file for these settings (usable with `serve run` / `serve deploy`),
+    then deploys it. The API: POST /predict, /predict/batch, /predict/explain; GET /health, /metrics, /docs.
 
-        if replicas is not None:
-            min_replicas = max_replicas = replicas
-        serve_overrides = {
-            "model_uri": model_uri, "host": host, "port": port, "detector_min_replicas": min_replicas,
-            "detector_max_replicas": max_replicas, "ingress_max_replicas": ingress_replicas,
-            "max_batch_size": max_batch_size,
-            "batch_wait_timeout_s": None if batch_wait_ms is None else batch_wait_ms / 1000.0,
-        }
-        settings = settings_from(config, ray_address=address, serve=serve_overrides)
-        if precision not in ("auto", "fp32", "bf16"):
-            raise typer.BadParameter("choose auto, fp32 or bf16", param_hint="--precision")
-        args = AppArgs(champion_poll_s=champion_poll_s, precision=precision)
-        path = write_serve_config(write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args))
-        console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
-        if dry_run:
-            return
-        _check_model(settings, err_console)
-        _deploy_and_wait(settings, args, ray_metrics_port, console, err_console)
+    Examples:
+      aipd serve
+      aipd serve --model-uri .aipd/checkpoints/best --port 8080
+      aipd serve --host 0.0.0.0 --min-replicas 1 --max-replicas 4 --max-batch-size 64
+      aipd serve --address ray://head:10001 --model-uri models:/aipd-detector/3
+      aipd serve --write-config serving/serve_config.yaml --dry-run
+    """
+    from serving.config import AppArgs, serve_config, write_serve_config
 
-    @app.command("predict")
-    @handle_errors
-    def predict_command(
-        images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG or WebP)."),
-        url: Optional[str] = typer.Option(None, "--url", help="Service URL (default: from the serve settings)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of a table."),
-        api_key: Optional[str] = typer.Option(
-            None, "--api-key", help="X-API-Key to send (default: the first of AIPD_API_KEYS, if any)."
-        ),
-        timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for an answer.", min=0.1),
-        config: Optional[Path] = ConfigOpt,
-    ) -> None:
-        """Ask a running service (`aipd serve`) whether photos are AI-generated, and print a table of verdicts.
+    if replicas is not None:
+        min_replicas = max_replicas = replicas
+    serve_overrides = {
+        "model_uri": model_uri,
+        "host": host,
+        "port": port,
+        "detector_min_replicas": min_replicas,
+        "detector_max_replicas": max_replicas,
+        "ingress_max_replicas": ingress_replicas,
+        "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": None if batch_wait_ms is None else batch_wait_ms / 1000.0,
+    }
+    settings = settings_from(config, ray_address=address, serve=serve_overrides)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise typer.BadParameter("choose auto, fp32 or bf16", param_hint="--precision")
+    args = AppArgs(champion_poll_s=champion_poll_s, precision=precision)
+    path = write_serve_config(write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args))
+    console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
+    if dry_run:
+        return
+    _check_model(settings)
+    _deploy_and_wait(settings, args, ray_metrics_port)
 
-        Exit code 1 when any file was refused (not an image, too large, ...).
 
-        Examples:
-          aipd predict photo.jpg
-          aipd predict shop/*.jpg --url http://detector.internal:8000 --api-key $KEY
-          aipd predict a.png b.webp --json
-        """
-        from serving.client import ServiceError, predict_files
+@cli.command("predict")
+@handle_errors
+def predict_command(
+    images: list[Path] = typer.Argument(..., help="Image files (JPEG, PNG or WebP)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Service URL (default: from the serve settings)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of a table."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", help="X-API-Key to send (default: the first of AIPD_API_KEYS, if any)."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for an answer.", min=0.1),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Ask a running service (`aipd serve`) whether photos are AI-generated, and print a table of verdicts.
 
-        settings = settings_from(config)
-        host = settings.serve.host if settings.serve.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        target = url or f"http://{host}:{settings.serve.port}"
-        key = api_key or (settings.api_keys[0] if settings.api_keys else None)
-        try:
-            results = predict_files(target, images, api_key=key, timeout_s=timeout)
-        except ServiceError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        if as_json:
-            for item in results:
-                print(json.dumps(item))
-        else:
-            console.print(_table(results, target))
-        if any("error" in item for item in results):
-            raise typer.Exit(1)
+    Exit code 1 when any file was refused (not an image, too large, ...).
+
+    Examples:
+      aipd predict photo.jpg
+      aipd predict shop/*.jpg --url http://detector.internal:8000 --api-key $KEY
+      aipd predict a.png b.webp --json
+    """
+    from serving.client import predict_files
+
+    settings = settings_from(config)
+    target = url or settings.service_url
+    key = api_key or (settings.api_keys[0] if settings.api_keys else None)
+    results = predict_files(target, images, api_key=key, timeout_s=timeout)
+    if as_json:
+        for item in results:
+            print(json.dumps(item))
+    else:
+        console.print(_table(results, target))
+    if any("error" in item for item in results):
+        raise typer.Exit(1)
 
 
 def _table(results: list[dict[str, Any]], url: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"verdicts from {url}")
-    for column, justify in [("file", "left"), ("verdict", "left"), ("probability", "right"), ("confidence", "left"),
-                            ("model", "left"), ("ms", "right")]:
+    for column, justify in [
+        ("file", "left"),
+        ("verdict", "left"),
+        ("probability", "right"),
+        ("confidence", "left"),
+        ("model", "left"),
+        ("ms", "right"),
+    ]:
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for item in results:
         if "error" in item:
@@ -144,37 +153,40 @@ def _table(results: list[dict[str, Any]], url: str) -> Any:
             continue
         colour = "magenta" if item["prediction"] == "ai_generated" else "green"
         table.add_row(
-            item["file"], f"[{colour}]{item['prediction']}[/{colour}]", f"{item['probability']:.3f}",
-            item["confidence"], str(item["model_version"]), f"{item['inference_time_ms']:.1f}",
+            item["file"],
+            f"[{colour}]{item['prediction']}[/{colour}]",
+            f"{item['probability']:.3f}",
+            item["confidence"],
+            str(item["model_version"]),
+            f"{item['inference_time_ms']:.1f}",
         )
     return table
 
 
-def _check_model(settings: Any, err_console: Any) -> None:
+def _check_model(settings: Settings) -> None:
     """Fail before deploying on a wrong checkpoint path; only warn when the alias has no model yet (503 until then)."""
+    from app.model_ref import parse_model_ref
     from app.registry import RegistryError, get_alias_version, resolve_model, setup_mlflow
-    from serving.config import parse_alias
 
-    uri = settings.default_model_uri
-    if parse_alias(uri) is None:
-        if "://" not in uri and not uri.startswith("models:/"):
-            resolve_model(settings, uri)
+    ref = parse_model_ref(settings.default_model_uri)
+    if ref.kind != "alias":
+        if ref.kind == "path":
+            resolve_model(settings, ref.uri)
         return
     try:
         setup_mlflow(settings)
-        name, alias = parse_alias(uri)
-        found = get_alias_version(settings.model_copy(update={"registered_model": name}), alias)
+        found = get_alias_version(settings.model_copy(update={"registered_model": ref.name}), ref.alias)
     except RegistryError as err:
-        err_console.print(f"[yellow]warning:[/yellow] {err}", highlight=False)
+        warn(str(err))
         return
     if found is None:
-        err_console.print(
-            f"[yellow]warning:[/yellow] no model under {uri} yet: the service answers 503 until one is registered "
-            "(`aipd train`), then picks it up without a restart", highlight=False,
+        warn(
+            f"no model under {ref.uri} yet: the service answers 503 until one is registered (`aipd train`), "
+            "then picks it up without a restart"
         )
 
 
-def _deploy_and_wait(settings: Any, args: Any, ray_metrics_port: int | None, console: Any, err_console: Any) -> None:
+def _deploy_and_wait(settings: Settings, args: Any, ray_metrics_port: int | None) -> None:
     from ray import serve
 
     from app.ray_runtime import init_ray
@@ -192,14 +204,12 @@ def _deploy_and_wait(settings: Any, args: Any, ray_metrics_port: int | None, con
     try:
         serve.run(build_application(deployed, args), name=APP_NAME, route_prefix="/")
     except RuntimeError as err:
-        err_console.print(f"[red]error:[/red] the deployment failed: {str(err).strip().splitlines()[-1]}", highlight=False)
-        raise typer.Exit(1)
-    shown = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
-    base = f"http://{shown}:{settings.serve.port}"
+        fail(f"the deployment failed: {str(err).strip().splitlines()[-1]}")
+    base = settings.service_url
     console.print(f"serving {settings.default_model_uri} at {base} (ready in {time.perf_counter() - started:.1f} s)")
     console.print(f"  try: curl -F file=@photo.jpg {base}/predict    docs: {base}/docs    metrics: {base}/metrics")
     if ray_metrics_port and not settings.ray_address:
-        console.print(f"  Ray Serve's own metrics: http://{shown}:{ray_metrics_port}/metrics")
+        console.print(f"  Ray Serve's own metrics: {reachable_url(settings.serve.host, ray_metrics_port)}/metrics")
     if settings.ray_address:
         console.print("deployed to the cluster; it keeps serving after this command exits (`serve status` to check)")
         return

@@ -11,12 +11,13 @@ from typing import Any
 
 import httpx
 
+from app.errors import UserError
 
 # Refusals about the caller or the service, not about a file: reported once, not as a row per file.
 _WHOLE_REQUEST = (401, 429, 503)
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """The service cannot be reached, or refused the whole request; the message says which and why."""
 
 
@@ -82,7 +83,7 @@ def _many(client: httpx.Client, base: str, paths: list[Path]) -> list[dict[str, 
     if parts:
         response = client.post(f"{base}/predict/batch", files=parts)
         if response.status_code == 200:
-            for path, item in zip(readable, response.json()["results"]):
+            for path, item in zip(readable, response.json()["results"], strict=False):
                 out[path] = {"file": str(path), **{k: v for k, v in item.items() if v is not None and k != "filename"}}
         else:
             error, detail = _refusal(response)

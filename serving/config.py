@@ -24,16 +24,21 @@ DETECTOR = "DetectorDeployment"
 INGRESS_MAX_ONGOING = 256  # the ingress mostly waits on the detector; it needs many requests in flight, not CPUs
 DETECTOR_MIN_ONGOING = 256  # see detector_options
 
-# OpenMP threads that finish an operator spin before sleeping (libgomp, which PyPI's torch uses, spins 300,000 rounds).
-# On a CPU node the proxy and the ingress need those cores between the ~200 operators of a forward pass. Measured on
-# the 2-core development machine, EfficientNet-B0 at batch 1 with 2 threads: default spin 21 ms alone but 1,690 ms
-# with one core busy elsewhere; passive waiting 33 ms / 68 ms; a spin of 1,000 rounds 23 ms / 71 ms.
+# OpenMP threads that finish an operator spin before sleeping (libgomp spins 300,000 rounds by default); on a CPU node
+# the proxy and the ingress need those cores between the operators of a forward pass (benchmarks/RESULTS.md).
 DETECTOR_ENV = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
 
 # Settings sections the replicas use; the rest (train, tune, data) stays out of the file.
 SERVING_FIELDS = (
-    "work_dir", "log_format", "log_level", "mlflow_tracking_uri", "mlflow_experiment", "registered_model",
-    "champion_alias", "images", "serve",
+    "work_dir",
+    "log_format",
+    "log_level",
+    "mlflow_tracking_uri",
+    "mlflow_experiment",
+    "registered_model",
+    "champion_alias",
+    "images",
+    "serve",
 )
 
 
@@ -54,17 +59,6 @@ class AppArgs(BaseModel):
         default_factory=lambda: {"upscale_delay_s": 10.0, "downscale_delay_s": 120.0},
         description="extra AutoscalingConfig fields for both deployments (delays, look_back_period_s, ...)",
     )
-
-
-def parse_alias(uri: str) -> tuple[str, str] | None:
-    """(name, alias) for a model URI that follows an alias (`models:/NAME@ALIAS`), else None."""
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri.removeprefix("models:/")
-    if "@" not in ref:
-        return None
-    name, alias = ref.split("@", 1)
-    return name, alias
 
 
 def portable_settings(settings: Settings) -> dict[str, Any]:
@@ -109,11 +103,10 @@ def detector_options(settings: Settings, args: AppArgs, num_gpus: float | None) 
     """Let requests queue inside the detector, where the batcher can take them; scale out only once batches are full.
 
     `max_ongoing_requests` must be at least `max_batch_size` or a batch never fills; it is set far higher because
-    when every replica is at its cap, requests wait in the caller's router, which re-probes replicas for room: on
-    the 2-core machine that cost cut throughput by two thirds at 32+ concurrent requests (benchmarks/RESULTS.md),
-    while a waiting crop in the detector's queue costs only its 150 KB. `target_ongoing_requests` below the batch
-    size would add replicas (and GPUs) while batches are still half empty, so the detector's target is at least
-    `max_batch_size`.
+    when every replica is at its cap, requests wait in the caller's router, which re-probes replicas for room
+    (measured in benchmarks/RESULTS.md), while a crop waiting in the detector's queue costs only its bytes.
+    `target_ongoing_requests` below the batch size would add replicas (and GPUs) while batches are still half empty,
+    so the detector's target is at least `max_batch_size`.
     """
     serve = settings.serve
     options: dict[str, Any] = {
@@ -190,6 +183,8 @@ def validate_serve_config(config: dict[str, Any]) -> Any:
     """Parse with Ray's own schema, the one `serve deploy` uses; raises pydantic's ValidationError when wrong."""
     from ray.serve.schema import ServeDeploySchema
 
-    return ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else (
-        ServeDeploySchema.parse_obj(config)
+    return (
+        ServeDeploySchema.model_validate(config)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else (ServeDeploySchema.parse_obj(config))
     )

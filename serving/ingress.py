@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.config import Settings
+from app.config import ImageLimits, Settings
 from serving.guards import API_KEY_HEADER, RateLimiter, check_api_key, client_identity
 from serving.schemas import (
     ApiError,
@@ -47,8 +47,15 @@ _ERROR_STATUS = {"empty": 400, "truncated": 400, "corrupt": 400, "too_large": 41
 
 # Magic bytes of images that are real images but not ones we accept: these get 415, anything else 400.
 _OTHER_IMAGE_TYPES = (
-    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
     (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
 )
 
@@ -77,13 +84,13 @@ def image_error(err: Exception, data: bytes) -> ApiError:
     return ApiError(_ERROR_STATUS.get(reason, 400), reason, str(err))
 
 
-def decode_and_crop(data: bytes, crop_size: int, max_bytes: int, max_pixels: int) -> np.ndarray:
+def decode_and_crop(data: bytes, crop_size: int, limits: ImageLimits) -> np.ndarray:
     """Validate, decode and center-crop one upload; the only CPU-heavy step of the ingress (runs in a thread)."""
     from app.images import ImageError, decode_image
     from app.transforms import eval_preprocess
 
     try:
-        image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
         return eval_preprocess(image, crop_size)
     except ImageError as err:
         raise image_error(err, data) from err
@@ -190,21 +197,31 @@ class IngressDeployment:
     async def healthz(self) -> dict[str, str]:
         return {"status": "alive"}
 
-    @api.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
-             summary="Readiness: a model is loaded, and which version")
+    @api.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse}},
+        summary="Readiness: a model is loaded, and which version",
+    )
     async def health(self) -> JSONResponse:
         status = await self._detector_status()
         if status is None:
             body = HealthResponse(status="unavailable", model_loaded=False, detail="no detector replica answered")
             return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
         if not status.get("ready"):
-            body = HealthResponse(status="loading", model_loaded=False, model_uri=status.get("model_uri"),
-                                  detail=status.get("detail"))
+            body = HealthResponse(
+                status="loading", model_loaded=False, model_uri=status.get("model_uri"), detail=status.get("detail")
+            )
             return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
         self._learn(status)
         body = HealthResponse(
-            status="ok", model_loaded=True, model_version=status["model_version"], model_uri=status["model_uri"],
-            threshold=status["threshold"], crop_size=status["crop_size"], device=status["device"],
+            status="ok",
+            model_loaded=True,
+            model_version=status["model_version"],
+            model_uri=status["model_uri"],
+            threshold=status["threshold"],
+            crop_size=status["crop_size"],
+            device=status["device"],
         )
         return JSONResponse(body.model_dump())
 
@@ -216,13 +233,21 @@ class IngressDeployment:
             text = await asyncio.to_thread(self._metrics.render)
         except Exception as err:  # noqa: BLE001 - the store actor restarting is a 503, not a 500
             self._log.warning("metrics store unavailable", error=str(err))
-            return error_response(ApiError(503, "metrics_unavailable", "the metrics store is restarting; retry",
-                                           {"Retry-After": RETRY_AFTER_S}))
+            return error_response(
+                ApiError(
+                    503, "metrics_unavailable", "the metrics store is restarting; retry", {"Retry-After": RETRY_AFTER_S}
+                )
+            )
         return Response(text, media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------------------------------ prediction routes
-    @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_UPLOAD_ONE,
-              summary="Is this product photo AI-generated? (multipart field `file`)")
+    @api.post(
+        "/predict",
+        response_model=Prediction,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_ONE,
+        summary="Is this product photo AI-generated? (multipart field `file`)",
+    )
     async def predict(self, request: Request) -> JSONResponse:
         def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
             self._metrics.observe("prediction_probability", body["probability"])
@@ -230,8 +255,13 @@ class IngressDeployment:
 
         return await self._answer_one(request, "predict", self._detector.predict, answer)
 
-    @api.post("/predict/explain", response_model=ExplainResponse, responses=_ERRORS, openapi_extra=_UPLOAD_ONE,
-              summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies")
+    @api.post(
+        "/predict/explain",
+        response_model=ExplainResponse,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_ONE,
+        summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies",
+    )
     async def explain(self, request: Request) -> JSONResponse:
         def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
             body.update(
@@ -243,8 +273,13 @@ class IngressDeployment:
 
         return await self._answer_one(request, "explain", self._detector.explain, answer)
 
-    @api.post("/predict/batch", response_model=BatchResponse, responses=_ERRORS, openapi_extra=_UPLOAD_MANY,
-              summary="Several photos at once (multipart field `files`); one bad file fails alone")
+    @api.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        responses=_ERRORS,
+        openapi_extra=_UPLOAD_MANY,
+        summary="Several photos at once (multipart field `files`); one bad file fails alone",
+    )
     async def predict_batch(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         try:
@@ -252,15 +287,22 @@ class IngressDeployment:
             limits = self._settings.images
             try:
                 uploads = await read_files(
-                    dict(request.headers), request.stream(), field_name="files",
-                    max_files=self._settings.serve.max_batch_files, max_file_bytes=limits.max_bytes, fail_fast=False,
+                    dict(request.headers),
+                    request.stream(),
+                    field_name="files",
+                    max_files=self._settings.serve.max_batch_files,
+                    max_file_bytes=limits.max_bytes,
+                    fail_fast=False,
                 )
             except ClientDisconnect as err:
                 raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
             items = await asyncio.gather(*(self._batch_item(upload, started) for upload in uploads))
             succeeded = sum(1 for item in items if item.error is None)
             body = BatchResponse(
-                results=items, total=len(items), succeeded=succeeded, failed=len(items) - succeeded,
+                results=items,
+                total=len(items),
+                succeeded=succeeded,
+                failed=len(items) - succeeded,
                 inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
             )
             return JSONResponse(body.model_dump())
@@ -281,7 +323,10 @@ class IngressDeployment:
             self._learn(status)
 
     async def _answer_one(
-        self, request: Request, route: str, method: Any,
+        self,
+        request: Request,
+        route: str,
+        method: Any,
         answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
     ) -> JSONResponse:
         """The frame of the one-photo routes: read and guard the upload, ask the detector, count, refuse, time."""
@@ -302,16 +347,19 @@ class IngressDeployment:
         limits = self._settings.images
         try:
             uploads = await read_files(
-                dict(request.headers), request.stream(), field_name="file",
-                max_files=1, max_file_bytes=limits.max_bytes, fail_fast=True,
+                dict(request.headers),
+                request.stream(),
+                field_name="file",
+                max_files=1,
+                max_file_bytes=limits.max_bytes,
+                fail_fast=True,
             )
         except ClientDisconnect as err:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
         return await self._decode(uploads[0].data)
 
     async def _decode(self, data: bytes) -> np.ndarray:
-        limits = self._settings.images
-        return await asyncio.to_thread(decode_and_crop, data, self._crop_size or 224, limits.max_bytes, limits.max_pixels)
+        return await asyncio.to_thread(decode_and_crop, data, self._crop_size or 224, self._settings.images)
 
     async def _batch_item(self, upload: Any, started: float) -> BatchItem:
         try:
@@ -331,15 +379,22 @@ class IngressDeployment:
         try:
             result = await asyncio.wait_for(method.remote(crop), timeout=DETECTOR_TIMEOUT_S)
         except asyncio.TimeoutError as err:
-            raise ApiError(503, "model_unavailable", f"no detector answered within {DETECTOR_TIMEOUT_S:.0f} s",
-                           {"Retry-After": RETRY_AFTER_S}) from err
+            raise ApiError(
+                503,
+                "model_unavailable",
+                f"no detector answered within {DETECTOR_TIMEOUT_S:.0f} s",
+                {"Retry-After": RETRY_AFTER_S},
+            ) from err
         except Exception as err:  # noqa: BLE001 - a replica dying mid-request is the service's fault, told as 503
             self._log.error("detector call failed", error=f"{type(err).__name__}: {err}")
-            raise ApiError(503, "model_unavailable", "the detector failed to answer; retry",
-                           {"Retry-After": RETRY_AFTER_S}) from err
+            raise ApiError(
+                503, "model_unavailable", "the detector failed to answer; retry", {"Retry-After": RETRY_AFTER_S}
+            ) from err
         error = result.get("error")
         if error == "not_ready":
-            raise ApiError(503, "not_ready", f"{result['detail']}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S})
+            raise ApiError(
+                503, "not_ready", f"{result['detail']}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S}
+            )
         if error == "explain_unsupported":
             raise ApiError(422, error, result["detail"])
         if error is not None:

@@ -19,6 +19,7 @@ exported by Ray's metrics agent on every node, at the port `ray start --metrics-
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -42,25 +43,30 @@ class MetricSpec:
 LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METRICS: dict[str, MetricSpec] = {
     "predictions_total": MetricSpec(
-        "counter", "Prediction requests (one per file on /predict/batch), by HTTP status and verdict",
+        "counter",
+        "Prediction requests (one per file on /predict/batch), by HTTP status and verdict",
         ("status", "result"),
     ),
     "prediction_errors_total": MetricSpec("counter", "Refused or failed requests and files, by error code", ("type",)),
     "prediction_latency_seconds": MetricSpec(
-        "histogram", "Server-side time of a prediction request, from the ingress receiving it to answering", ("route",),
+        "histogram",
+        "Server-side time of a prediction request, from the ingress receiving it to answering",
+        ("route",),
         LATENCY_BUCKETS,
     ),
     "prediction_probability": MetricSpec(
-        "histogram", "Predicted probability of ai_generated; a shift here is the first sign of drift", (),
+        "histogram",
+        "Predicted probability of ai_generated; a shift here is the first sign of drift",
+        (),
         tuple(round(0.05 * i, 2) for i in range(1, 21)),
     ),
     "prediction_batch_size": MetricSpec(
         "histogram", "Images per forward pass of the detector", (), (1, 2, 4, 8, 16, 32, 64, 128, 256)
     ),
-    "model_inference_seconds": MetricSpec(
-        "histogram", "Detector forward pass time per batch", (), LATENCY_BUCKETS
+    "model_inference_seconds": MetricSpec("histogram", "Detector forward pass time per batch", (), LATENCY_BUCKETS),
+    "model_loads_total": MetricSpec(
+        "counter", "Model loads by the detector, by version and result", ("version", "result")
     ),
-    "model_loads_total": MetricSpec("counter", "Model loads by the detector, by version and result", ("version", "result")),
 }
 
 # key: (metric name, label values); counters hold a float, histograms [per-bucket counts..., +Inf count, sum]
@@ -134,7 +140,7 @@ class _Collector:
                 family = HistogramMetricFamily(name, spec.help, labels=list(spec.labels))
                 for labels, row in rows:
                     cumulative, buckets = 0, []
-                    for bound, count in zip(list(spec.buckets) + [float("inf")], row[:-1]):
+                    for bound, count in zip(list(spec.buckets) + [float("inf")], row[:-1], strict=True):
                         cumulative += count
                         buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
                     family.add_metric(list(labels), buckets, sum_value=row[-1])
@@ -159,10 +165,8 @@ def drop_store(app_name: str) -> None:
     """Forget an application's totals (after `serve.delete`), so a redeploy under the same name starts from zero."""
     import ray
 
-    try:
+    with contextlib.suppress(ValueError):  # no such actor: nothing to forget
         ray.kill(ray.get_actor(store_name(app_name), namespace=STORE_NAMESPACE))
-    except ValueError:
-        pass
 
 
 class MetricsRecorder:

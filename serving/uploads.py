@@ -104,9 +104,7 @@ async def read_files(
         current.content_type = current.headers.get("content-type")
         current.wanted = current.name == field_name
         if current.wanted and len(files) >= max_files:
-            raise ApiError(
-                413, "too_many_files", f"at most {max_files} files per request in the field {field_name!r}"
-            )
+            raise ApiError(413, "too_many_files", f"at most {max_files} files per request in the field {field_name!r}")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if not current.wanted:
@@ -115,7 +113,9 @@ async def read_files(
         if current.size > max_file_bytes:
             if fail_fast:
                 raise ApiError(
-                    413, "too_large", f"the file has more than {max_file_bytes:,} bytes; the limit is {max_file_bytes:,}"
+                    413,
+                    "too_large",
+                    f"the file has more than {max_file_bytes:,} bytes; the limit is {max_file_bytes:,}",
                 )
             current.too_large = True
             current.chunks.clear()

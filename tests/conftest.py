@@ -1,11 +1,18 @@
-"""Session-wide fixtures: one real local Ray cluster for every test that needs Ray."""
+"""Session-wide fixtures: one real local Ray cluster, its Serve instance on a free port, and a small demo set.
+
+Each test module that deploys an application (a real ingress and a real detector) does so at "/" and deletes it at
+the end (`tests.helpers.undeploy`), so only one application owns the root at a time.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+
+from tests.helpers import ServeApp, free_port
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +34,31 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "small"
     build_demo_dataset(out, images_per_class=64, size=64, seed=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """The HTTP port of this cluster's Serve instance: started here on a free port unless another suite did."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    wanted = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": wanted})
+    port = int(_get_global_client().http_config.port)
+    yield port
+    if port == wanted:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_port: int) -> Callable[..., ServeApp]:
+    """deploy(name, settings, args) -> ServeApp, at "/"; the module that deploys calls undeploy(name) when done."""
+    from ray import serve
+
+    from serving.app_builder import build_application
+
+    def _deploy(name: str, settings: Any, args: Any = None) -> ServeApp:
+        serve.run(build_application(settings, args), name=name, route_prefix="/")
+        return ServeApp(name, serve_port)
+
+    return _deploy

@@ -1,8 +1,7 @@
 """Evaluation on a held-out split: the metrics, a robustness sweep, and a report in Markdown with two plots.
 
-Images stream through Ray Data with the same decode and eval preprocessing as serving (``app``); the model runs in
-this process on whatever device it has. The robustness sweep re-encodes or blurs each decoded photo before
-preprocessing, the way a marketplace's own pipeline or a seller's editing would.
+Scores come from ``app.scoring`` (the same decode and eval preprocessing as serving). The robustness sweep re-encodes
+or blurs each decoded photo before preprocessing, the way a marketplace's own pipeline or a seller's editing would.
 """
 
 from __future__ import annotations
@@ -13,13 +12,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
 from training.metrics import classification_metrics, reliability_curve
+
+if TYPE_CHECKING:
+    from app.config import ImageLimits
 
 ROBUSTNESS = ("jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_sigma1")
 
@@ -52,41 +54,6 @@ def corruption(name: str) -> Callable[[Image.Image], Image.Image]:
     return table[name]
 
 
-def score_split(
-    loaded: Any, records: pd.DataFrame, *, max_bytes: int, max_pixels: int,
-    corrupt: Callable[[Image.Image], Image.Image] | None = None, batch_size: int = 64, device: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """AI probabilities for every readable file of ``records`` (unreadable ones are skipped and logged)."""
-    import torch
-
-    from app.data import DecodeOptions, to_ray_dataset
-    from app.transforms import to_model_input
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device, memory_format=torch.channels_last).eval()
-    options = DecodeOptions(
-        crop_size=loaded.preprocess.crop_size, train=False, max_bytes=max_bytes, max_pixels=max_pixels, corrupt=corrupt
-    )
-    labels, scores = [], []
-    dataset = to_ray_dataset(records, options, batch_size=batch_size)
-    with torch.inference_mode():
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            if len(batch["label"]) == 0:
-                continue
-            x = to_model_input(batch["image"], device=device, channels_last=True)
-            if device == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            # float64: float32 sigmoid rounds nearby logits into ties, which blunts AUROC and the threshold.
-            scores.append(torch.sigmoid(logits.double()).cpu().numpy())
-            labels.append(batch["label"])
-    if not labels:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(labels).astype(int), np.concatenate(scores).astype(np.float64)
-
-
 @dataclass
 class EvaluationReport:
     metrics: dict[str, Any]
@@ -112,14 +79,16 @@ class EvaluationReport:
             "",
             f"- model: `{self.model}`",
             f"- data: `{self.data}` (test split, {m['n']} images)",
-            f"- decision threshold: {m['threshold']:.4f} (chosen on the validation split for a target false-positive rate)",
+            f"- decision threshold: {m['threshold']:.4f} "
+            "(chosen on the validation split for a target false-positive rate)",
             "",
             "| metric | value |",
             "| --- | --- |",
         ]
         for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece"):
             lines.append(f"| {key} | {m[key]:.4f} |")
-        lines.append(f"| blurred_real_flag_rate (reals blurred with sigma 1, flagged as AI) | {self.blurred_real_flag_rate:.4f} |")
+        flagged = self.blurred_real_flag_rate
+        lines.append(f"| blurred_real_flag_rate (reals blurred with sigma 1, flagged as AI) | {flagged:.4f} |")
         lines += [
             "",
             "Confusion matrix (rows: truth, columns: verdict)",
@@ -139,11 +108,18 @@ class EvaluationReport:
 
 
 def evaluate_loaded(
-    loaded: Any, records: pd.DataFrame, *, model_name: str, data_name: str, max_bytes: int, max_pixels: int,
+    loaded: Any,
+    records: pd.DataFrame,
+    limits: ImageLimits,
+    *,
+    model_name: str,
+    data_name: str,
     robustness: bool = True,
 ) -> EvaluationReport:
     """Score the clean split, every robustness variant, and the blurred reals."""
-    score = functools.partial(score_split, loaded, max_bytes=max_bytes, max_pixels=max_pixels)
+    from app.scoring import auroc, score_split
+
+    score = functools.partial(score_split, loaded, limits=limits)
     labels, scores = score(records)
     if labels.size == 0:
         from app.data import DatasetError
@@ -154,8 +130,6 @@ def evaluate_loaded(
     sweep: dict[str, float] = {}
     blurred_scores = None
     if robustness:
-        from training.metrics import auroc
-
         for name in ROBUSTNESS:
             l2, s2 = score(records, corrupt=corruption(name))
             sweep[name] = auroc(l2, s2)
@@ -177,8 +151,12 @@ def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels, scores = report.metrics["_labels"], report.metrics["_scores"]
-    files = {"markdown": out_dir / "evaluation.md", "json": out_dir / "evaluation.json",
-             "roc": out_dir / "roc.png", "reliability": out_dir / "reliability.png"}
+    files = {
+        "markdown": out_dir / "evaluation.md",
+        "json": out_dir / "evaluation.json",
+        "roc": out_dir / "roc.png",
+        "reliability": out_dir / "reliability.png",
+    }
     files["markdown"].write_text(report.to_markdown())
     files["json"].write_text(json.dumps(report.to_json(), indent=2))
 
@@ -198,8 +176,11 @@ def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:
     ok = counts > 0
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.plot(mean_score[ok], observed[ok], "o-")
-    ax.set(xlabel="predicted AI probability", ylabel="observed AI fraction",
-           title=f"Reliability (ECE {report.metrics['ece']:.3f})")
+    ax.set(
+        xlabel="predicted AI probability",
+        ylabel="observed AI fraction",
+        title=f"Reliability (ECE {report.metrics['ece']:.3f})",
+    )
     fig.tight_layout()
     fig.savefig(files["reliability"], dpi=110)
     plt.close(fig)

@@ -51,20 +51,54 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class _Worker:
+    """What one worker holds for the whole run; the per-epoch steps below take it."""
+
+    cfg: LoopConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    model_cfg: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    autocast: Any
+    log: Any
+    mlflow: Any = None  # rank 0's MlflowClient when the run is tracked
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: set up, resume if Ray hands back a checkpoint, then run the epochs."""
+    import ray.train
+
+    worker = _set_up(LoopConfig(**config))
+    start_epoch, best_auroc = _resume(worker)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, worker.cfg.epochs):
+        metrics = _train_epoch(worker, train_shard)
+        labels, scores, val_loss = _validate(worker, val_shard)
+        metrics = _epoch_metrics(worker, epoch, metrics, labels, scores, val_loss)
+        best_auroc = max(best_auroc, metrics["val_auroc"])
+        if worker.rank == 0:
+            worker.log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+            if worker.mlflow is not None:
+                _log_epoch(worker.mlflow, worker.cfg.mlflow_run_id, metrics, epoch)
+        _report(worker, epoch, metrics, best_auroc)
+
+
+def _set_up(cfg: LoopConfig) -> _Worker:
     import ray.train
     import ray.train.torch
 
     from app.logging import configure_logging, get_logger
-    from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
-    from app.transforms import to_model_input
-    from training.metrics import auroc, threshold_for_fpr
+    from app.model import ModelConfig, build_model
 
-    cfg = LoopConfig(**config)
     configure_logging(cfg.log_format)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    log = get_logger("aipd.train", rank=rank)
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
@@ -72,110 +106,157 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Ray pins OMP_NUM_THREADS to the worker's logical CPUs (1 by default); on a CPU-only machine the workers
         # share the real cores instead, or a laptop trains on one thread.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
-
     model_cfg = ModelConfig(**cfg.model)
-    # channels_last pays on the CPU too: EfficientNet-B0 at 112 px trains at 67-77 img/s instead of 47-51 on 2 cores.
-    model = build_model(model_cfg).to(memory_format=torch.channels_last)
+    model = build_model(model_cfg).to(memory_format=torch.channels_last)  # faster on the CPU too
     if on_gpu:
         torch.backends.cudnn.benchmark = True
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * cfg.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    worker = _Worker(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        model_cfg=model_cfg,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=torch.nn.BCEWithLogitsLoss(),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else _NoAutocast(),
+        log=get_logger("aipd.train", rank=rank),
+        mlflow=_mlflow_client(cfg) if rank == 0 else None,
     )
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    start_epoch, best_auroc = 0, -1.0
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_auroc = state["epoch"] + 1, state["best_auroc"]
-        log.info("resumed_from_checkpoint", epoch=state["epoch"], best_auroc=best_auroc)
-
-    mlflow_client = _mlflow_client(cfg) if rank == 0 else None
     nodes = _gather_nodes(world)
-    if mlflow_client is not None:
-        mlflow_client.set_tag(cfg.mlflow_run_id, "train_nodes", str(len(nodes)))
-        mlflow_client.set_tag(cfg.mlflow_run_id, "train_workers", str(world))
-    if mlflow_client is not None and resumed is not None:
-        _log_epoch(mlflow_client, cfg.mlflow_run_id, {"resumed_from_epoch": start_epoch - 1}, start_epoch)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else _NoAutocast()
+    if worker.mlflow is not None:
+        worker.mlflow.set_tag(cfg.mlflow_run_id, "train_nodes", str(len(nodes)))
+        worker.mlflow.set_tag(cfg.mlflow_run_id, "train_workers", str(world))
+    return worker
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        started = time.perf_counter()
-        seen, first_batch_s, first_batch_n = 0, None, 0
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, prefetch_batches=4,
-            dtypes={"image": torch.uint8, "label": torch.float32},
-        ):
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - started
-                first_batch_n = len(batch["label"])
-            x = to_model_input(batch["image"], device=device, channels_last=True)
-            y = batch["label"].to(device, non_blocking=True)
-            with autocast:
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(y)
-            loss_sum += loss.detach() * len(y)
-        if on_gpu:
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - started
-        loss_sum = float(loss_sum.item())
 
-        labels, scores, val_loss = _validate(model, val_shard, cfg, device, autocast, loss_fn)
-        steady_s = train_seconds - (first_batch_s or 0.0)
-        steady_rate = (seen - first_batch_n) / steady_s if steady_s > 0 else 0.0
-        labels, scores, seen_all, loss_all = _gather(labels, scores, seen, loss_sum, world)
-        val_auroc = auroc(labels, scores)
-        threshold = threshold_for_fpr(labels, scores, cfg.target_fpr)
-        flagged = scores >= threshold
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_all / max(1, seen_all),
-            "train_images": seen_all,
-            "train_images_per_s": seen_all / max(train_seconds, 1e-9),
-            "train_images_per_s_steady": steady_rate * world,  # after the first batch: the pipeline's sustained rate
-            "time_to_first_batch_s": first_batch_s or 0.0,
-            "val_loss": float(np.mean(val_loss)) if len(val_loss) else float("nan"),
-            "val_accuracy": float((flagged == (labels == 1)).mean()) if len(labels) else float("nan"),
-            "val_auroc": val_auroc if not math.isnan(val_auroc) else 0.0,
-            "val_threshold": threshold,
-            "lr": scheduler.get_last_lr()[0],
-        }
-        best_auroc = max(best_auroc, metrics["val_auroc"])
-        if rank == 0:
-            log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-            if mlflow_client is not None:
-                _log_epoch(mlflow_client, cfg.mlflow_run_id, metrics, epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp, _unwrap(model), model_cfg, PreprocessSettings(crop_size=cfg.crop_size),
-                    threshold=threshold, metrics={k: metrics[k] for k in ("val_auroc", "val_loss", "epoch")},
-                )
-                torch.save(
-                    {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_auroc": best_auroc},
-                    Path(tmp) / TRAIN_STATE_FILE,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}")
+def _resume(worker: _Worker) -> tuple[int, float]:
+    """(first epoch to run, best val AUROC so far): from Ray's checkpoint after a worker failure, else (0, -1)."""
+    import ray.train
+
+    resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return 0, -1.0
+    with resumed.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location=worker.device, weights_only=False)
+    _unwrap(worker.model).load_state_dict(state["model"])
+    worker.optimizer.load_state_dict(state["optimizer"])
+    worker.scheduler.load_state_dict(state["scheduler"])
+    worker.log.info("resumed_from_checkpoint", epoch=state["epoch"], best_auroc=state["best_auroc"])
+    if worker.mlflow is not None:
+        _log_epoch(worker.mlflow, worker.cfg.mlflow_run_id, {"resumed_from_epoch": state["epoch"]}, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best_auroc"]
+
+
+def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
+    """One pass over this worker's shard; the loss is summed on the device, so no step waits for the host."""
+    from app.transforms import to_model_input
+
+    model, cfg = worker.model, worker.cfg
+    model.train()
+    started = time.perf_counter()
+    seen, first_batch_s, first_batch_n = 0, None, 0
+    loss_sum = torch.zeros((), device=worker.device)
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        prefetch_batches=4,
+        dtypes={"image": torch.uint8, "label": torch.float32},
+    ):
+        if first_batch_s is None:
+            first_batch_s = time.perf_counter() - started
+            first_batch_n = len(batch["label"])
+        x = to_model_input(batch["image"], device=worker.device, channels_last=True)
+        y = batch["label"].to(worker.device, non_blocking=True)
+        with worker.autocast:
+            logits = model(x)
+        loss = worker.loss_fn(logits.float(), y)
+        worker.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        worker.optimizer.step()
+        worker.scheduler.step()
+        seen += len(y)
+        loss_sum += loss.detach() * len(y)
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    steady_s = seconds - (first_batch_s or 0.0)
+    return {
+        "seen": seen,
+        "loss_sum": float(loss_sum.item()),
+        "seconds": seconds,
+        "first_batch_s": first_batch_s or 0.0,
+        "steady_rate": (seen - first_batch_n) / steady_s if steady_s > 0 else 0.0,
+    }
+
+
+def _epoch_metrics(
+    worker: _Worker,
+    epoch: int,
+    trained: dict[str, float],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    val_loss: list[float],
+) -> dict[str, Any]:
+    """What every rank reports for the epoch, over every worker's share of the data."""
+    from app.scoring import auroc
+    from training.metrics import threshold_for_fpr
+
+    labels, scores, seen_all, loss_all = _gather(labels, scores, trained["seen"], trained["loss_sum"], worker.world)
+    val_auroc = auroc(labels, scores)
+    threshold = threshold_for_fpr(labels, scores, worker.cfg.target_fpr)
+    flagged = scores >= threshold
+    return {
+        "epoch": epoch,
+        "train_loss": loss_all / max(1, seen_all),
+        "train_images": seen_all,
+        "train_images_per_s": seen_all / max(trained["seconds"], 1e-9),
+        "train_images_per_s_steady": trained["steady_rate"] * worker.world,  # after the first batch
+        "time_to_first_batch_s": trained["first_batch_s"],
+        "val_loss": float(np.mean(val_loss)) if len(val_loss) else float("nan"),
+        "val_accuracy": float((flagged == (labels == 1)).mean()) if len(labels) else float("nan"),
+        "val_auroc": val_auroc if not math.isnan(val_auroc) else 0.0,
+        "val_threshold": threshold,
+        "lr": worker.scheduler.get_last_lr()[0],
+    }
+
+
+def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: float) -> None:
+    """Every rank reports; rank 0 alone attaches the checkpoint (model files plus the state a resume needs)."""
+    import ray.train
+
+    from app.model import PreprocessSettings, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if worker.rank == 0:
+            inner = _unwrap(worker.model)
+            save_checkpoint(
+                tmp,
+                inner,
+                worker.model_cfg,
+                PreprocessSettings(crop_size=worker.cfg.crop_size),
+                threshold=metrics["val_threshold"],
+                metrics={k: metrics[k] for k in ("val_auroc", "val_loss", "epoch")},
+            )
+            torch.save(
+                {
+                    "model": inner.state_dict(),
+                    "optimizer": worker.optimizer.state_dict(),
+                    "scheduler": worker.scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best_auroc": best_auroc,
+                },
+                Path(tmp) / TRAIN_STATE_FILE,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}")
 
 
 class _NoAutocast:
@@ -191,17 +272,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _validate(model, shard, cfg: LoopConfig, device, autocast, loss_fn) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def _validate(worker: _Worker, shard: Any) -> tuple[np.ndarray, np.ndarray, list[float]]:
     from app.transforms import to_model_input
 
-    model.eval()
+    worker.model.eval()
     labels, scores, losses = [], [], []
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes={"image": torch.uint8, "label": torch.float32}):
-        x = to_model_input(batch["image"], device=device, channels_last=True)
-        y = batch["label"].to(device)
-        with autocast:
-            logits = _unwrap(model)(x)
-        losses.append(loss_fn(logits.float(), y).item())
+    for batch in shard.iter_torch_batches(
+        batch_size=worker.cfg.batch_size, dtypes={"image": torch.uint8, "label": torch.float32}
+    ):
+        x = to_model_input(batch["image"], device=worker.device, channels_last=True)
+        y = batch["label"].to(worker.device)
+        with worker.autocast:
+            logits = _unwrap(worker.model)(x)
+        losses.append(worker.loss_fn(logits.float(), y).item())
         scores.append(torch.sigmoid(logits.double()).cpu().numpy())
         labels.append(y.cpu().numpy())
     if not labels:
@@ -251,5 +334,7 @@ def _log_epoch(client, run_id: str | None, metrics: dict[str, Any], epoch: int) 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))]
+    values = [
+        Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))
+    ]
     client.log_batch(run_id, metrics=values)

@@ -10,15 +10,9 @@ import math
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_curve
 
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """NaN when only one class is present (a tiny validation shard), instead of an exception."""
-    labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
+from app.scoring import auroc
 
 
 def threshold_for_fpr(labels: np.ndarray, scores: np.ndarray, target_fpr: float) -> float:
@@ -57,7 +51,9 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
     return float(error)
 
 
-def reliability_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_curve(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean score, observed AI fraction and count per score bin, for the reliability diagram."""
     labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)

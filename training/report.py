@@ -15,51 +15,38 @@ def evaluate_command(
 ) -> EvaluationReport:
     import mlflow
 
-    from app.data import DatasetError, index_dataset
+    from app.data import index_dataset
     from app.model import load_checkpoint
+    from app.model_ref import parse_model_ref
     from app.ray_runtime import init_ray
-    from app.registry import resolve_model, setup_mlflow
+    from app.registry import resolve_model, setup_mlflow, source_run
     from training.trainer import resolve_data_path
 
-    uri = model_uri or settings.default_model_uri
-    resolved = resolve_model(settings, uri)
+    ref = parse_model_ref(model_uri or settings.default_model_uri)
+    resolved = resolve_model(settings, ref.uri)
     data_path = resolve_data_path(settings)
     index = index_dataset(data_path)
-    test = index.split("test")
-    if test.empty:
-        raise DatasetError(f"{data_path} has no test split to evaluate on")
+    index.require_splits("test")
     init_ray(settings)
     loaded = load_checkpoint(resolved.checkpoint_dir)
     report = evaluate_loaded(
-        loaded, test, model_name=uri, data_name=data_path, max_bytes=settings.images.max_bytes,
-        max_pixels=settings.images.max_pixels, robustness=robustness,
+        loaded, index.split("test"), settings.images, model_name=ref.uri, data_name=data_path, robustness=robustness
     )
     out_dir = out or settings.work_dir.resolve() / "reports" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     write_report(report, out_dir)
 
     experiment_id = setup_mlflow(settings)
-    run_id = _source_run(settings, uri)
+    run_id = source_run(ref)
     start = {"run_id": run_id} if run_id else {"experiment_id": experiment_id, "run_name": "evaluate"}
     with mlflow.start_run(**start):
         prefix = "eval_"
-        mlflow.log_metrics({prefix + k: v for k, v in report.to_json().items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {
+                prefix + k: v
+                for k, v in report.to_json().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         mlflow.log_metrics({f"{prefix}robust_{k}": v for k, v in report.robustness.items() if not math.isnan(v)})
         mlflow.log_artifacts(str(out_dir), artifact_path=f"evaluation/{out_dir.name}")
     return report
-
-
-def _source_run(settings: Settings, uri: str) -> str | None:
-    """The run that made a registered version, so its evaluation lands beside its training."""
-    if not uri.startswith("models:/"):
-        return None
-    from mlflow import MlflowClient
-
-    from app.registry import registry_version
-
-    name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
-    version = registry_version(uri)
-    try:
-        return MlflowClient().get_model_version(name, version).run_id
-    except Exception:
-        return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shutil
 import signal
 import threading
 import time
@@ -37,22 +36,34 @@ def resolve_data_path(settings: Settings) -> str:
 
         log.info("building_demo_dataset", out=str(demo_dir))
         build_demo_dataset(
-            demo_dir, images_per_class=settings.data.demo_images_per_class, size=settings.data.demo_size,
+            demo_dir,
+            images_per_class=settings.data.demo_images_per_class,
+            size=settings.data.demo_size,
             seed=settings.data.demo_seed,
         )
     return str(demo_dir)
 
 
-def decode_options(settings: Settings, *, train: bool, crop_size: int, augment_prob: float | None = None) -> DecodeOptions:
+def decode_options(
+    settings: Settings, *, train: bool, crop_size: int, augment_prob: float | None = None
+) -> DecodeOptions:
     from app.transforms import AugmentConfig
 
     aug = settings.train.augment
     blur_prob = aug.blur_prob if augment_prob is None else augment_prob
     jpeg_prob = aug.jpeg_prob if augment_prob is None else augment_prob
     return DecodeOptions(
-        crop_size=crop_size, train=train, max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels,
-        augment=AugmentConfig(blur_prob=blur_prob, blur_sigma=(0.1, aug.blur_sigma_max), jpeg_prob=jpeg_prob,
-                              jpeg_quality=(aug.jpeg_quality_min, 95)) if train else None,
+        crop_size=crop_size,
+        train=train,
+        limits=settings.images,
+        augment=AugmentConfig(
+            blur_prob=blur_prob,
+            blur_sigma=(0.1, aug.blur_sigma_max),
+            jpeg_prob=jpeg_prob,
+            jpeg_quality=(aug.jpeg_quality_min, 95),
+        )
+        if train
+        else None,
         log_format=settings.log_format,
     )
 
@@ -72,8 +83,15 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     t = settings.train
-    hp = {"lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size, "crop_size": t.crop_size,
-          "dropout": settings.model.dropout, "augment_prob": None, "epochs": t.epochs}
+    hp = {
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "batch_size": t.batch_size,
+        "crop_size": t.crop_size,
+        "dropout": settings.model.dropout,
+        "augment_prob": None,
+        "epochs": t.epochs,
+    }
     hp.update({k: v for k, v in (overrides or {}).items() if v is not None})
     train_records, val_records = index.split("train"), index.split("val")
     workers = t.num_workers
@@ -81,10 +99,19 @@ def build_trainer(
     model_cfg = settings.model.model_dump()
     model_cfg["dropout"] = hp["dropout"]
     loop = LoopConfig(
-        model=model_cfg, crop_size=hp["crop_size"], batch_size=hp["batch_size"], epochs=hp["epochs"], lr=hp["lr"],
-        weight_decay=hp["weight_decay"], warmup_epochs=t.warmup_epochs, steps_per_epoch=steps_per_epoch,
-        target_fpr=t.target_fpr, seed=t.seed, log_format=settings.log_format,
-        mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None, mlflow_run_id=mlflow_run_id,
+        model=model_cfg,
+        crop_size=hp["crop_size"],
+        batch_size=hp["batch_size"],
+        epochs=hp["epochs"],
+        lr=hp["lr"],
+        weight_decay=hp["weight_decay"],
+        warmup_epochs=t.warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
+        target_fpr=t.target_fpr,
+        seed=t.seed,
+        log_format=settings.log_format,
+        mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None,
+        mlflow_run_id=mlflow_run_id,
     )
     train_options = decode_options(settings, train=True, crop_size=hp["crop_size"], augment_prob=hp["augment_prob"])
     val_options = decode_options(settings, train=False, crop_size=hp["crop_size"])
@@ -97,7 +124,9 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop.to_dict(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
             placement_strategy=t.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -115,14 +144,43 @@ def build_trainer(
 
 def best_checkpoint_dir(result: Any, out_dir: Path) -> Path:
     """Copy the best checkpoint's model files (not the optimizer state) out of Ray's storage."""
+    from app.model import copy_checkpoint
+
     best = result.get_best_checkpoint(metric="val_auroc", mode="max") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise RuntimeError("training reported no checkpoint")
-    out_dir.mkdir(parents=True, exist_ok=True)
     with best.as_directory() as src:
-        for name in ("model.pt", "config.json"):
-            shutil.copy2(Path(src) / name, out_dir / name)
-    return out_dir
+        return copy_checkpoint(src, out_dir)
+
+
+def register_checkpoint(
+    settings: Settings, checkpoint_dir: Path, run_id: str, val_records: pd.DataFrame, tags: dict[str, Any]
+) -> tuple[Any, float, bool, str]:
+    """Score a checkpoint on validation, register it under ``run_id`` and apply the champion rule.
+
+    Returns (registered version, val AUROC, whether champion moved, the rule's sentence); training and tuning share it.
+    """
+    from app.model import load_checkpoint
+    from app.registry import apply_champion_rule, log_detector
+    from app.scoring import validation_auroc
+
+    loaded = load_checkpoint(checkpoint_dir)
+    val_auroc = validation_auroc(loaded, val_records, settings.images)
+    version = log_detector(
+        settings,
+        checkpoint_dir,
+        run_id=run_id,
+        tags={
+            "threshold": loaded.threshold,
+            "crop_size": loaded.preprocess.crop_size,
+            "val_auroc": round(val_auroc, 6),
+            "target_fpr": settings.train.target_fpr,
+            "backbone": loaded.model_cfg.backbone,
+            **tags,
+        },
+    )
+    moved, message = apply_champion_rule(settings, version.version, val_auroc, val_records)
+    return version, val_auroc, moved, message
 
 
 @dataclass
@@ -141,35 +199,23 @@ class TrainOutcome:
 def run_training(settings: Settings) -> TrainOutcome:
     """``aipd train``: fit, evaluate on the test split, register, and move ``champion`` only if it wins."""
     import mlflow
-    from mlflow.entities import Param, RunTag
 
     from app.ray_runtime import cluster_has_gpus, init_ray
-    from app.registry import log_detector, setup_mlflow
+    from app.registry import setup_mlflow
 
     started = time.perf_counter()
     data_path = resolve_data_path(settings)
     index = index_dataset(data_path)
-    counts = index.counts()
-    for split in ("train", "val", "test"):
-        if sum(counts[split].values()) == 0:
-            from app.data import DatasetError
-
-            raise DatasetError(f"the {split} split of {data_path} is empty")
+    index.require_splits("train", "val", "test")
     init_ray(settings)
     use_gpu = settings.train.use_gpu if settings.train.use_gpu is not None else cluster_has_gpus()
     experiment_id = setup_mlflow(settings)
-    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     client = mlflow.MlflowClient()
-    # A run that stays RUNNING while Ray trains (rank 0 logs its epochs into it) and ends FINISHED or FAILED.
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    params = _flat({"train": settings.train.model_dump(), "model": settings.model.model_dump()})
-    params.update({"data": data_path, "use_gpu": use_gpu,
-                   **{f"n_{split}_{cls}": n for split, c in counts.items() for cls, n in c.items()}})
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in _system_tags().items()])
+    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = _start_run(client, experiment_id, name, settings, data_path, use_gpu, index.counts())
     log.info("training_started", run_id=run_id, data=data_path, use_gpu=use_gpu, workers=settings.train.num_workers)
 
-    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=f"{run_name}-{run_id[:8]}", mlflow_run_id=run_id)
+    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=f"{name}-{run_id[:8]}", mlflow_run_id=run_id)
     try:
         result = fit_keeping_sigint_handler(trainer)
         if result.error:
@@ -180,33 +226,85 @@ def run_training(settings: Settings) -> TrainOutcome:
     checkpoint_dir = best_checkpoint_dir(result, settings.work_dir.resolve() / "checkpoints" / run_id)
     epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else 0
 
+    report = _evaluate_and_log(settings, checkpoint_dir, index, data_path, run_id)
+    version, val_auroc, moved, message = register_checkpoint(
+        settings,
+        checkpoint_dir,
+        run_id,
+        index.split("val"),
+        tags={"test_auroc": round(report.metrics["auroc"], 6), "data": data_path},
+    )
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("best_val_auroc", val_auroc)
+        mlflow.log_metric("epochs_run", epochs_run)
+    client.set_tag(run_id, "champion", str(moved).lower())
+    log.info("training_finished", run_id=run_id, version=version.version, champion=moved)
+    return TrainOutcome(
+        run_id,
+        version.version,
+        moved,
+        message,
+        checkpoint_dir,
+        val_auroc,
+        report,
+        time.perf_counter() - started,
+        epochs_run,
+    )
+
+
+def _start_run(
+    client: Any,
+    experiment_id: str,
+    name: str,
+    settings: Settings,
+    data_path: str,
+    use_gpu: bool,
+    counts: dict[str, dict[str, int]],
+) -> str:
+    """A run that stays RUNNING while Ray trains (rank 0 logs its epochs into it) and ends FINISHED or FAILED."""
+    from mlflow.entities import Param, RunTag
+
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    params = _flat({"train": settings.train.model_dump(), "model": settings.model.model_dump()})
+    params.update(
+        {
+            "data": data_path,
+            "use_gpu": use_gpu,
+            **{f"n_{split}_{cls}": n for split, c in counts.items() for cls, n in c.items()},
+        }
+    )
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in _system_tags().items()],
+    )
+    return run_id
+
+
+def _evaluate_and_log(settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str):
+    """The test-split report of the trained model, written under the work directory and logged to its run."""
+    import mlflow
+
     from app.model import load_checkpoint
     from training.evaluate import evaluate_loaded, write_report
 
     loaded = load_checkpoint(checkpoint_dir)
-    limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
-    val_auroc = validation_auroc(loaded, index.split("val"), limits)
-    report = evaluate_loaded(loaded, index.split("test"), model_name=str(checkpoint_dir), data_name=data_path, **limits)
+    report = evaluate_loaded(
+        loaded, index.split("test"), settings.images, model_name=str(checkpoint_dir), data_name=data_path
+    )
     report_dir = settings.work_dir.resolve() / "reports" / run_id
     write_report(report, report_dir)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in report.to_json().items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {
+                f"test_{k}": v
+                for k, v in report.to_json().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         mlflow.log_metrics({f"test_robust_{k}": v for k, v in report.robustness.items() if not math.isnan(v)})
-        mlflow.log_metric("best_val_auroc", val_auroc)
-        mlflow.log_metric("epochs_run", epochs_run)
         mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")
-
-    version = log_detector(settings, checkpoint_dir, run_id=run_id, tags={
-        "threshold": loaded.threshold, "crop_size": loaded.preprocess.crop_size, "val_auroc": round(val_auroc, 6),
-        "test_auroc": round(report.metrics["auroc"], 6), "target_fpr": settings.train.target_fpr, "data": data_path,
-        "backbone": loaded.model_cfg.backbone,
-    })
-    moved, message = apply_champion_rule(settings, version.version, val_auroc, index.split("val"), limits)
-    client.set_tag(run_id, "champion", str(moved).lower())
-    log.info("training_finished", run_id=run_id, version=version.version, champion=moved)
-    return TrainOutcome(run_id, version.version, moved, message, checkpoint_dir, val_auroc, report,
-                        time.perf_counter() - started, epochs_run)
+    return report
 
 
 def fit_keeping_sigint_handler(trainer: Any) -> Any:
@@ -222,39 +320,6 @@ def fit_keeping_sigint_handler(trainer: Any) -> Any:
         return trainer.fit()
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def validation_auroc(loaded: Any, records: pd.DataFrame, limits: dict[str, int]) -> float:
-    """A model's AUROC on a split, scored the way evaluation scores it; the champion rule and tuning compare these."""
-    from training.evaluate import score_split
-    from training.metrics import auroc
-
-    labels, scores = score_split(loaded, records, **limits)
-    value = auroc(labels, scores)
-    return 0.0 if math.isnan(value) else value
-
-
-def apply_champion_rule(
-    settings: Settings, new_version: str, new_val_auroc: float, val_records: pd.DataFrame, limits: dict[str, int]
-) -> tuple[bool, str]:
-    """Move ``champion`` to the new version only if it beats the current champion on this same validation split."""
-    from app.model import load_checkpoint
-    from app.registry import get_alias_version, resolve_model, set_alias
-
-    current = get_alias_version(settings)
-    if current is None:
-        set_alias(settings, new_version)
-        return True, f"champion -> version {new_version} (there was no champion yet; val AUROC {new_val_auroc:.4f})"
-    if current.version == new_version:
-        return True, f"version {new_version} is already the champion"
-    champion = load_checkpoint(resolve_model(settings, f"models:/{settings.registered_model}/{current.version}").checkpoint_dir)
-    champion_auroc = validation_auroc(champion, val_records, limits)
-    if new_val_auroc > champion_auroc:
-        set_alias(settings, new_version)
-        return True, (f"champion -> version {new_version}: val AUROC {new_val_auroc:.4f} beats version "
-                      f"{current.version}'s {champion_auroc:.4f} on the same validation data")
-    return False, (f"champion stays at version {current.version}: its val AUROC {champion_auroc:.4f} >= "
-                   f"{new_val_auroc:.4f} of the new version {new_version} on the same validation data")
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -273,8 +338,14 @@ def _system_tags() -> dict[str, str]:
     import timm
     import torch
 
-    tags = {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "timm": timm.__version__, "host": platform.node(), "platform": platform.platform()}
+    tags = {
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "host": platform.node(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         tags["gpu"] = torch.cuda.get_device_name(0)
     return tags

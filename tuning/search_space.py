@@ -94,6 +94,8 @@ def build_scheduler(tune: TuneSettings) -> Any:
     if tune.scheduler == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr=TIME_ATTR, max_t=tune.epochs, grace_period=min(tune.grace_period, tune.epochs),
+        time_attr=TIME_ATTR,
+        max_t=tune.epochs,
+        grace_period=min(tune.grace_period, tune.epochs),
         reduction_factor=tune.reduction_factor,
     )

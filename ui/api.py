@@ -17,6 +17,7 @@ from typing import Any, Literal
 import httpx
 
 from app.config import Settings
+from app.errors import UserError
 
 API_KEY_HEADER = "X-API-Key"
 HEALTH_TIMEOUT_S = 3.0
@@ -24,7 +25,7 @@ HEALTH_TIMEOUT_S = 3.0
 FailureKind = Literal["down", "unauthorized", "rate_limited", "not_ready", "unexpected"]
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """The service cannot answer any file right now; `kind` lets the page pick how to show it."""
 
     def __init__(self, kind: FailureKind, message: str) -> None:
@@ -74,8 +75,7 @@ def api_url_of(settings: Settings) -> str:
     """`ui.api_url`, else the address `aipd serve` listens on (a wildcard host is reached through loopback)."""
     if settings.ui.api_url:
         return settings.ui.api_url.rstrip("/")
-    host = settings.serve.host if settings.serve.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{host}:{settings.serve.port}"
+    return settings.service_url
 
 
 def api_key_of(settings: Settings) -> str | None:
@@ -177,7 +177,9 @@ class ApiClient:
             raise failure
         if response.status_code != 200:
             error, detail = _refusal(response)
-            return FileResult(filename, error=error, detail=detail, status=response.status_code, round_trip_ms=round_trip)
+            return FileResult(
+                filename, error=error, detail=detail, status=response.status_code, round_trip_ms=round_trip
+            )
         body = response.json()
         result = _prediction(filename, body)
         result.heatmap_png = base64.b64decode(body["heatmap_base64"]) if body.get("heatmap_base64") else None
@@ -203,10 +205,11 @@ class ApiClient:
                     if response.status_code != 200:
                         error, detail = _refusal(response)
                         results += [
-                            FileResult(name, error=error, detail=detail, status=response.status_code) for name, _ in part
+                            FileResult(name, error=error, detail=detail, status=response.status_code)
+                            for name, _ in part
                         ]
                         continue
-                    for (name, _), item in zip(part, response.json()["results"]):
+                    for (name, _), item in zip(part, response.json()["results"], strict=False):
                         if item.get("error"):
                             results.append(FileResult(name, error=item["error"], detail=item.get("detail") or ""))
                         else:

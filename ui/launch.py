@@ -16,13 +16,14 @@ from typing import IO
 
 import httpx
 
-from app.config import Settings
+from app.config import Settings, reachable_url
+from app.errors import UserError
 
 APP_PATH = Path(__file__).resolve().parent / "streamlit_app.py"
 REPO_ROOT = APP_PATH.parent.parent
 
 
-class UiStartError(RuntimeError):
+class UiStartError(UserError, RuntimeError):
     """The Streamlit server did not come up; the message says why and where its log is."""
 
 
@@ -44,13 +45,23 @@ def ui_environment(settings: Settings, api_url: str) -> dict[str, str]:
 
 def streamlit_command(host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
-        "--server.headless", "true",
-        "--server.address", host,
-        "--server.port", str(port),
-        "--server.fileWatcherType", "none",
-        "--client.toolbarMode", "minimal",
-        "--browser.gatherUsageStats", "false",
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_PATH),
+        "--server.headless",
+        "true",
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+        "--browser.gatherUsageStats",
+        "false",
     ]
 
 
@@ -82,9 +93,7 @@ def wait_until_up(
 
     Raises `UiStartError` when `process` exits first (a taken port, a broken install) or after `timeout_s`.
     """
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    url = f"http://{host}:{port}"
+    url = reachable_url(host, port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -1,4 +1,4 @@
-"""How results read to a person: verdict labels, the batch table and its CSV, kept apart from the page to be testable."""
+"""How results read to a person: verdict labels, the batch table and its CSV, apart from the page to be testable."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ from ui.api import FileResult
 VERDICT_LABELS = {"ai_generated": "AI-generated", "real": "Real photo"}
 
 COLUMNS = [
-    "file", "verdict", "probability_ai_generated", "confidence", "threshold", "model_version",
-    "server_latency_ms", "round_trip_ms", "error", "detail",
+    "file",
+    "verdict",
+    "probability_ai_generated",
+    "confidence",
+    "threshold",
+    "model_version",
+    "server_latency_ms",
+    "round_trip_ms",
+    "error",
+    "detail",
 ]
 
 

@@ -77,13 +77,16 @@ def sidebar(settings: Settings) -> tuple[ApiClient, bool]:
         url = api_url_of(settings)
         st.caption(f"API: {url}")
         key = st.text_input(
-            "API key (X-API-Key)", value=api_key_of(settings) or "", type="password",
+            "API key (X-API-Key)",
+            value=api_key_of(settings) or "",
+            type="password",
             help="Sent with every prediction; leave empty when the service has no keys.",
         )
         client = ApiClient(url, key.strip() or None)
         show_health(client)
         explain = st.toggle(
-            "Grad-CAM heatmaps", value=True,
+            "Grad-CAM heatmaps",
+            value=True,
             help="Off: verdicts only, several photos per request (/predict/batch); faster for many photos.",
         )
         show_links(settings)
@@ -103,7 +106,7 @@ def analyse(client: ApiClient, files: list[tuple[str, bytes]], explain: bool, ch
     """Answers in upload order; None where the service failed before answering (the failure is shown)."""
     answers: dict[str, FileResult] = st.session_state.setdefault(ANSWERS, {})
     keys = [answer_key(client, explain, name, data) for name, data in files]
-    missing = [(key, name, data) for key, (name, data) in zip(keys, files) if key not in answers]
+    missing = [(key, name, data) for key, (name, data) in zip(keys, files, strict=True) if key not in answers]
     if missing:
         bar = st.progress(0.0, text=f"Sending {len(missing)} photo(s) to the detector...")
         try:
@@ -113,7 +116,7 @@ def analyse(client: ApiClient, files: list[tuple[str, bytes]], explain: bool, ch
                     bar.progress(done / len(missing), text=f"Explained {done} of {len(missing)}")
             else:
                 results = client.predict_batch([(name, data) for _, name, data in missing], chunk=chunk)
-                for (key, _, _), result in zip(missing, results):
+                for (key, _, _), result in zip(missing, results, strict=False):
                     answers[key] = result
         except ServiceError as err:
             show_failure(err)
@@ -134,8 +137,10 @@ def show_card(result: FileResult, data: bytes) -> None:
         if result.heatmap_png:
             crop = f"{result.crop_size}×{result.crop_size} " if result.crop_size else ""
             heatmap.image(
-                result.heatmap_png, caption=f"Grad-CAM over the {crop}center crop the model saw (red: most evidence)",
-                width="stretch", alt=f"Grad-CAM heatmap of {result.filename}",
+                result.heatmap_png,
+                caption=f"Grad-CAM over the {crop}center crop the model saw (red: most evidence)",
+                width="stretch",
+                alt=f"Grad-CAM heatmap of {result.filename}",
             )
         else:
             heatmap.caption("Grad-CAM heatmaps are off (sidebar).")
@@ -162,10 +167,14 @@ def main() -> None:
     client, explain = sidebar(settings)
 
     st.title("AI Product Photo Detector")
-    st.caption("Is a product photo a real photograph or AI-generated? Drop photos below; each gets a verdict, "
-               "its probability and a heatmap of where the model found its evidence.")
+    st.caption(
+        "Is a product photo a real photograph or AI-generated? Drop photos below; each gets a verdict, "
+        "its probability and a heatmap of where the model found its evidence."
+    )
     uploads = st.file_uploader(
-        "Product photos (JPEG, PNG or WebP)", type=ACCEPTED_TYPES, accept_multiple_files=True,
+        "Product photos (JPEG, PNG or WebP)",
+        type=ACCEPTED_TYPES,
+        accept_multiple_files=True,
         help="Drag and drop one or many photos; the API checks each file's content, not its name.",
     )
     if not uploads:
@@ -173,13 +182,14 @@ def main() -> None:
         return
     files = [(upload.name, upload.getvalue()) for upload in uploads]
     answers = analyse(client, files, explain, chunk=settings.serve.max_batch_files)
-    answered = [(result, data) for result, (_, data) in zip(answers, files) if result is not None]
+    answered = [(result, data) for result, (_, data) in zip(answers, files, strict=True) if result is not None]
     if not answered:
         return
     results = [result for result, _ in answered]
     st.subheader(summary_line(results))
     st.dataframe(
-        results_table(results), hide_index=True,
+        results_table(results),
+        hide_index=True,
         column_config={
             "probability_ai_generated": st.column_config.ProgressColumn(
                 "P(AI-generated)", min_value=0.0, max_value=1.0, format="%.3f"
@@ -187,7 +197,10 @@ def main() -> None:
         },
     )
     st.download_button(
-        "Download results (CSV)", results_csv(results), file_name="aipd-results.csv", mime="text/csv",
+        "Download results (CSV)",
+        results_csv(results),
+        file_name="aipd-results.csv",
+        mime="text/csv",
         on_click="ignore",
     )
     for result, data in answered:

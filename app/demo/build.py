@@ -160,7 +160,7 @@ def build_demo_dataset(
         fit_chunks = [(seed, size, i, min(i + CHUNK, n_fit)) for i in range(0, n_fit, CHUNK)]
         images = np.concatenate(list(run(worker.render_decoder_training, fit_chunks)))
         fit_args = [(kind, images, DECODER_TRAIN_SCENES, seed, decoder_steps) for kind in DECODER_WEIGHTS]
-        fitted = dict(zip(DECODER_WEIGHTS, run(worker.fit, fit_args)))
+        fitted = dict(zip(DECODER_WEIGHTS, run(worker.fit, fit_args), strict=True))
         timings["fit_decoders"] = time.perf_counter() - start - sum(timings.values())
         decoders = {kind: state for kind, (state, _, _) in fitted.items()}
         chunks = [(seed, size, str(out_dir), plans[i : i + CHUNK], decoders) for i in range(0, len(plans), CHUNK)]

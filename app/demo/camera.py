@@ -140,7 +140,10 @@ def capture(scenes: torch.Tensor, settings: list[CameraSettings], noise: torch.T
     """
     b = scenes.shape[0]
     linear = scenes.clamp(0, 1) ** 2.2
-    per = lambda values: torch.tensor(values, dtype=torch.float32).view(b, -1, 1, 1)
+
+    def per(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(b, -1, 1, 1)
+
     blurred = blur_per_image(linear, [s.optics_sigma for s in settings])
     sensor = F.avg_pool2d(blurred, 2) * per([s.exposure for s in settings])
     gains = per([s.wb_gains for s in settings])

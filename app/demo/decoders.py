@@ -142,7 +142,7 @@ def fit_decoder(
         idx = rng.integers(0, n, size=batch)
         ys = rng.integers(0, (h - patch) // 2 + 1, size=batch) * 2  # even offsets keep the Bayer phase
         xs = rng.integers(0, (w - patch) // 2 + 1, size=batch) * 2
-        x = torch.stack([train[i, :, y : y + patch, x0 : x0 + patch] for i, y, x0 in zip(idx, ys, xs)])
+        x = torch.stack([train[i, :, y : y + patch, x0 : x0 + patch] for i, y, x0 in zip(idx, ys, xs, strict=True)])
         loss = F.mse_loss(model(x), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

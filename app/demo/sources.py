@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from app.errors import UserError
+
 
 @dataclass(frozen=True)
 class SourcePhoto:
@@ -44,7 +46,7 @@ SOURCE_PHOTOS: tuple[SourcePhoto, ...] = (
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class SourcePhotoMissingError(RuntimeError):
+class SourcePhotoMissingError(UserError, RuntimeError):
     """A wheel that should ship a source photo does not have it (a stripped or unusual install)."""
 
 
@@ -53,7 +55,8 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SourcePhotoMissingError(
-            f"the demo dataset needs the '{package}' package for its source photos; install scikit-image and scikit-learn"
+            f"the demo dataset needs the '{package}' package for its source photos; "
+            "install scikit-image and scikit-learn"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

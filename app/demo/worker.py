@@ -112,7 +112,7 @@ def render_pairs(args: tuple[int, int, str, list, dict[str, dict]]) -> list[dict
         fakes = _regenerate_all(noise_free, reals, draws, decoders)
 
     rows = []
-    for i, (p, d, cam) in enumerate(zip(plans, draws, settings)):
+    for i, (p, d, cam) in enumerate(zip(plans, draws, settings, strict=True)):
         scene_id = f"{seed}-{p.index:05d}"
         source = "+".join(d["scene"].sources)
         for label, image in (("real", reals[i]), ("ai_generated", fakes[i])):

@@ -44,7 +44,9 @@ def baseline_from_report(report: dict, source: str) -> Baseline:
         cm = report["confusion_matrix"]
         tn, fp, fn, tp = (int(cm[key]) for key in ("tn", "fp", "fn", "tp"))
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{source} has no confusion_matrix with tn, fp, fn, tp: not an aipd evaluation report") from err
+        raise ValueError(
+            f"{source} has no confusion_matrix with tn, fp, fn, tp: not an aipd evaluation report"
+        ) from err
     n = tn + fp + fn + tp
     if n == 0:
         raise ValueError(f"{source} scored no images; evaluate on a non-empty test split first")
@@ -74,8 +76,14 @@ def rules_text(baseline: Baseline) -> str:
             {
                 "name": "aipd-baseline",
                 "rules": [
-                    {"record": "aipd:baseline:prediction_probability_mean", "expr": f"vector({baseline.probability_mean:.6g})"},
-                    {"record": "aipd:baseline:ai_generated_ratio", "expr": f"vector({baseline.ai_generated_ratio:.6g})"},
+                    {
+                        "record": "aipd:baseline:prediction_probability_mean",
+                        "expr": f"vector({baseline.probability_mean:.6g})",
+                    },
+                    {
+                        "record": "aipd:baseline:ai_generated_ratio",
+                        "expr": f"vector({baseline.ai_generated_ratio:.6g})",
+                    },
                 ],
             }
         ]
@@ -98,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         baseline = write_baseline(args.report, args.out)
     except (OSError, ValueError) as err:
         parser.exit(1, f"error: {err}\n")
-    print(f"wrote {args.out}: mean probability {baseline.probability_mean:.4f}, "
-          f"ai_generated share {baseline.ai_generated_ratio:.4f} (n={baseline.n})")
+    print(
+        f"wrote {args.out}: mean probability {baseline.probability_mean:.4f}, "
+        f"ai_generated share {baseline.ai_generated_ratio:.4f} (n={baseline.n})"
+    )
 
 
 if __name__ == "__main__":

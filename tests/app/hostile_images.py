@@ -36,12 +36,7 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
 def raw_png(width: int, height: int, bit_depth: int, color_type: int, idat: bytes) -> bytes:
     """A PNG assembled chunk by chunk, for what Pillow cannot write (16-bit RGB, bombs)."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def png_rgb16(width: int = 16, height: int = 8, value: int = 0x8000) -> bytes:
@@ -146,4 +141,3 @@ SVG = (
 TEXT = b"this is not a photo, just text in a file named photo.jpg\n"
 HTML = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
 PDF = b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n"
-

@@ -45,7 +45,9 @@ def test_csv_manifest_with_relative_paths_and_mixed_labels(tmp_path: Path) -> No
     a = _image(tmp_path / "imgs" / "a.jpg")
     b = _image(tmp_path / "imgs" / "b.jpg")
     c = _image(tmp_path / "imgs" / "c.jpg")
-    (tmp_path / "manifest.csv").write_text(f"path,label,split\nimgs/a.jpg,real,train\nimgs/b.jpg,1,test\n{c},ai_generated,val\n")
+    (tmp_path / "manifest.csv").write_text(
+        f"path,label,split\nimgs/a.jpg,real,train\nimgs/b.jpg,1,test\n{c},ai_generated,val\n"
+    )
     index = index_dataset(str(tmp_path / "manifest.csv"))
     rows = {Path(p).name: (label, split) for p, label, split in index.records.itertuples(index=False)}
     assert rows == {"a.jpg": (0, "train"), "b.jpg": (1, "test"), "c.jpg": (1, "val")}

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _aipd(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -42,8 +43,20 @@ def test_two_node_cluster_trains_across_both_nodes_and_stops_cleanly(small_demo:
     try:
         assert alive_node_count(cluster.address) == 2
         train = _aipd(
-            "train", "--address", cluster.address, "--data", str(small_demo), "--workers", "2", "--no-gpu",
-            "--epochs", "1", "--batch-size", "8", "--image-size", "48",
+            "train",
+            "--address",
+            cluster.address,
+            "--data",
+            str(small_demo),
+            "--workers",
+            "2",
+            "--no-gpu",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "48",
             env={**env, "AIPD_TRAIN__PLACEMENT_STRATEGY": "STRICT_SPREAD", "AIPD_TRAIN__CPUS_PER_WORKER": "1"},
         )
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -55,5 +68,7 @@ def test_two_node_cluster_trains_across_both_nodes_and_stops_cleanly(small_demo:
         down = _aipd("cluster", "down", env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "stopped 2 node(s)" in down.stdout
-    assert not [p for n in cluster.nodes for p in _processes_mentioning(f"--node_manager_port={n.ports['node-manager-port']}")]
+    assert not [
+        p for n in cluster.nodes for p in _processes_mentioning(f"--node_manager_port={n.ports['node-manager-port']}")
+    ]
     assert load_cluster(tmp_path) is None

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.serving.conftest import CROP, jpeg, make_checkpoint, undeploy
-from tests.training.conftest import tiny_settings
+from tests.helpers import CROP, jpeg, make_checkpoint, tiny_settings, undeploy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,8 +49,14 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
     checkpoint = make_checkpoint(tmp_path / "ckpt", seed=5)
     settings = Settings(
         work_dir=tmp_path / "work",
-        serve={"model_uri": str(checkpoint), "use_gpu": True, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
-               "detector_min_replicas": 1, "detector_max_replicas": 1},
+        serve={
+            "model_uri": str(checkpoint),
+            "use_gpu": True,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.02,
+            "detector_min_replicas": 1,
+            "detector_max_replicas": 1,
+        },
     )
     app = deploy("gpu", settings, AppArgs(champion_poll_s=0, autoscaling={}))
     try:

@@ -22,8 +22,21 @@ PROVISIONING_DIR = MONITORING / "grafana" / "provisioning"
 # Grafana's built-in variables, as a query over the last few minutes would see them.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "15s", "$__range": "1h"}
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-             "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,9 @@ def dashboard_queries() -> list[Query]:
         for panel in panels(json.loads(path.read_text())):
             for target in panel.get("targets", []):
                 if target.get("expr"):
-                    queries.append(Query(f"{path.name}:{panel['title']}:{target['refId']}", target["expr"], "dashboard"))
+                    queries.append(
+                        Query(f"{path.name}:{panel['title']}:{target['refId']}", target["expr"], "dashboard")
+                    )
     return queries
 
 
@@ -88,7 +103,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)  # label lists
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
-        token, rest = match.group(0), text[match.end():]
+        token, rest = match.group(0), text[match.end() :]
         if token.lower() in _KEYWORDS or rest.lstrip().startswith("("):
             continue
         if re.fullmatch(r"\d+[smhdwy]", token) or match.start() > 0 and text[match.start() - 1].isdigit():

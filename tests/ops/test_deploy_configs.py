@@ -37,8 +37,14 @@ def compose_binary() -> Path:
 
 
 def compose(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(compose_binary()), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env=env if env is not None else _clean_env())
+    return subprocess.run(
+        [str(compose_binary()), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env if env is not None else _clean_env(),
+    )
 
 
 def _clean_env() -> dict[str, str]:
@@ -49,24 +55,19 @@ def _clean_env() -> dict[str, str]:
 
 @cache
 def resolved_compose() -> dict:
-    result = compose("-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "--profile", "gpu", "config",
-                     "--format", "json")
+    result = compose(
+        "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "--profile", "gpu", "config", "--format", "json"
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 @cache
 def aipd_commands() -> dict[str, typer.core.TyperCommand]:
-    """The `aipd` commands: the top-level app plus each stage's `register`, whichever of them app/cli.py wires."""
+    """The `aipd` commands, as app/cli.py attaches every stage's."""
     from app.cli import app
-    from serving.cli import register as register_serving
-    from tuning.cli import register as register_tuning
-    from ui.cli import register as register_ui
 
-    stages = typer.Typer()
-    for register in (register_serving, register_tuning, register_ui):
-        register(stages)
-    return {**typer.main.get_command(stages).commands, **typer.main.get_command(app).commands}
+    return typer.main.get_command(app).commands
 
 
 def parse_aipd(command_line: str) -> dict:
@@ -102,8 +103,12 @@ def validate_serve_config(config: dict) -> None:
 def test_compose_file_is_valid_with_the_example_env() -> None:
     result = compose("-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "config", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert compose("-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "--profile", "gpu", "config",
-                   "--quiet").returncode == 0
+    assert (
+        compose(
+            "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "--profile", "gpu", "config", "--quiet"
+        ).returncode
+        == 0
+    )
 
 
 def test_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
@@ -138,11 +143,17 @@ def test_compose_services_ports_healthchecks_and_restart_policies() -> None:
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:
     used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE_FILE.read_text()))
-    documented = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
-                  if re.match(r"^[A-Z0-9_]+=", line)}
+    documented = {
+        line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines() if re.match(r"^[A-Z0-9_]+=", line)
+    }
     assert used - documented == set(), "add these to .env.example"
-    secrets = {k: v for k, v in (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-                                 if re.match(r"^[A-Z0-9_]+=", line)) if k in REQUIRED_SECRETS}
+    secrets = {
+        k: v
+        for k, v in (
+            line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if re.match(r"^[A-Z0-9_]+=", line)
+        )
+        if k in REQUIRED_SECRETS
+    }
     assert set(secrets) == set(REQUIRED_SECRETS) and all(v.startswith("change-me") for v in secrets.values())
 
 
@@ -246,7 +257,9 @@ def test_kuberay_clusters_are_cpu_head_autoscaling_gpu_workers_with_auth_and_no_
         head = spec["headGroupSpec"]
         assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["metrics-export-port"] == "8080"
         head_container = head["template"]["spec"]["containers"][0]
-        assert head_container["image"].endswith("-cpu") and "nvidia.com/gpu" not in head_container["resources"]["limits"]
+        assert (
+            head_container["image"].endswith("-cpu") and "nvidia.com/gpu" not in head_container["resources"]["limits"]
+        )
         (group,) = spec["workerGroupSpecs"]
         assert group["minReplicas"] < group["maxReplicas"]
         worker = group["template"]["spec"]["containers"][0]

@@ -93,9 +93,10 @@ def test_dashboards_are_valid_grafana_json() -> None:
         for panel in every:
             assert panel["type"] in GRAFANA_PANEL_TYPES, panel["type"]
             grid = panel["gridPos"]
-            assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, (panel["title"], grid)
-            covered = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                       for y in range(grid["y"], grid["y"] + grid["h"])}
+            assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, (panel["title"], grid)
+            covered = {
+                (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+            }
             assert not covered & cells, f"panel {panel['title']!r} overlaps another"
             cells |= covered
             if panel["type"] == "row":
@@ -110,10 +111,17 @@ def test_dashboards_are_valid_grafana_json() -> None:
 def test_detector_dashboard_shows_what_the_issue_asks_for() -> None:
     dashboard = json.loads((DASHBOARDS_DIR / "aipd-detector.json").read_text())
     exprs = " ".join(t["expr"] for p in panels(dashboard) for t in p.get("targets", []))
-    for needed in ("rate(prediction_latency_seconds_count", "histogram_quantile(0.5,", "histogram_quantile(0.95,",
-                   "histogram_quantile(0.99,", "prediction_errors_total", "prediction_batch_size_bucket",
-                   "ray_serve_deployment_replica_healthy", "prediction_probability_bucket",
-                   "aipd:baseline:prediction_probability_mean"):
+    for needed in (
+        "rate(prediction_latency_seconds_count",
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.95,",
+        "histogram_quantile(0.99,",
+        "prediction_errors_total",
+        "prediction_batch_size_bucket",
+        "ray_serve_deployment_replica_healthy",
+        "prediction_probability_bucket",
+        "aipd:baseline:prediction_probability_mean",
+    ):
         assert needed in exprs, f"the detector dashboard has no panel using {needed}"
 
 
@@ -147,10 +155,14 @@ def test_baseline_is_written_from_an_evaluation_report(tmp_path) -> None:
     out = tmp_path / "baseline.rules.yml"
     main([str(tmp_path / "evaluation.json"), "--out", str(out)])
     rules = {r["record"]: r["expr"] for r in yaml.safe_load(out.read_text())["groups"][0]["rules"]}
-    assert rules == {"aipd:baseline:prediction_probability_mean": "vector(0.5)",  # (tp + fn) / n
-                     "aipd:baseline:ai_generated_ratio": "vector(0.425)"}  # (tp + fp) / n
+    assert rules == {
+        "aipd:baseline:prediction_probability_mean": "vector(0.5)",  # (tp + fn) / n
+        "aipd:baseline:ai_generated_ratio": "vector(0.425)",
+    }  # (tp + fp) / n
     assert "ECE 0.0300" in out.read_text()
-    committed = {r["record"] for r in yaml.safe_load((RULES_DIR / "aipd-baseline.rules.yml").read_text())["groups"][0]["rules"]}
+    committed = {
+        r["record"] for r in yaml.safe_load((RULES_DIR / "aipd-baseline.rules.yml").read_text())["groups"][0]["rules"]
+    }
     assert committed == set(rules), "the generated file must define what the committed one does"
     if promtool():
         assert _promtool("check", "rules", str(out)).returncode == 0

@@ -1,4 +1,4 @@
-"""A real Prometheus, configured by cluster/monitoring/prometheus.yml and its rules, scraping a running Serve application
+"""A real Prometheus, configured by cluster/monitoring/prometheus.yml and its rules, scraping a running Serve app
 on a real two-node Ray cluster after some traffic: every target up, and every PromQL expression of the dashboards and
 the rules evaluates and returns data.
 
@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.helpers import free_port, jpeg, make_checkpoint, wait_until
 from tests.ops.promql import (
     MONITORING,
     ROOT,
@@ -35,7 +36,6 @@ from tests.ops.promql import (
     rule_files,
     rule_queries,
 )
-from tests.serving.conftest import free_port, jpeg, make_checkpoint, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +73,12 @@ def _send_traffic(url: str) -> None:
             assert response.status_code == 200, response.text
         batch = [("files", (f"b{i}.jpg", jpeg(seed=20 + i), "image/jpeg")) for i in range(3)]
         assert http.post("/predict/batch", files=batch, headers=headers).status_code == 200
-        assert http.post("/predict/explain", files={"file": ("e.jpg", jpeg(seed=30), "image/jpeg")},
-                         headers=headers).status_code == 200
+        assert (
+            http.post(
+                "/predict/explain", files={"file": ("e.jpg", jpeg(seed=30), "image/jpeg")}, headers=headers
+            ).status_code
+            == 200
+        )
         refused = http.post("/predict", files={"file": ("x.jpg", b"not an image", "image/jpeg")}, headers=headers)
         assert refused.status_code == 400
         assert http.post("/predict", files={"file": ("p.jpg", jpeg(), "image/jpeg")}).status_code == 401
@@ -130,11 +134,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         port = free_port()
         deployed = subprocess.run(
             [sys.executable, "-c", _DEPLOY, cluster.address, str(port), str(checkpoint), str(work_dir), KEY, APP],
-            env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env=_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-        session_dir = next(line.split("=", 1)[1] for line in deployed.stdout.splitlines()
-                           if line.startswith("SESSION_DIR="))
+        session_dir = next(
+            line.split("=", 1)[1] for line in deployed.stdout.splitlines() if line.startswith("SESSION_DIR=")
+        )
         service_url = f"http://127.0.0.1:{port}"
 
         config = _test_config(session_dir, port, root / "prometheus.yml")
@@ -143,21 +152,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         prom_port = free_port()
         with open(root / "prometheus.log", "wb") as log:
             prom_process = subprocess.Popen(
-                [prometheus(), f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    prometheus(),
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={root / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         prom = Prometheus(f"http://127.0.0.1:{prom_port}")
         wait_until(lambda: _ready(prom), 60, what="Prometheus to answer")
-        wait_until(lambda: _up_targets(prom).get("aipd"), 60, what=f"the service scraped; see {root / 'prometheus.log'}")
+        wait_until(
+            lambda: _up_targets(prom).get("aipd"), 60, what=f"the service scraped; see {root / 'prometheus.log'}"
+        )
         # Rates need counters that grow while Prometheus watches: a first wave creates every series, a second one,
         # a few scrapes later, makes them all increase.
         _send_traffic(service_url)
         time.sleep(3.0)
         _send_traffic(service_url)
         node_ports = [node.ports["metrics-export-port"] for node in cluster.nodes]
-        yield {"prom": prom, "service_url": service_url, "session_dir": session_dir, "node_ports": node_ports,
-               "log": root / "prometheus.log"}
+        yield {
+            "prom": prom,
+            "service_url": service_url,
+            "session_dir": session_dir,
+            "node_ports": node_ports,
+            "log": root / "prometheus.log",
+        }
     finally:
         if prom_process is not None:
             os.killpg(prom_process.pid, signal.SIGTERM)

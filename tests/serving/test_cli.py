@@ -9,15 +9,13 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from tests.serving.conftest import free_port, jpeg
+from tests.helpers import free_port, jpeg
 
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
-    from serving.cli import register
+    from app.cli import app
 
-    app = typer.Typer()
-    register(app)
     return app
 
 
@@ -31,27 +29,54 @@ def test_serve_dry_run_writes_a_valid_config(cli: typer.Typer, tmp_path: Path) -
     from serving.config import validate_serve_config
 
     target = tmp_path / "serve.yaml"
-    result = CliRunner().invoke(cli, [
-        "serve", "--write-config", str(target), "--dry-run", "--replicas", "3", "--max-batch-size", "16",
-        "--batch-wait-ms", "8", "--model-uri", "models:/other@staging", "--port", "9100",
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            "--write-config",
+            str(target),
+            "--dry-run",
+            "--replicas",
+            "3",
+            "--max-batch-size",
+            "16",
+            "--batch-wait-ms",
+            "8",
+            "--model-uri",
+            "models:/other@staging",
+            "--port",
+            "9100",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = yaml.safe_load(target.read_text())
     validate_serve_config(config)
     detector = config["applications"][0]["deployments"][1]
     assert detector["autoscaling_config"]["min_replicas"] == detector["autoscaling_config"]["max_replicas"] == 3
     assert detector["user_config"] == {
-        "model_uri": "models:/other@staging", "max_batch_size": 16, "batch_wait_timeout_s": 0.008,
-        "champion_poll_s": 10.0, "torch_threads": None, "precision": "auto",
+        "model_uri": "models:/other@staging",
+        "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.008,
+        "champion_poll_s": 10.0,
+        "torch_threads": None,
+        "precision": "auto",
     }
     assert config["http_options"]["port"] == 9100
 
 
 def test_serve_refuses_a_path_that_is_no_checkpoint(cli: typer.Typer, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, [
-        "serve", "--model-uri", str(tmp_path / "nothing-here"), "--write-config", str(tmp_path / "s.yaml"),
-        "-c", str(_settings_file(tmp_path)),
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            "--model-uri",
+            str(tmp_path / "nothing-here"),
+            "--write-config",
+            str(tmp_path / "s.yaml"),
+            "-c",
+            str(_settings_file(tmp_path)),
+        ],
+    )
     assert result.exit_code == 1 and "not a checkpoint directory" in result.output
 
 

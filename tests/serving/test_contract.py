@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.app import hostile_images as hostile
-from tests.serving.conftest import CROP, ServeApp, jpeg, make_checkpoint, metric_value, running_replicas, undeploy, wait_until
+from tests.helpers import CROP, ServeApp, jpeg, make_checkpoint, metric_value, running_replicas, undeploy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +44,15 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
         api_keys=[KEY, BATCH_KEY, LIMITED_KEY],
         images={"max_bytes": MAX_BYTES, "max_pixels": 20_000_000},
         serve={
-            "model_uri": str(checkpoint), "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_batch_files": 4,
-            "rate_limit_per_minute": RATE, "ingress_min_replicas": 2, "ingress_max_replicas": 2,
-            "detector_min_replicas": 1, "detector_max_replicas": 1,
+            "model_uri": str(checkpoint),
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+            "max_batch_files": 4,
+            "rate_limit_per_minute": RATE,
+            "ingress_min_replicas": 2,
+            "ingress_max_replicas": 2,
+            "detector_min_replicas": 1,
+            "detector_max_replicas": 1,
         },
     )
     app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
@@ -150,8 +156,9 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize("make, filename, status, error", [case[1:] for case in BAD_FILES],
-                         ids=[case[0] for case in BAD_FILES])
+@pytest.mark.parametrize(
+    "make, filename, status, error", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES]
+)
 def test_bad_input_gets_its_4xx(service: ServeApp, make, filename: str, status: int, error) -> None:
     assert_error(service.predict(make(), filename=filename, key=KEY), status, error)
     assert service.http.get("/health").status_code == 200
@@ -242,8 +249,12 @@ def _endless_upload(piece: int = 64 * 1024):
 
 def test_a_1gb_upload_is_refused_without_reading_it(service: ServeApp) -> None:
     port = int(service.url.rsplit(":", 1)[1])
-    common = ["POST /predict HTTP/1.1", "Host: 127.0.0.1", f"X-API-Key: {KEY}",
-              "Content-Type: multipart/form-data; boundary=xyz"]
+    common = [
+        "POST /predict HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"X-API-Key: {KEY}",
+        "Content-Type: multipart/form-data; boundary=xyz",
+    ]
     status, sent = _raw_upload(port, common + [f"Content-Length: {1 << 30}"], _endless_upload(), max_send=64 << 20)
     assert " 413 " in status + " ", status
     assert sent < 16 << 20, f"sent {sent:,} bytes of a declared 1 GB before the refusal"
@@ -261,10 +272,12 @@ def test_a_1gb_upload_is_refused_without_reading_it(service: ServeApp) -> None:
 # ---------------------------------------------------------------------------------------- batching, metrics
 async def _concurrent(url: str, images: list[bytes], key: str) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
-        return await asyncio.gather(*(
-            client.post("/predict", files={"file": ("p.jpg", data, "image/jpeg")}, headers={"X-API-Key": key})
-            for data in images
-        ))
+        return await asyncio.gather(
+            *(
+                client.post("/predict", files={"file": ("p.jpg", data, "image/jpeg")}, headers={"X-API-Key": key})
+                for data in images
+            )
+        )
 
 
 def test_concurrent_requests_are_batched(service: ServeApp) -> None:
@@ -275,8 +288,12 @@ def test_concurrent_requests_are_batched(service: ServeApp) -> None:
 
     def batched() -> tuple[float, float] | None:
         text = service.metrics()
-        batches = metric_value(text, "prediction_batch_size_count") - metric_value(before, "prediction_batch_size_count")
-        images_seen = metric_value(text, "prediction_batch_size_sum") - metric_value(before, "prediction_batch_size_sum")
+        batches = metric_value(text, "prediction_batch_size_count") - metric_value(
+            before, "prediction_batch_size_count"
+        )
+        images_seen = metric_value(text, "prediction_batch_size_sum") - metric_value(
+            before, "prediction_batch_size_sum"
+        )
         return (batches, images_seen) if images_seen >= len(images) else None
 
     batches, images_seen = wait_until(batched, 10, what="the detector's batch metrics")
@@ -302,8 +319,11 @@ def test_metrics_add_up_across_ingress_replicas(service: ServeApp) -> None:
 
     def settled() -> str | None:
         text = service.metrics()
-        done = (ok_count(text) - ok_count(before) >= count and errors(text) > errors(before)
-                and latencies(text) - latencies(before) >= count + 1)
+        done = (
+            ok_count(text) - ok_count(before) >= count
+            and errors(text) > errors(before)
+            and latencies(text) - latencies(before) >= count + 1
+        )
         return text if done else None
 
     after = wait_until(settled, 10, what="every replica's counters to arrive")
@@ -329,10 +349,12 @@ async def _until_limited(url: str, key: str, limit: int) -> tuple[int, httpx.Res
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
         sent = 0
         while sent < limit:
-            wave = await asyncio.gather(*(
-                client.post("/predict", content=b"x", headers={"X-API-Key": key, "Content-Type": "text/plain"})
-                for _ in range(10)
-            ))
+            wave = await asyncio.gather(
+                *(
+                    client.post("/predict", content=b"x", headers={"X-API-Key": key, "Content-Type": "text/plain"})
+                    for _ in range(10)
+                )
+            )
             for response in wave:
                 sent += 1
                 if response.status_code == 429:
@@ -355,13 +377,10 @@ def test_rate_limit_per_key(service: ServeApp) -> None:
 def test_aipd_predict_prints_verdicts_and_fails_on_a_bad_file(service: ServeApp, tmp_path: Path) -> None:
     import json
 
-    import typer
     from typer.testing import CliRunner
 
-    from serving.cli import register
+    from app.cli import app as cli
 
-    cli = typer.Typer()
-    register(cli)
     good, bad = tmp_path / "shoe.jpg", tmp_path / "notes.jpg"
     good.write_bytes(jpeg(seed=11))
     bad.write_bytes(hostile.TEXT)
@@ -391,8 +410,11 @@ def test_reconfigure_changes_batching_and_model_live(service: ServeApp, tmp_path
     detector.reconfigure.remote(
         {"model_uri": str(new), "max_batch_size": 2, "batch_wait_timeout_s": 0.05, "champion_poll_s": 0}
     ).result()
-    wait_until(lambda: service.http.get("/health").json()["model_version"] == "local:tiny-ckpt-2", 30,
-               what="the new model to be swapped in")
+    wait_until(
+        lambda: service.http.get("/health").json()["model_version"] == "local:tiny-ckpt-2",
+        30,
+        what="the new model to be swapped in",
+    )
     before = service.metrics()
     responses = asyncio.run(_concurrent(service.url, [jpeg(120, 90, seed=i) for i in range(16)], BATCH_KEY))
     assert {r.status_code for r in responses} == {200}

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import ServeApp, jpeg, make_checkpoint, running_replicas, undeploy, wait_until
+from tests.helpers import ServeApp, jpeg, make_checkpoint, running_replicas, undeploy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +53,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     settings = Settings(
         work_dir=root / "work",
         serve={
-            "max_batch_size": 4, "batch_wait_timeout_s": 0.01, "rate_limit_per_minute": 0,
-            "ingress_min_replicas": 1, "ingress_max_replicas": 1,
-            "detector_min_replicas": 1, "detector_max_replicas": 2, "target_ongoing_requests": 1,
+            "max_batch_size": 4,
+            "batch_wait_timeout_s": 0.01,
+            "rate_limit_per_minute": 0,
+            "ingress_min_replicas": 1,
+            "ingress_max_replicas": 1,
+            "detector_min_replicas": 1,
+            "detector_max_replicas": 2,
+            "target_ongoing_requests": 1,
         },
     )
     return Registry(settings, root)
@@ -67,8 +72,12 @@ def service(deploy, registry: Registry) -> ServeApp:
 
     args = AppArgs(
         champion_poll_s=0.5,
-        autoscaling={"upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 1.0,
-                     "metrics_interval_s": 0.25},
+        autoscaling={
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2.0,
+            "look_back_period_s": 1.0,
+            "metrics_interval_s": 0.25,
+        },
     )
     app = deploy(APP, registry.settings, args)
     yield app

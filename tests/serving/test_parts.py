@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from serving.schemas import ApiError
-from tests.serving.conftest import CROP, jpeg, make_checkpoint
+from tests.helpers import CROP, jpeg, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "b0undary") -> bytes:
     body = b""
     for field, filename, data in parts:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
     return body + f"--{boundary}--\r\n".encode()
 
 
@@ -85,12 +91,16 @@ def test_batch_mode_keeps_an_oversize_file_as_a_failed_entry() -> None:
     assert [(f.filename, f.too_large, f.data) for f in files] == [("big", True, b""), ("ok", False, b"fine")]
 
 
-@pytest.mark.parametrize("body, headers, status, error", [
-    (b"{}", {"content-type": "application/json"}, 415, "unsupported_media_type"),
-    (_multipart([("image", "a", b"x")]), {}, 400, "missing_file"),
-    (_multipart([("file", "a", b"x")])[:-20], {}, 400, "bad_multipart"),
-    (_multipart([("file", "a", b"x"), ("file", "b", b"y")]), {}, 413, "too_many_files"),
-], ids=["not multipart", "no file field", "unterminated", "two files for one"])
+@pytest.mark.parametrize(
+    "body, headers, status, error",
+    [
+        (b"{}", {"content-type": "application/json"}, 415, "unsupported_media_type"),
+        (_multipart([("image", "a", b"x")]), {}, 400, "missing_file"),
+        (_multipart([("file", "a", b"x")])[:-20], {}, 400, "bad_multipart"),
+        (_multipart([("file", "a", b"x"), ("file", "b", b"y")]), {}, 413, "too_many_files"),
+    ],
+    ids=["not multipart", "no file field", "unterminated", "two files for one"],
+)
 def test_malformed_uploads(body: bytes, headers: dict[str, str], status: int, error: str) -> None:
     with pytest.raises(ApiError) as err:
         _read(body, headers=headers)
@@ -157,21 +167,38 @@ def test_metrics_from_several_replicas_add_up() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- verdicts
-@pytest.mark.parametrize("p, t, verdict, confidence", [
-    (0.99, 0.5, "ai_generated", "high"), (0.55, 0.5, "ai_generated", "low"), (0.3, 0.5, "real", "medium"),
-    (0.0, 0.5, "real", "high"), (0.92, 0.9, "ai_generated", "low"), (0.97, 0.9, "ai_generated", "high"),
-    (0.75, 0.9, "real", "low"), (0.1, 0.9, "real", "high"),
-])
+@pytest.mark.parametrize(
+    "p, t, verdict, confidence",
+    [
+        (0.99, 0.5, "ai_generated", "high"),
+        (0.55, 0.5, "ai_generated", "low"),
+        (0.3, 0.5, "real", "medium"),
+        (0.0, 0.5, "real", "high"),
+        (0.92, 0.9, "ai_generated", "low"),
+        (0.97, 0.9, "ai_generated", "high"),
+        (0.75, 0.9, "real", "low"),
+        (0.1, 0.9, "real", "high"),
+    ],
+)
 def test_verdict_and_confidence_follow_the_threshold(p: float, t: float, verdict: str, confidence: str) -> None:
     from serving.schemas import confidence_of, verdict_of
 
     assert (verdict_of(p, t), confidence_of(p, t)) == (verdict, confidence)
 
 
-@pytest.mark.parametrize("data, kind", [
-    (b"GIF89a....", "GIF"), (b"BM....", "BMP"), (b"  <svg xmlns=...", "SVG"), (b'<?xml version="1.0"?><svg>', "SVG"),
-    (b"\x00\x00\x00\x18ftypheic", "HEIF/AVIF"), (b"hello, world", None), (b"%PDF-1.4", None), (b"", None),
-])
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"GIF89a....", "GIF"),
+        (b"BM....", "BMP"),
+        (b"  <svg xmlns=...", "SVG"),
+        (b'<?xml version="1.0"?><svg>', "SVG"),
+        (b"\x00\x00\x00\x18ftypheic", "HEIF/AVIF"),
+        (b"hello, world", None),
+        (b"%PDF-1.4", None),
+        (b"", None),
+    ],
+)
 def test_other_image_types_are_told_apart_from_non_images(data: bytes, kind: str | None) -> None:
     from serving.ingress import other_image_type
 
@@ -222,14 +249,14 @@ def test_the_builder_accepts_the_config_file_args() -> None:
 @pytest.fixture(scope="module")
 def active(tmp_path_factory: pytest.TempPathFactory):
     from app.config import Settings
-    from serving.detector import load_active, pick_device
+    from serving.runtime import load_active, pick_device
 
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("parts") / "checkpoint", seed=4, threshold=0.7)
     return load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 4))
 
 
 def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
-    from serving.detector import run_batch
+    from serving.runtime import run_batch
 
     crops = [np.random.default_rng(i).integers(0, 256, (CROP, CROP, 3), dtype=np.uint8) for i in range(5)]
     together = run_batch(active, crops)
@@ -239,7 +266,7 @@ def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
 
 
 def test_gpu_batches_are_padded_to_a_few_sizes_that_are_all_warmed_up() -> None:
-    from serving.detector import gpu_batch_buckets, padded_batch_size
+    from serving.runtime import gpu_batch_buckets, padded_batch_size
 
     assert gpu_batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert gpu_batch_buckets(48)[-1] == 64 and gpu_batch_buckets(1) == (1,)
@@ -258,7 +285,7 @@ def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> No
 
 
 def test_a_crop_of_another_size_is_recropped(active) -> None:
-    from serving.detector import fit_crop
+    from serving.runtime import fit_crop
 
     assert fit_crop(np.zeros((CROP * 2, CROP * 3, 3), np.uint8), CROP).shape == (CROP, CROP, 3)
     small = fit_crop(np.zeros((10, 20, 3), np.uint8), CROP)
@@ -266,7 +293,7 @@ def test_a_crop_of_another_size_is_recropped(active) -> None:
 
 
 def test_gradcam_gives_a_heatmap_png_and_the_same_probability(active) -> None:
-    from serving.detector import explain_crop, run_batch
+    from serving.runtime import explain_crop, run_batch
 
     crop = np.asarray(Image.open(io.BytesIO(jpeg(CROP, CROP, seed=2))).convert("RGB"))
     crop.setflags(write=False)  # as it arrives from Ray's object store

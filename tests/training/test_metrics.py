@@ -1,5 +1,7 @@
 """The metric functions evaluation and the champion rule rely on."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -37,5 +39,5 @@ def test_ece_is_zero_when_calibrated_and_large_when_not() -> None:
 def test_lr_warms_up_then_decays_to_zero() -> None:
     factors = [lr_factor(s, warmup_steps=10, total_steps=100) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert lr_factor(100, 10, 100) == pytest.approx(0.0)

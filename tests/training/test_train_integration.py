@@ -14,12 +14,22 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from tests.training.conftest import tiny_settings
+from tests.helpers import tiny_settings
 
 pytestmark = pytest.mark.slow
 
-EVALUATE_KEYS = {"auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece", "threshold",
-                 "blurred_real_flag_rate", "robustness"}
+EVALUATE_KEYS = {
+    "auroc",
+    "ap",
+    "accuracy",
+    "real_accuracy",
+    "ai_accuracy",
+    "tpr_at_1pct_fpr",
+    "ece",
+    "threshold",
+    "blurred_real_flag_rate",
+    "robustness",
+}
 
 
 # The main thread's Ctrl-C handler before and after the module's training run (see the test that reads it).
@@ -70,11 +80,11 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
 
     from app.data import index_dataset
     from app.model import build_model, load_checkpoint, save_checkpoint
-    from app.registry import get_alias_version, log_detector, set_alias
-    from training.trainer import validation_auroc, apply_champion_rule
+    from app.registry import apply_champion_rule, get_alias_version, log_detector, set_alias
+    from app.scoring import validation_auroc
 
     settings, outcome = trained
-    limits = {"max_bytes": settings.images.max_bytes, "max_pixels": settings.images.max_pixels}
+    limits = settings.images
     val = index_dataset(str(small_demo)).split("val")
     # Two real models the rule must judge on the validation split, one strictly better whatever the tiny run learned
     # (it can end constant, AUROC exactly 0.5): a freshly initialised detector, whose scores vary from image to image,
@@ -90,22 +100,23 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
             with torch.no_grad():
                 fresh.head[-1].weight.neg_()
                 fresh.head[-1].bias.neg_()
-        directory = save_checkpoint(tmp_path / name, fresh, trained_model.model_cfg, trained_model.preprocess,
-                                    threshold=0.5)
+        directory = save_checkpoint(
+            tmp_path / name, fresh, trained_model.model_cfg, trained_model.preprocess, threshold=0.5
+        )
         run = client.create_run(experiment_id, run_name=name)
         versions.append(log_detector(settings, directory, run_id=run.info.run_id, tags={"threshold": 0.5}).version)
         aurocs.append(validation_auroc(load_checkpoint(directory), val, limits))
     assert aurocs[1] == pytest.approx(1.0 - aurocs[0], abs=0.05)
     assert aurocs[0] != aurocs[1], "the rule needs one model strictly better than the other"
-    (better, better_auroc), (worse, worse_auroc) = sorted(zip(versions, aurocs), key=lambda v: -v[1])
+    (better, better_auroc), (worse, worse_auroc) = sorted(zip(versions, aurocs, strict=True), key=lambda v: -v[1])
 
     set_alias(settings, better)
-    moved, message = apply_champion_rule(settings, worse, worse_auroc, val, limits)
+    moved, message = apply_champion_rule(settings, worse, worse_auroc, val)
     assert not moved and "stays" in message
     assert get_alias_version(settings).version == better
 
     set_alias(settings, worse)
-    moved, message = apply_champion_rule(settings, better, better_auroc, val, limits)
+    moved, message = apply_champion_rule(settings, better, better_auroc, val)
     assert moved and "beats" in message
     assert get_alias_version(settings).version == better
     set_alias(settings, outcome.version)
@@ -119,15 +130,21 @@ def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pyt
     result = CliRunner().invoke(app, ["evaluate", "--data", str(small_demo), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert EVALUATE_KEYS <= set(report)
+    assert set(report) >= EVALUATE_KEYS
     assert set(report["robustness"]) == {"jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_sigma1"}
     assert 0.0 <= report["blurred_real_flag_rate"] <= 1.0
-    assert report["threshold"] == pytest.approx(float(
-        MlflowClient(tracking_uri=settings.tracking_uri).get_model_version(settings.registered_model, outcome.version)
-        .tags["threshold"]))
+    assert report["threshold"] == pytest.approx(
+        float(
+            MlflowClient(tracking_uri=settings.tracking_uri)
+            .get_model_version(settings.registered_model, outcome.version)
+            .tags["threshold"]
+        )
+    )
 
 
-def test_evaluate_says_when_there_is_no_model(tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_says_when_there_is_no_model(
+    tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.cli import app
 
     monkeypatch.setenv("AIPD_WORK_DIR", str(tmp_path))
@@ -150,7 +167,10 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
         time.sleep(0.5)
         run_id = _running_run(settings)
         # two epochs logged: the first epoch's checkpoint has certainly been reported by then
-        if run_id and len(MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc")) >= 2:
+        if (
+            run_id
+            and len(MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc")) >= 2
+        ):
             workers = _train_worker_pids()
             if workers:
                 killed = workers[-1]
@@ -182,7 +202,7 @@ def _train_worker_pids() -> list[int]:
 def _catching(fn, settings, box):
     try:
         return fn(settings)
-    except Exception as err:  # surfaced by the assertion in the test thread
+    except Exception as err:  # noqa: BLE001 - surfaced by the assertion in the test thread
         box["error"] = repr(err)
         return None
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ray import tune as rt
 
 from app.config import TuneSettings, load_settings
-from tests.tuning.conftest import invoke
+from tests.helpers import invoke
 from tuning.search_space import (
     SEARCH_KEYS,
     build_search_space,
@@ -69,16 +69,23 @@ def test_expected_trials_counts_grid_repeats() -> None:
 
 
 def test_help_loads_neither_ray_nor_torch() -> None:
-    code = ("import sys; from tuning.__main__ import app; "
-            "print(','.join(m for m in ('ray', 'torch', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; from app.cli import app; "
+        "print(','.join(m for m in ('ray', 'torch', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 
 
 def test_resume_without_an_experiment_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuning.__main__ import app
+    from app.cli import app
 
     monkeypatch.setenv("AIPD_WORK_DIR", str(tmp_path))
     result = invoke(app, ["tune", "--resume"])

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.tuning.conftest import invoke, tiny_tune_settings, tiny_tune_values
+from tests.helpers import invoke, tiny_tune_settings, tiny_tune_values
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,14 @@ def searched(ray_cluster, small_demo: Path, tmp_path_factory: pytest.TempPathFac
     from tuning.tune import run_tuning
 
     settings = tiny_tune_settings(tmp_path_factory.mktemp("tune"), small_demo, name="grid", num_samples=1, epochs=2)
-    space = {"lr": tune.grid_search([3e-3, 1e-7, 3e-3, 1e-7]), "weight_decay": 0.01, "dropout": 0.1,
-             "batch_size": 8, "crop_size": 48, "augment_prob": 0.3}
+    space = {
+        "lr": tune.grid_search([3e-3, 1e-7, 3e-3, 1e-7]),
+        "weight_decay": 0.01,
+        "dropout": 0.1,
+        "batch_size": 8,
+        "crop_size": 48,
+        "augment_prob": 0.3,
+    }
     return settings, run_tuning(settings, search_space=space)
 
 
@@ -98,21 +104,30 @@ def test_summary_table_lists_every_trial(searched) -> None:
 
 
 def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
-    from tuning.__main__ import app
+    from app.cli import app
 
     config = tmp_path / "tune.yaml"
-    config.write_text(yaml.safe_dump({
-        "work_dir": str(tmp_path), "data": {"path": str(small_demo)},
-        "train": {"num_workers": 1, "use_gpu": False}, "tune": tiny_tune_values(epochs=1),
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "work_dir": str(tmp_path),
+                "data": {"path": str(small_demo)},
+                "train": {"num_workers": 1, "use_gpu": False},
+                "tune": tiny_tune_values(epochs=1),
+            }
+        )
+    )
     address = ray_cluster.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
         first = subprocess.Popen(
-            [sys.executable, "-m", "tuning", "tune", "--config", str(config), "--name", "cut", "--address", address],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "app.cli", "tune", "--config", str(config), "--name", "cut", "--address", address],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         experiment = tmp_path / "ray_results" / "tune-cut"
         deadline = time.time() + 400
@@ -140,7 +155,8 @@ def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, smal
     for trial_id, lines in before.items():
         assert _finished_trials(experiment)[trial_id] == lines, f"finished trial {trial_id} ran again"
     children = client.search_runs(
-        [state["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+        [state["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'"
+    )
     assert len(children) == 4, "the resumed experiment kept its parent run and made no extra trial runs"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     assert json.loads((tmp_path / "ray_results" / "tune-cut.aipd.json").read_text())["finished"]

@@ -1,27 +1,11 @@
-"""UI fixtures: a real contract server (uvicorn, no Ray) shared by the fast tests, and test photos."""
+"""UI fixtures: a real contract server (uvicorn, no Ray) shared by the fast tests."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers import UI_KEY as KEY
 from tests.ui.contract_server import METRICS, ContractServer
-
-PAGE = Path(__file__).resolve().parents[2] / "ui" / "streamlit_app.py"
-KEY = "ui-test-key"
-
-
-def photo(brightness: float, fmt: str = "JPEG", size: tuple[int, int] = (160, 120), seed: int = 0) -> bytes:
-    """A noisy image around `brightness` (0..1): the contract server calls bright ones AI-generated."""
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(brightness * 255 + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from serving.schemas import (
     confidence_of,
     verdict_of,
 )
+from tests.helpers import free_port
 
 MODEL_VERSION = "7"
 THRESHOLD = 0.5
@@ -89,12 +89,19 @@ def build_contract_api(state: ContractState) -> FastAPI:
             if request.url.path.startswith("/predict"):
                 if state.api_key and request.headers.get("x-api-key") != state.api_key:
                     missing = not request.headers.get("x-api-key")
-                    raise Refusal(401, "unauthorized", "missing X-API-Key header; this service requires an API key"
-                                  if missing else "invalid API key in X-API-Key")
+                    raise Refusal(
+                        401,
+                        "unauthorized",
+                        "missing X-API-Key header; this service requires an API key"
+                        if missing
+                        else "invalid API key in X-API-Key",
+                    )
                 if state.rate_limited:
                     raise Refusal(429, "rate_limited", "more than 600 requests a minute", {"Retry-After": "7"})
                 if not state.ready:
-                    raise Refusal(503, "not_ready", "the model is loading; retry in a few seconds", {"Retry-After": "5"})
+                    raise Refusal(
+                        503, "not_ready", "the model is loading; retry in a few seconds", {"Retry-After": "5"}
+                    )
         except Refusal as refusal:
             return refusal.response
         return await call_next(request)
@@ -104,9 +111,15 @@ def build_contract_api(state: ContractState) -> FastAPI:
         if not state.ready:
             body = HealthResponse(status="loading", model_loaded=False, detail="the model is loading")
             return JSONResponse(body.model_dump(), 503)
-        body = HealthResponse(status="ok", model_loaded=True, model_version=MODEL_VERSION,
-                              model_uri="models:/aipd-detector@champion", threshold=THRESHOLD, crop_size=CROP,
-                              device="cpu").model_dump()
+        body = HealthResponse(
+            status="ok",
+            model_loaded=True,
+            model_version=MODEL_VERSION,
+            model_uri="models:/aipd-detector@champion",
+            threshold=THRESHOLD,
+            crop_size=CROP,
+            device="cpu",
+        ).model_dump()
         if state.metrics:
             body["metrics"] = state.metrics
         return JSONResponse(body)
@@ -132,17 +145,16 @@ def build_contract_api(state: ContractState) -> FastAPI:
             except Refusal as refusal:
                 items.append(BatchItem(filename=upload.filename, **refusal.body))
         ok = sum(item.error is None for item in items)
-        body = BatchResponse(results=items, total=len(items), succeeded=ok, failed=len(items) - ok,
-                             inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3))
+        body = BatchResponse(
+            results=items,
+            total=len(items),
+            succeeded=ok,
+            failed=len(items) - ok,
+            inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        )
         return JSONResponse(body.model_dump())
 
     return api
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ContractServer:

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
-from tests.ui.conftest import KEY, photo
-from tests.ui.contract_server import METRICS, MODEL_VERSION, ContractServer, free_port
+from tests.helpers import UI_KEY as KEY
+from tests.helpers import free_port, photo
+from tests.ui.contract_server import METRICS, MODEL_VERSION, ContractServer
 from ui.api import ApiClient, ServiceError, api_key_of, api_url_of
 from ui.results import COLUMNS, results_csv, results_table, summary_line
 

@@ -17,16 +17,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from tests.ui.conftest import PAGE
-from tests.ui.contract_server import free_port
+from tests.helpers import UI_PAGE as PAGE
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 KEY = "e2e-key"
 APP = "ui-e2e"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 OUTPUT_DIR = Path(__file__).resolve().parents[2] / "test-output"
 
 
@@ -64,7 +71,7 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     from app.config import Settings
     from serving.app_builder import build_application
     from serving.config import AppArgs
-    from tests.serving.conftest import make_checkpoint, undeploy
+    from tests.helpers import make_checkpoint, undeploy
 
     wanted = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": wanted})
@@ -75,11 +82,16 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
         api_keys=[KEY],
         serve={
             "model_uri": str(make_checkpoint(root / "tiny-ckpt", seed=2)),
-            "ingress_min_replicas": 1, "ingress_max_replicas": 1,
-            "detector_min_replicas": 1, "detector_max_replicas": 1,
+            "ingress_min_replicas": 1,
+            "ingress_max_replicas": 1,
+            "detector_min_replicas": 1,
+            "detector_max_replicas": 1,
         },
-        ui={"ray_dashboard_url": "http://127.0.0.1:8265", "mlflow_url": "http://127.0.0.1:5000",
-            "grafana_url": "http://127.0.0.1:3000"},
+        ui={
+            "ray_dashboard_url": "http://127.0.0.1:8265",
+            "mlflow_url": "http://127.0.0.1:5000",
+            "grafana_url": "http://127.0.0.1:3000",
+        },
     )
     serve.run(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={})), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}", settings
@@ -96,17 +108,20 @@ def test_page_against_the_real_service(service, ui_env) -> None:
     page = AppTest.from_file(str(PAGE), default_timeout=120).run()
     ready = [s.value for s in page.sidebar.success]
     assert len(ready) == 1 and ready[0].startswith("Ready: model version local:")
-    page.file_uploader[0].set_value([
-        ("shelf.jpg", product_photo(0), "image/jpeg"),
-        ("animated.png", b"GIF89a" + bytes(64), "image/png"),
-    ]).run()
+    page.file_uploader[0].set_value(
+        [
+            ("shelf.jpg", product_photo(0), "image/jpeg"),
+            ("animated.png", b"GIF89a" + bytes(64), "image/png"),
+        ]
+    ).run()
     assert not page.exception, page.exception
     verdicts = [m.value for m in page.main.markdown if m.value.startswith("### ")]
     assert verdicts in (["### :red[AI-generated]"], ["### :green[Real photo]"])
     captions = [c for image in page.main.image for c in image.captions]
     assert any(c.startswith("Grad-CAM over the 64×64 center crop") for c in captions)
     assert [e.value for e in page.main.error] == [
-        "Refused by the API (HTTP 415, unsupported_type): GIF images are not supported; send a JPEG, PNG or WebP"]
+        "Refused by the API (HTTP 415, unsupported_type): GIF images are not supported; send a JPEG, PNG or WebP"
+    ]
     table = page.main.dataframe[0].value
     assert table["model_version"].tolist()[0].startswith("local:")
 
@@ -149,7 +164,9 @@ def test_browser_upload_shows_verdict_and_heatmap(service, tmp_path: Path) -> No
                     assert verdicts.count() == 2 and verdicts.first.is_visible()
                     assert page.get_by_text("Probability AI-generated").count() == 2
                     assert page.get_by_text("3 photos:").is_visible()
-                    assert page.get_by_text("Refused by the API (HTTP 415, unsupported_type): GIF images are not supported").is_visible()
+                    assert page.get_by_text(
+                        "Refused by the API (HTTP 415, unsupported_type): GIF images are not supported"
+                    ).is_visible()
                     page.get_by_text("Download results (CSV)").wait_for()
                     page.wait_for_timeout(500)  # let the images' fade-in settle for the screenshot
                     screenshot = tmp_path / "ui-e2e.png"

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from app.config import Settings
-from tests.serving.conftest import wait_until
-from tests.ui.contract_server import ContractServer, free_port
-from ui.cli import register
+from tests.helpers import free_port, wait_until
+from tests.ui.contract_server import ContractServer
 from ui.launch import UiStartError, start_ui, stop_ui, ui_environment, wait_until_up
 
 
@@ -20,8 +18,10 @@ def test_the_page_process_gets_the_resolved_settings() -> None:
     settings = Settings(api_keys=["served-key"], ui={"grafana_url": "http://g:3000"}, serve={"max_batch_files": 5})
     env = ui_environment(settings, "http://api:8000")
     assert env == {
-        "AIPD_UI__API_URL": "http://api:8000", "AIPD_UI__API_KEY": "served-key",
-        "AIPD_UI__GRAFANA_URL": "http://g:3000", "AIPD_SERVE__MAX_BATCH_FILES": "5",
+        "AIPD_UI__API_URL": "http://api:8000",
+        "AIPD_UI__API_KEY": "served-key",
+        "AIPD_UI__GRAFANA_URL": "http://g:3000",
+        "AIPD_SERVE__MAX_BATCH_FILES": "5",
     }
 
 
@@ -50,22 +50,11 @@ def test_start_serve_the_page_and_stop(contract: ContractServer, tmp_path) -> No
 
 
 def test_ui_command_is_registered_with_help() -> None:
-    app = typer.Typer()
-    app.command("noop")(lambda: None)  # a Typer app with one command runs it directly; two keep subcommands
-    register(app)
+    from app.cli import app
+
     result = CliRunner().invoke(app, ["ui", "--help"])
     assert result.exit_code == 0, result.output
     assert "--api-url" in result.output and "aipd ui --port 8600" in result.output
-
-
-RUN_UI_COMMAND = """
-import typer
-from ui.cli import register
-app = typer.Typer()
-app.command("noop")(lambda: None)
-register(app)
-app()
-"""
 
 
 @pytest.mark.slow
@@ -81,8 +70,10 @@ def test_ui_command_serves_the_page_and_a_kill_stops_its_server(contract: Contra
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     with log_path.open("w") as log:
         command = subprocess.Popen(
-            [sys.executable, "-c", RUN_UI_COMMAND, "ui", "--port", str(port), "--api-url", contract.url],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [sys.executable, "-m", "app.cli", "ui", "--port", str(port), "--api-url", contract.url],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         try:
             wait_until_up(port, process=command, timeout_s=90)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.ui.conftest import KEY, PAGE, photo
-from tests.ui.contract_server import MODEL_VERSION, ContractServer, free_port
+from tests.helpers import UI_KEY as KEY
+from tests.helpers import UI_PAGE as PAGE
+from tests.helpers import free_port, photo
+from tests.ui.contract_server import MODEL_VERSION, ContractServer
 
 TIMEOUT_S = 30
 
@@ -33,14 +35,21 @@ def markdown(page: AppTest) -> str:
 
 
 def test_side_panel_shows_health_model_metrics_and_dashboard_links(contract: ContractServer, ui_env) -> None:
-    ui_env(contract.url, ray_dashboard_url="http://127.0.0.1:8265", mlflow_url="http://127.0.0.1:5000",
-           grafana_url="http://127.0.0.1:3000")
+    ui_env(
+        contract.url,
+        ray_dashboard_url="http://127.0.0.1:8265",
+        mlflow_url="http://127.0.0.1:5000",
+        grafana_url="http://127.0.0.1:3000",
+    )
     page = open_page()
     sidebar = page.sidebar
     assert texts(sidebar.success) == [f"Ready: model version {MODEL_VERSION}"]
     assert f"**Model version:** `{MODEL_VERSION}`" in "\n".join(texts(sidebar.markdown))
     assert {m.label: m.value for m in sidebar.metric} == {
-        "accuracy": "0.912", "roc_auc": "0.973", "tpr_at_1pct_fpr": "0.810"}
+        "accuracy": "0.912",
+        "roc_auc": "0.973",
+        "tpr_at_1pct_fpr": "0.810",
+    }
     assert texts(sidebar.get("link_button")) == ["Ray dashboard", "MLflow", "Grafana"]
     assert sidebar.text_input[0].value == KEY
     assert texts(page.info) == ["Drop one or more product photos above to check them."]
@@ -59,8 +68,12 @@ def test_without_metrics_or_links_the_panel_says_how_to_get_them(contract: Contr
 
 def test_a_batch_gets_verdicts_bars_heatmaps_a_table_and_a_csv(contract: ContractServer, ui_env) -> None:
     ui_env(contract.url)
-    page = upload(open_page(), ("bright.jpg", photo(0.9), "image/jpeg"), ("dark.png", photo(0.1, "PNG"), "image/png"),
-                  ("mid.webp", photo(0.3, "WEBP"), "image/webp"))
+    page = upload(
+        open_page(),
+        ("bright.jpg", photo(0.9), "image/jpeg"),
+        ("dark.png", photo(0.1, "PNG"), "image/png"),
+        ("mid.webp", photo(0.3, "WEBP"), "image/webp"),
+    )
     assert texts(page.main.subheader)[-1] == "3 photos: 1 AI-generated, 2 real, 0 refused"
     verdicts = [v for v in texts(page.main.markdown) if v.startswith("### ")]
     assert verdicts == ["### :red[AI-generated]", "### :green[Real photo]", "### :green[Real photo]"]
@@ -89,8 +102,9 @@ def test_a_rerun_never_sends_a_photo_twice(contract: ContractServer, ui_env) -> 
 
 def test_a_refused_file_shows_the_apis_error_and_the_others_still_answer(contract: ContractServer, ui_env) -> None:
     ui_env(contract.url)
-    page = upload(open_page(), ("notes.jpg", b"not a photo at all", "image/jpeg"),
-                  ("dark.jpg", photo(0.1), "image/jpeg"))
+    page = upload(
+        open_page(), ("notes.jpg", b"not a photo at all", "image/jpeg"), ("dark.jpg", photo(0.1), "image/jpeg")
+    )
     assert texts(page.error) == [
         "Refused by the API (HTTP 400, not_an_image): the file is not an image (checked by its content, not its name)"
     ]
@@ -126,7 +140,8 @@ def test_a_loading_model_is_a_warning_not_an_error(contract: ContractServer, ui_
     page = upload(open_page(), ("bright.jpg", photo(0.9), "image/jpeg"))
     assert texts(page.sidebar.warning) == ["Model loading: the model is loading"]
     assert [w.value for w in page.main.warning] == [
-        "The model is not ready: the model is loading; retry in a few seconds"]
+        "The model is not ready: the model is loading; retry in a few seconds"
+    ]
     assert not page.error
 
 

@@ -1,0 +1,123 @@
+"""`aipd train` and `aipd evaluate`: the training stage's commands. Ray and torch load inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from app.cli_common import AddressOpt, ConfigOpt, console, handle_errors, new_app, settings_from
+
+cli = new_app()
+
+
+@cli.command("train")
+@handle_errors
+def train(
+    data: Optional[str] = typer.Option(
+        None, "--data", "-d", help="Dataset folder, manifest or URI (default: demo set)."
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Per worker."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Crop side in pixels."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray Train workers (one per GPU on GPU)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Default: GPUs when the cluster has them."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Any timm model name."),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Train the detector on Ray (Ray Data -> Ray Train), evaluate it, register it in MLflow.
+
+    The alias `champion` moves to the new version only if it beats the current champion on the same validation data.
+
+    Examples:
+      aipd train
+      aipd train --data photos/ --epochs 10 --workers 2 --gpu
+      RAY_ADDRESS=ray://head:10001 aipd train --data s3://bucket/manifest.parquet
+    """
+    from app.registry import mlflow_ui_hint
+    from training.trainer import run_training
+
+    settings = settings_from(
+        config,
+        ray_address=address,
+        data={"path": data},
+        model={"backbone": backbone},
+        train={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "crop_size": image_size,
+            "lr": lr,
+            "num_workers": workers,
+            "use_gpu": gpu,
+        },
+    )
+    outcome = run_training(settings)
+    print_outcome(settings, outcome)
+    console.print(f"MLflow: {mlflow_ui_hint(settings)}", soft_wrap=True)
+
+
+@cli.command("evaluate")
+@handle_errors
+def evaluate(
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="models:/aipd-detector@champion (default), models:/NAME/VERSION or a checkpoint dir.",
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", "-d", help="Dataset (its test split is used; default: demo set)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: the work directory's reports/)."),
+    no_robustness: bool = typer.Option(False, "--no-robustness", help="Skip the robustness sweep."),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Evaluate a model on the test split: AUROC, AP, accuracies, TPR at 1% FPR, ECE, robustness sweep.
+
+    Writes Markdown, JSON and PNG plots, and logs them to the model's MLflow run.
+
+    Examples:
+      aipd evaluate
+      aipd evaluate --model models:/aipd-detector/3 --data photos/ --json
+      aipd evaluate --model .aipd/checkpoints/<run_id>
+    """
+    from training.report import evaluate_command
+
+    settings = settings_from(config, ray_address=address, data={"path": data})
+    report = evaluate_command(settings, model, out, robustness=not no_robustness)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return
+    print_report(report)
+    console.print(f"report: {report.files.get('markdown')}")
+
+
+def print_outcome(settings: Any, outcome: Any) -> None:
+    """The test metrics of a finished training, what was registered, and what the champion rule decided."""
+    print_report(outcome.report)
+    console.print(
+        f"registered [bold]{settings.registered_model}[/bold] version {outcome.version} "
+        f"(run {outcome.run_id}, {outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)"
+    )
+    console.print(outcome.champion_message)
+    console.print(f"report: {outcome.report.files.get('markdown')}")
+
+
+def print_report(report: Any) -> None:
+    m = report.metrics
+    table = Table(title="test split")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece", "threshold"):
+        table.add_row(key, f"{m[key]:.4f}")
+    table.add_row("blurred_real_flag_rate", f"{report.blurred_real_flag_rate:.4f}")
+    for name, value in report.robustness.items():
+        table.add_row(f"auroc after {name}", f"{value:.4f}")
+    console.print(table)
