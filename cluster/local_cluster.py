@@ -79,6 +79,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _ensure_auth_token() -> None:
+    """`ray start` refuses to run with token auth and no token, unlike `ray.init`, which makes one on a fresh machine."""
+    subprocess.run(
+        [_ray_binary(), "get-auth-token", "--generate"], env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, check=False, timeout=60,
+    )
+
+
 def _node_ports(used_bases: list[int]) -> dict[str, int]:
     base = _free_range(WORKER_PORT_SPAN)
     while base in used_bases:
@@ -117,6 +125,7 @@ def cluster_up(work_dir: Path, workers: int = 1, cpus_per_node: int = 4, timeout
     state_file = state_dir / "state.json"
     if state_file.exists():
         raise LocalClusterError(f"a local cluster is already recorded in {state_file}; run `aipd cluster down` first")
+    _ensure_auth_token()
     used: list[int] = []
     head_ports = _node_ports(used)
     gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()

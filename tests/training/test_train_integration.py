@@ -158,6 +158,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
     from training.trainer import run_training
 
     settings = tiny_settings(tmp_path, small_demo, epochs=5, max_failures=2)
+    earlier = set(_train_worker_pids())  # workers of earlier runs may linger; only this run's may be killed
     box: dict[str, object] = {}
     thread = threading.Thread(target=lambda: box.setdefault("outcome", _catching(run_training, settings, box)))
     thread.start()
@@ -171,7 +172,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
             run_id
             and len(MlflowClient(tracking_uri=settings.tracking_uri).get_metric_history(run_id, "val_auroc")) >= 2
         ):
-            workers = _train_worker_pids()
+            workers = [pid for pid in _train_worker_pids() if pid not in earlier]
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
