@@ -121,7 +121,7 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     model_uri: str | None = Field(None, description="models:/NAME@ALIAS or a checkpoint directory")
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch that is not full may wait; 0: never")
     max_batch_files: int = Field(32, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0, description="0 turns rate limiting off")
     ingress_min_replicas: int = Field(1, ge=0)
@@ -130,6 +130,11 @@ class ServeSettings(BaseModel):
     detector_max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     use_gpu: bool | None = None
+    high_throughput: bool = Field(
+        True,
+        description="Ray Serve's HAProxy ingress and gRPC between deployments on clusters this project starts "
+        "(RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED); clusters started elsewhere set them themselves",
+    )
 
 
 class UiSettings(BaseModel):

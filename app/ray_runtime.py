@@ -1,15 +1,71 @@
-"""Connecting to Ray: a local cluster on a laptop, or an existing one named by ``--address`` / ``RAY_ADDRESS``."""
+"""Connecting to Ray: a local cluster on a laptop, or an existing one named by ``--address`` / ``RAY_ADDRESS``.
+
+``node_environment`` is the one place that says what a Ray node this project starts carries in its environment:
+Ray Serve reads its data-path switches once per process, in every process of the cluster (controller, proxies,
+replicas), so they must be set where the node starts - here for a local cluster, in ``ray start``'s environment for
+the others (cluster/local_cluster.py, docker-compose.yml, the KubeRay and launcher configs carry the same values).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 from app.config import Settings
 from app.errors import UserError
 
+# HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Ports Serve's HAProxy and fallback proxy take on every node; two clusters on one machine must not share them.
+_PER_CLUSTER_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
 
 class ClusterUnavailableError(UserError, RuntimeError):
     """The named Ray cluster cannot be reached; the message says which address was tried."""
+
+
+def node_environment(settings: Settings, *, local: bool) -> dict[str, str]:
+    """The environment of a Ray node for these settings; ``local`` for clusters on this machine (laptop, tests).
+
+    A local cluster also gets ports of its own for Serve's per-node proxies (so that a second cluster on the machine
+    starts), HAProxy threads no more than the cores, and a short drain, so that stopping it takes seconds.
+    """
+    env = dict(HIGH_THROUGHPUT_ENV) if settings.serve.high_throughput else {}
+    if local:
+        env.update({name: str(free_port()) for name in _PER_CLUSTER_PORTS})
+        env["RAY_SERVE_HAPROXY_NBTHREAD"] = str(min(4, os.cpu_count() or 1))
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set variables for the processes started inside, then restore this process's own (Serve's client reads them
+    at import, and a driver with the throughput switches on could not use a handle from synchronous code)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
@@ -24,13 +80,14 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         else:
-            ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
-                address="local",
-                num_cpus=settings.local_num_cpus,
-                runtime_env=runtime_env,
-                include_dashboard=kwargs.pop("include_dashboard", None),
-                **kwargs,
-            )
+            with _environment(node_environment(settings, local=True)):
+                ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
+                    address="local",
+                    num_cpus=settings.local_num_cpus,
+                    runtime_env=runtime_env,
+                    include_dashboard=kwargs.pop("include_dashboard", None),
+                    **kwargs,
+                )
     except (ConnectionError, TimeoutError) as err:
         raise ClusterUnavailableError(f"cannot reach the Ray cluster at {address}: {err}") from err
     except RuntimeError as err:

@@ -5,17 +5,19 @@ the original service did. It uses the project's own decode, crop and model code 
 `serving.detector.run_batch` with a batch of one: channels_last, inference mode, the same precision), so the only
 difference from the Ray Serve application is the serving architecture: no batching, no replicas.
 
-noop: a raw ASGI app that reads the whole upload and answers a fixed JSON. Nothing is faster to serve, so its
-throughput is the load generator's own ceiling on this machine (and its latency the network and HTTP floor).
+noop: a raw ASGI app that reads the whole upload and answers a fixed JSON, in as many processes as asked. Nothing is
+faster to serve, so with enough processes its throughput is the load generator's own ceiling on this machine (and its
+latency the network and HTTP floor).
 
     python benchmarks/plain_fastapi_app.py --checkpoint DIR --port 8100 [--device cuda]
-    python benchmarks/plain_fastapi_app.py --noop --port 8101
+    python benchmarks/plain_fastapi_app.py --noop --workers 4 --port 8101
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real UploadFile type in the route signature.
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -82,12 +84,22 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--workers", type=int, default=1, help="processes of the noop server")
     args = parser.parse_args()
     import uvicorn
 
     if args.noop:
-        app = noop_app
-    elif args.checkpoint:
+        uvicorn.run(
+            "plain_fastapi_app:noop_app",
+            app_dir=str(Path(__file__).parent),
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            access_log=False,
+            log_level="warning",
+        )
+        return
+    if args.checkpoint:
         app = build_plain_app(args.checkpoint, args.device, args.precision)
     else:
         parser.error("give --checkpoint or --noop")

@@ -1,27 +1,30 @@
-"""Serving load: throughput and p50/p95/p99 latency, side by side in one run, at several concurrencies.
+"""Serving load: throughput and p50/p95/p99 latency, side by side in one run, at several concurrencies, with the time
+of every hop inside the service.
 
-Targets (all started first, then measured one at a time, interleaved per concurrency; an idle target costs next to
-nothing, and interleaving makes a drift in the machine's background load hit every target alike):
-  noop       a server that reads the upload and answers a fixed JSON: the load generator's own ceiling here. A
-             target whose numbers sit near it is limited by the generator, not by itself.
+Targets (started first, then measured one at a time, interleaved per concurrency, so a drift in the machine's
+background load hits every target alike; an idle target costs next to nothing):
+  noop       a raw ASGI server (one process per load-generator process) that reads the upload and answers a fixed
+             JSON: the load generator's own ceiling on this node. A target near it is limited by the generator.
   plain      the original design: one FastAPI + uvicorn process, one forward pass per request
-             (benchmarks/plain_fastapi_app.py, same decode/crop/model code as the service).
-  unbatched  this service (Ray Serve ingress + detector) with max_batch_size=1: the cost of the architecture alone.
-  batched    this service as configured: @serve.batch up to --max-batch-size.
+             (benchmarks/plain_fastapi_app.py, the same decode, crop and model runtime as the service).
+  batched    this service as `aipd serve` starts it: Ray Serve's high-throughput data path (HAProxy ingress, gRPC
+             between deployments) and continuous batching up to --max-batch-size.
+  unbatched  the same with max_batch_size=1: the cost of the architecture alone.
+  default    this service, batched, on Ray Serve's default data path (Python proxy, actor calls): measured in a second
+             Ray cluster after the first one stops, since Serve reads the switch once per process.
   hops       not a server: the in-process cost of decode + crop per upload size and of one forward per batch size.
 
-Why these numbers: requests/s at each concurrency is what a fleet of clients gets; p50 is the typical answer, p95/p99
-the tail a caller's timeout must cover. Concurrency 1 shows the latency floor (no queueing, no batching to gain);
-8-128 show where batching pays and where queues grow. Each cell is a closed loop: `c` clients send back to back for
---duration seconds after --warmup seconds; only answers completed inside the window count. With --rounds N each
-cell is measured N times, interleaved with the others, and the samples are pooled.
+Per hop: every answer of the service carries a `Server-Timing` header (read, decode, queue, forward, hop, total; see
+serving/ingress.py); the table gives their medians per cell, and "edge" is the client's latency minus the service's
+total: HAProxy (or the Python proxy) and HTTP. Each cell is a closed loop: `c` clients send back to back for
+--duration seconds after --warmup seconds; only answers completed inside the window count.
 
 Uploads are real JPEGs (photo-like texture, quality 90) of 224x224 and larger, mixed, sent as multipart/form-data
-exactly as `curl -F file=@photo.jpg` does. Access logs are off in every server (as in a production setup that logs
-through metrics). The model is --backbone at --crop px, untrained: inference cost does not depend on the weights.
+exactly as `curl -F file=@photo.jpg` does. The model is --backbone at --crop px, untrained: inference cost does not
+depend on the weights.
 
     CPU (this laptop):  python benchmarks/serve_load.py --device cpu --duration 8
-    GPU machine:        python benchmarks/serve_load.py --device cuda --ingress-replicas 8 --client-procs 4 \\
+    GPU machine:        python benchmarks/serve_load.py --device cuda --ingress-replicas 8 --client-procs 6 \\
                             --max-batch-size 64 --concurrency 1,8,32,64,128
 """
 
@@ -34,12 +37,11 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's packages come from this checkout
 
+from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
-APP_NAME = "bench"
+SERVE_TARGETS = ("batched", "unbatched")
+ORDER = ("noop", "plain", "unbatched", "batched", "default")
+HOPS = ("edge", "read", "decode", "hop", "queue", "forward")
 
 
 @dataclass
@@ -64,8 +69,8 @@ class Cell:
     p99_ms: float
     ok: int
     errors: int
-    server_p50_ms: float | None = None  # the service's own `inference_time_ms`: time inside the ingress
     mean_batch: float | None = None
+    hops_ms: dict[str, float] = field(default_factory=dict)  # medians of the Server-Timing spans, plus "edge"
 
 
 # ------------------------------------------------------------------------------------------------------ uploads
@@ -95,12 +100,22 @@ def multipart(jpeg: bytes) -> bytes:
     return head + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """`read;dur=0.31, decode;dur=2.05, ...` -> {"read": 0.31, "decode": 2.05, ...} in milliseconds."""
+    spans: dict[str, float] = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        if name and rest:
+            spans[name] = float(rest)
+    return spans
+
+
 # ------------------------------------------------------------------------------------------------- load generator
 async def _load(url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float, offset: int):
     import aiohttp
 
     latencies: list[float] = []
-    server_ms: list[float] = []
+    timings: list[dict[str, float]] = []
     errors = 0
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -116,28 +131,30 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, warmup: float, 
                 body = bodies[n % len(bodies)]
                 n += concurrency
                 sent = time.perf_counter()
-                server = None
+                timing = None
                 try:
                     async with session.post(url, data=body, headers=headers) as response:
-                        payload = await response.read()
+                        await response.read()
                         ok = response.status == 200
+                        timing = response.headers.get("Server-Timing")
                 except aiohttp.ClientError:
                     ok = False
                 done = time.perf_counter()
                 if window_start <= done <= window_end:
                     if ok:
                         latencies.append(done - sent)
-                        server = json.loads(payload).get("inference_time_ms")
-                        if server is not None:
-                            server_ms.append(float(server))
+                        spans = parse_server_timing(timing)
+                        if "total" in spans:
+                            spans["edge"] = (done - sent) * 1000.0 - spans["total"]
+                            timings.append(spans)
                     else:
                         errors += 1
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return latencies, server_ms, errors
+    return latencies, timings, errors
 
 
-def _client_process(args: tuple[str, list[bytes], int, float, float, int]) -> tuple[list[float], list[float], int]:
+def _client_process(args: tuple[str, list[bytes], int, float, float, int]) -> tuple[list, list, int]:
     """One load-generator process (spawned, so it shares no interpreter lock with the others)."""
     return asyncio.run(_load(*args))
 
@@ -146,8 +163,8 @@ def _client_process(args: tuple[str, list[bytes], int, float, float, int]) -> tu
 class Samples:
     """Everything measured for one (target, concurrency), pooled over rounds."""
 
-    latencies_s: list[float]
-    server_ms: list[float]
+    latencies_s: list[float] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
     images: float = 0.0
@@ -156,7 +173,11 @@ class Samples:
     def cell(self, target: str, concurrency: int) -> Cell:
         values = np.array(self.latencies_s) * 1000.0 if self.latencies_s else np.array([float("nan")])
         p50, p95, p99 = (float(np.percentile(values, q)) for q in (50, 95, 99))
-        server = float(np.median(self.server_ms)) if self.server_ms else None
+        hops = {
+            name: float(np.median([t[name] for t in self.timings if name in t]))
+            for name in HOPS
+            if any(name in t for t in self.timings)
+        }
         return Cell(
             target,
             concurrency,
@@ -166,20 +187,18 @@ class Samples:
             p99,
             len(self.latencies_s),
             self.errors,
-            server,
             self.images / self.batches if self.batches else None,
+            hops,
         )
 
 
-def run_load(
-    pool, url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float, procs: int, into: Samples
-) -> None:
+def run_load(pool, url, bodies, concurrency, warmup, duration, procs, into: Samples) -> None:
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     jobs = [(url, bodies, share, warmup, duration, i * 7919) for i, share in enumerate(shares)]
-    for latencies, server_ms, errors in pool.map(_client_process, jobs):
+    for latencies, timings, errors in pool.map(_client_process, jobs):
         into.latencies_s += latencies
-        into.server_ms += server_ms
+        into.timings += timings
         into.errors += errors
     into.seconds += duration
 
@@ -195,13 +214,9 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1000.0
 
 
-def profile_hops(
-    checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int]], args: argparse.Namespace
-) -> list[str]:
-    """The in-process cost of each step a request takes, to read the load table against: what the ingress spends
-    decoding and cropping each upload size, and what one forward pass costs at each batch size on this device.
-    (End to end minus the service's own `inference_time_ms` is the proxy and HTTP hop; `inference_time_ms` minus
-    decode and forward is the ingress-to-detector hop plus batch waiting.)"""
+def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int]], args) -> list[str]:
+    """In-process cost of each step: decode + crop per upload size (what the ingress spends), and one forward per
+    batch size on this device, eager and (on a GPU) replayed as a CUDA graph (what the detector spends)."""
     from app.config import ImageLimits, Settings
     from serving.ingress import decode_and_crop
     from serving.runtime import available_cores, load_active, pick_device, run_batch
@@ -217,29 +232,30 @@ def profile_hops(
         import torch
 
         torch.set_num_threads(args.torch_threads or available_cores())
-    active = load_active(
-        Settings(), checkpoint, device, warmup_sizes=(1, args.max_batch_size), precision=args.precision
-    )
-    crop = np.zeros((args.crop, args.crop, 3), np.uint8)
-    for batch in sorted({1, 8, args.max_batch_size}):
-        ms = _median_ms(functools.partial(run_batch, active, [crop] * batch), 10 if device.type == "cpu" else 50)
-        lines.append(
-            f"| forward, {args.backbone} {args.crop}px ({device.type}, {'bf16' if active.bf16 else 'fp32'}) "
-            f"| batch {batch} | "
-            f"{ms:.2f} ({ms / batch:.2f} per image) |"
+    variants = [("eager", False), ("graphs", True)] if device.type == "cuda" else [("", False)]
+    for label, graphs in variants:
+        active = load_active(
+            Settings(),
+            checkpoint,
+            device,
+            warmup_sizes=(1, args.max_batch_size),
+            precision=args.precision,
+            cuda_graphs=graphs,
         )
+        crop = np.zeros((args.crop, args.crop, 3), np.uint8)
+        for batch in sorted({1, 8, args.max_batch_size}):
+            ms = _median_ms(functools.partial(run_batch, active, [crop] * batch), 10 if device.type == "cpu" else 50)
+            precision = "bf16" if active.bf16 else "fp32"
+            lines.append(
+                f"| forward {label}, {args.backbone} {args.crop}px ({device.type}, {precision}) | batch {batch} | "
+                f"{ms:.2f} ({ms / batch:.3f} per image) |"
+            )
     for line in lines[2:]:
         print("  " + line, flush=True)
     return lines
 
 
 # --------------------------------------------------------------------------------------------------- the servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_http(url: str, timeout_s: float = 300.0) -> None:
     import httpx
 
@@ -263,7 +279,7 @@ class Subprocess:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, ready_path: str | None = None) -> None:
         # the same OpenMP wait policy as the service's detector (serving.config.DETECTOR_ENV): a fair comparison
         env = {**os.environ, **DETECTOR_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.proc = subprocess.Popen(
@@ -275,11 +291,14 @@ class Subprocess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"baseline server exited with {self.proc.returncode}")
             try:
+                import socket
+
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                    break
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError("baseline server did not start")
+        if ready_path:
+            wait_http(self.url + ready_path)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -294,9 +313,7 @@ class Subprocess:
 class ServeTarget:
     """The Ray Serve application with the given batch size, deployed under /<name> beside the other targets."""
 
-    def __init__(
-        self, name: str, port: int, checkpoint: str, args: argparse.Namespace, max_batch_size: int, num_gpus: float
-    ) -> None:
+    def __init__(self, name: str, port: int, checkpoint: str, args, max_batch_size: int, num_gpus: float) -> None:
         from app.config import Settings
         from serving.config import AppArgs
 
@@ -359,6 +376,40 @@ def batch_counts(text: str) -> tuple[float, float]:
     return read("prediction_batch_size_sum"), read("prediction_batch_size_count")
 
 
+@dataclass
+class Cluster:
+    """A local Ray cluster with Serve on a free port, on one of Serve's two data paths."""
+
+    high_throughput: bool
+    port: int = 0
+
+    def start(self, args) -> dict[str, float]:
+        from ray import serve
+
+        from app.config import Settings
+        from app.ray_runtime import init_ray
+
+        # Ray starts its workers at nice 15 so they never starve the raylet; the baselines run at nice 0. On a
+        # machine shared with other work that alone halves the service's share of the CPU, so for a like-for-like
+        # comparison a local cluster's workers start at the baselines' priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        settings = Settings(ray_address=args.address, serve={"high_throughput": self.high_throughput})
+        resources = init_ray(settings, include_dashboard=False, log_to_driver=False)
+        self.port = free_port()
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": self.port},
+            logging_config={"log_level": "WARNING", "enable_access_log": False},
+        )
+        return resources
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------------- report
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -374,7 +425,7 @@ def machine() -> str:
         import torch
 
         if torch.cuda.is_available():
-            text += f", GPU {torch.cuda.get_device_name(0)}"
+            text += f", {torch.cuda.device_count()} x GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
     return text
@@ -382,15 +433,15 @@ def machine() -> str:
 
 def table(cells: list[Cell]) -> str:
     lines = [
-        "| target | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | server p50 ms | mean batch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | c | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | " + " | ".join(HOPS) + " |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(HOPS),
     ]
     for c in cells:
         batch = f"{c.mean_batch:.1f}" if c.mean_batch else "-"
-        server = f"{c.server_p50_ms:.1f}" if c.server_p50_ms is not None else "-"
+        hops = " | ".join(f"{c.hops_ms[h]:.1f}" if h in c.hops_ms else "-" for h in HOPS)
         lines.append(
             f"| {c.target} | {c.concurrency} | {c.requests_per_s:.1f} | {c.p50_ms:.1f} | {c.p95_ms:.1f} | "
-            f"{c.p99_ms:.1f} | {c.errors} | {server} | {batch} |"
+            f"{c.p99_ms:.1f} | {c.errors} | {batch} | {hops} |"
         )
     return "\n".join(lines)
 
@@ -400,32 +451,71 @@ def summary(cells: list[Cell], check: int) -> str:
     lines = []
     if ("batched", 1) in by:
         lines.append(f"single-request p50 (batched, c=1): {by['batched', 1].p50_ms:.1f} ms")
-    if ("batched", check) in by and ("plain", check) in by:
-        ratio = by["batched", check].requests_per_s / max(by["plain", check].requests_per_s, 1e-9)
-        lines.append(f"batched / plain throughput at c={check}: {ratio:.2f}x")
-    if ("batched", check) in by and ("unbatched", check) in by:
-        ratio = by["batched", check].requests_per_s / max(by["unbatched", check].requests_per_s, 1e-9)
-        lines.append(f"batched / unbatched throughput at c={check}: {ratio:.2f}x")
+    if ("batched", check) in by:
+        cell = by["batched", check]
+        lines.append(f"batched at c={check}: {cell.requests_per_s:.1f} req/s, p99 {cell.p99_ms:.1f} ms")
+    for base in ("noop", "plain", "unbatched", "default"):
+        if ("batched", check) in by and (base, check) in by:
+            ratio = by["batched", check].requests_per_s / max(by[base, check].requests_per_s, 1e-9)
+            name = "share of the node ceiling (noop)" if base == "noop" else f"batched / {base}"
+            lines.append(f"{name} at c={check}: {ratio:.2f}" + ("" if base == "noop" else "x"))
     return "\n".join(lines)
+
+
+def measure(pool, servers: dict[str, Any], names: list[str], bodies, args, samples, round_index: int) -> None:
+    for concurrency in args.concurrencies:
+        for target in names:
+            server = servers[target]
+            into = samples.setdefault((target, concurrency), Samples())
+            before = batch_counts(server.metrics()) if isinstance(server, ServeTarget) else None
+            run_load(
+                pool,
+                server.url + "/predict",
+                bodies,
+                concurrency,
+                args.warmup,
+                args.duration,
+                args.client_procs,
+                into,
+            )
+            if before is not None:
+                after = batch_counts(server.metrics())
+                into.images += after[0] - before[0]
+                into.batches += after[1] - before[1]
+            cell = into.cell(target, concurrency)
+            batch = f"  mean batch {cell.mean_batch:.1f}" if cell.mean_batch else ""
+            print(
+                f"  round {round_index + 1} {target:>9} c={concurrency:<4} {cell.requests_per_s:8.1f} req/s  "
+                f"p50 {cell.p50_ms:7.1f}  p99 {cell.p99_ms:7.1f} ms  errors {cell.errors}{batch}  {cell.hops_ms}",
+                flush=True,
+            )
+
+
+def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) -> dict[str, ServeTarget]:
+    # Every target stays up while the others are measured; on one GPU the applications share it.
+    gpus = resources.get("GPU", 0) / (len(names) * args.replicas) if args.device == "cuda" else 0.0
+    started = {}
+    for name in names:
+        batch = 1 if name == "unbatched" else args.max_batch_size
+        started[name] = ServeTarget(name, cluster.port, checkpoint, args, batch, min(gpus, 1.0))
+        started[name].start()
+    return started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--targets", default="hops,noop,plain,unbatched,batched")
+    parser.add_argument("--targets", default="hops,noop,plain,unbatched,batched,default")
     parser.add_argument("--concurrency", default="1,8,32,64,128")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before each cell's window")
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="passes over all cells, targets interleaved; samples are pooled across rounds",
+        "--rounds", type=int, default=1, help="passes over all cells, targets interleaved; samples are pooled"
     )
     parser.add_argument("--replicas", type=int, default=1, help="detector replicas (one GPU each on cuda)")
     parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--torch-threads", type=int, default=None, help="CPU inference threads per detector replica")
     parser.add_argument(
         "--precision",
@@ -440,23 +530,16 @@ def main() -> None:
     parser.add_argument("--check-at", type=int, default=32, help="concurrency of the summary ratios")
     parser.add_argument("--json-out", type=Path, help="write every cell as JSON here")
     parser.add_argument("--address", help="Ray cluster address (default: start a local one)")
-    parser.add_argument(
-        "--serve-throughput-optimized",
-        action="store_true",
-        help="start the local cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
-    )
     args = parser.parse_args()
+    args.concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     os.environ.update(DETECTOR_ENV)  # before torch loads OpenMP: the hop profile runs in this process
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     jpegs = make_jpegs(sizes, per_size=8)
     bodies = [multipart(jpeg) for jpeg in jpegs]
-    print(
-        f"machine: {machine()}; uploads: {len(bodies)} JPEGs, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB",
-        flush=True,
-    )
+    mean_kib = np.mean([len(b) for b in bodies]) / 1024
+    print(f"machine: {machine()}; uploads: {len(bodies)} JPEGs, mean {mean_kib:.0f} KiB", flush=True)
 
     import multiprocessing
 
@@ -470,80 +553,40 @@ def main() -> None:
     hops = profile_hops(checkpoint, jpegs, sizes, args) if "hops" in targets else []
     servers: dict[str, Any] = {}
     samples: dict[tuple[str, int], Samples] = {}
-    try:
-        if "noop" in targets:
-            servers["noop"] = Subprocess(["--noop"])
-            servers["noop"].start()
-        if "plain" in targets:
-            servers["plain"] = Subprocess(
-                ["--checkpoint", checkpoint, "--device", args.device, "--precision", args.precision]
-            )
-            servers["plain"].start()
-            wait_http(servers["plain"].url + "/health")
-        serve_targets = [t for t in ("unbatched", "batched") if t in targets]
-        if serve_targets:
-            from ray import serve
-
-            from app.config import Settings
-            from app.ray_runtime import init_ray
-
-            # Ray starts its workers at nice 15 so they never starve the raylet; the baselines run at nice 0. On a
-            # machine shared with other work that alone halves the service's share of the CPU, so for a like-for-like
-            # comparison a local cluster's workers start at the baselines' priority.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            if args.serve_throughput_optimized:  # Serve's own switch: gRPC proxy-to-replica, one loop per replica
-                os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-            resources = init_ray(Settings(ray_address=args.address), include_dashboard=False, log_to_driver=False)
-            # Every target stays up while the others are measured (idle, they cost next to nothing), so a drift in
-            # the machine's background load hits all of them alike; on one GPU the two applications share it.
-            gpus = resources.get("GPU", 0) / (len(serve_targets) * args.replicas) if args.device == "cuda" else 0.0
-            port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for target in serve_targets:
-                batch = 1 if target == "unbatched" else args.max_batch_size
-                servers[target] = ServeTarget(target, port, checkpoint, args, batch, min(gpus, 1.0))
-                servers[target].start()
-
-        with multiprocessing.get_context("spawn").Pool(args.client_procs) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.client_procs) as pool:
+        try:
+            if "noop" in targets:
+                servers["noop"] = Subprocess(["--noop", "--workers", str(args.client_procs)])
+                servers["noop"].start()
+            if "plain" in targets:
+                servers["plain"] = Subprocess(
+                    ["--checkpoint", checkpoint, "--device", args.device, "--precision", args.precision]
+                )
+                servers["plain"].start("/health")
+            serve_names = [t for t in SERVE_TARGETS if t in targets]
+            cluster = None
+            if serve_names:
+                cluster = Cluster(high_throughput=True)
+                servers.update(start_serve_targets(serve_names, checkpoint, args, cluster, cluster.start(args)))
+            names = [t for t in ORDER if t in servers]
             for round_index in range(args.rounds):
-                for concurrency in concurrencies:
-                    for target in [t for t in ("noop", "plain", "unbatched", "batched") if t in servers]:
-                        server = servers[target]
-                        into = samples.setdefault((target, concurrency), Samples([], []))
-                        before = batch_counts(server.metrics()) if isinstance(server, ServeTarget) else None
-                        run_load(
-                            pool,
-                            server.url + "/predict",
-                            bodies,
-                            concurrency,
-                            args.warmup,
-                            args.duration,
-                            args.client_procs,
-                            into,
-                        )
-                        if before is not None:
-                            after = batch_counts(server.metrics())
-                            into.images += after[0] - before[0]
-                            into.batches += after[1] - before[1]
-                        cell = into.cell(target, concurrency)
-                        print(
-                            f"  round {round_index + 1} {target:>9} c={concurrency:<4} {cell.requests_per_s:8.1f} req/s"
-                            f"  p50 {cell.p50_ms:7.1f}  p95 {cell.p95_ms:7.1f}  p99 {cell.p99_ms:7.1f} ms  "
-                            f"errors {cell.errors}"
-                            + (f"  mean batch {cell.mean_batch:.1f}" if cell.mean_batch else ""),
-                            flush=True,
-                        )
-    finally:
-        for server in servers.values():
-            server.stop()
-        if any(isinstance(server, ServeTarget) for server in servers.values()):
-            import ray
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
-    order = {"noop": 0, "plain": 1, "unbatched": 2, "batched": 3}
-    cells = [samples[key].cell(*key) for key in sorted(samples, key=lambda k: (order[k[0]], k[1]))]
+                measure(pool, servers, names, bodies, args, samples, round_index)
+            if cluster is not None:
+                for name in serve_names:
+                    servers.pop(name).stop()
+                cluster.stop()
+            if "default" in targets:  # Serve's default data path needs a cluster of its own
+                cluster = Cluster(high_throughput=False)
+                resources = cluster.start(args)
+                servers["default"] = start_serve_targets(["batched"], checkpoint, args, cluster, resources)["batched"]
+                for round_index in range(args.rounds):
+                    measure(pool, servers, ["default"], bodies, args, samples, round_index)
+                servers.pop("default").stop()
+                cluster.stop()
+        finally:
+            for server in servers.values():
+                server.stop()
+    cells = [samples[key].cell(*key) for key in sorted(samples, key=lambda k: (ORDER.index(k[0]), k[1]))]
 
     print(f"\nmachine: {machine()}\n")
     if hops:
@@ -552,17 +595,13 @@ def main() -> None:
     print()
     print(summary(cells, args.check_at))
     if args.json_out:
-        args.json_out.write_text(
-            json.dumps(
-                {
-                    "machine": machine(),
-                    "args": vars(args) | {"json_out": str(args.json_out)},
-                    "hops": hops,
-                    "cells": [asdict(c) for c in cells],
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "hops": hops,
+            "cells": [asdict(c) for c in cells],
+        }
+        args.json_out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def cluster_up(
     from cluster.local_cluster import cluster_up as up
 
     settings = settings_from(config)
-    cluster = up(settings.work_dir, workers=workers, cpus_per_node=cpus)
+    cluster = up(settings.work_dir, workers=workers, cpus_per_node=cpus, settings=settings)
     console.print(f"Ray cluster with {1 + workers} node(s) at [bold]{cluster.address}[/bold]")
     console.print(
         f"dashboard: {cluster.dashboard_url}  (token: ~/.ray/auth_token, header 'Authorization: Bearer <token>')"

@@ -19,7 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from app.config import Settings
 from app.errors import UserError
+from app.ray_runtime import free_port as _free_port
+from app.ray_runtime import node_environment
 
 WORKER_PORT_SPAN = 200
 
@@ -47,12 +50,6 @@ class LocalCluster:
         return asdict(self)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _free_range(span: int) -> int:
     """The start of ``span`` consecutive ports that are free now (for a raylet's worker processes)."""
     for base in range(30000, 60000 - span, span):
@@ -73,17 +70,27 @@ def _ray_binary() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     env.setdefault("RAY_AUTH_MODE", "token")
     return env
 
 
+def _node_env(settings: Settings) -> dict[str, str]:
+    """What each node of the cluster starts with: the project's node environment, with ports of its own, and the
+    HTTP port shared by the nodes' proxies (they all run on this one machine)."""
+    return {**node_environment(settings, local=True), "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
+
+
 def _ensure_auth_token() -> None:
-    """`ray start` refuses to run with token auth and no token, unlike `ray.init`, which makes one on a fresh machine."""
+    """`ray start` refuses to run with token auth and no token (`ray.init` makes one on a fresh machine)."""
     subprocess.run(
-        [_ray_binary(), "get-auth-token", "--generate"], env=_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, check=False, timeout=60,
+        [_ray_binary(), "get-auth-token", "--generate"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        timeout=60,
     )
 
 
@@ -106,20 +113,27 @@ def _node_ports(used_bases: list[int]) -> dict[str, int]:
     return ports
 
 
-def _start_node(args: list[str], log_path: Path) -> int:
+def _start_node(args: list[str], log_path: Path, env: dict[str, str]) -> int:
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, which outlives this function
     process = subprocess.Popen(
         [_ray_binary(), "start", "--block", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=_env(),
+        env=_env(env),
         start_new_session=True,
     )
     return process.pid
 
 
-def cluster_up(work_dir: Path, workers: int = 1, cpus_per_node: int = 4, timeout_s: float = 120.0) -> LocalCluster:
+def cluster_up(
+    work_dir: Path,
+    workers: int = 1,
+    cpus_per_node: int = 4,
+    timeout_s: float = 120.0,
+    settings: Settings | None = None,
+) -> LocalCluster:
     """Start a head and ``workers`` worker nodes and wait until all of them are alive."""
+    settings = settings or Settings()
     state_dir = work_dir.resolve() / "cluster"
     state_dir.mkdir(parents=True, exist_ok=True)
     state_file = state_dir / "state.json"
@@ -141,7 +155,7 @@ def cluster_up(work_dir: Path, workers: int = 1, cpus_per_node: int = 4, timeout
     nodes = [
         NodeProcess(
             "head",
-            _start_node(head_args, state_dir / "head.log"),
+            _start_node(head_args, state_dir / "head.log", _node_env(settings)),
             str(state_dir / "head.log"),
             {**head_ports, "gcs": gcs_port, "dashboard": dashboard_port, "client": client_port},
         )
@@ -155,7 +169,8 @@ def cluster_up(work_dir: Path, workers: int = 1, cpus_per_node: int = 4, timeout
             ports = _node_ports(used)
             log = state_dir / f"worker-{i}.log"
             args = [f"--address={address}", f"--num-cpus={cpus_per_node}"] + [f"--{k}={v}" for k, v in ports.items()]
-            cluster.nodes.append(NodeProcess(f"worker-{i}", _start_node(args, log), str(log), ports))
+            pid = _start_node(args, log, _node_env(settings))
+            cluster.nodes.append(NodeProcess(f"worker-{i}", pid, str(log), ports))
             _save(cluster)
         _wait_for_nodes(address, 1 + workers, timeout_s, state_dir / "worker-0.log")
     except Exception:

@@ -1,16 +1,16 @@
-"""The detector deployment: one model per replica, fed in batches, swapped without downtime when `champion` moves.
+"""The detector: one model per replica, fed in batches, swapped without downtime when `champion` moves.
 
-Batching: `@serve.batch` collects the crops that arrive while the previous forward pass runs. The forward pass runs
-on the replica's user event loop on purpose: while it runs, new requests wait at the replica's door, and the next
-batch takes all of them at once (handing it to a thread would let Serve cut the next batch after only
-`batch_wait_timeout_s`, so batches would stay small exactly when the load is high). `max_ongoing_requests` must be at
+`DetectorCore` is the whole of it without Ray Serve (a model keeper, a continuous batcher, the model runtime);
+`DetectorDeployment` is its Serve replica. Batching (serving/batcher.py): requests queue on the replica's event
+loop and one worker thread takes everything queued, up to `max_batch_size`, whenever it is free, so a lone request
+runs at once and batches fill under load while the loop stays free to receive. `max_ongoing_requests` must be at
 least `max_batch_size` or a batch can never fill; the app builder sets it far higher (serving.config).
 
 Model updates: a keeper thread per replica reconciles the loaded model with the wanted one - the `model_uri` of the
 `user_config` and, for an alias URI (`models:/NAME@ALIAS`), the version the alias points at now, polled every
-`champion_poll_s`. A new version is loaded and warmed up beside the old one, then swapped in with one assignment;
-batches in flight finish on the model they started with. No request fails and no replica restarts; each answer
-names the version that made it.
+`champion_poll_s`. A new version is loaded and warmed up beside the old one (on a GPU: on the worker thread, between
+two batches), then swapped in with one assignment; batches in flight finish on the model they started with. No
+request fails and no replica restarts; each answer names the version that made it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ray import serve
 
 from app.config import Settings
 from app.model_ref import parse_model_ref
+from serving.batcher import Batcher, BatchTiming
 from serving.runtime import (
     ActiveModel,
     ModelNotFoundYet,
@@ -38,7 +39,7 @@ from serving.runtime import (
     pick_device,
     run_batch,
     use_bf16,
-    warm_once_on_this_thread,
+    warm_up,
     warmup_sizes,
 )
 
@@ -51,26 +52,29 @@ class DetectorConfig(BaseModel):
 
     model_uri: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=MAX_BATCH_WAIT_S)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=MAX_BATCH_WAIT_S, description="how long a batch that is not full may wait for more; 0: never"
+    )
     champion_poll_s: float = Field(10.0, ge=0, description="how often an alias URI is re-resolved; 0 turns it off")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: the cores available")
     precision: Precision = Field("auto", description="auto: bf16 autocast on GPU, float32 on CPU")
+    cuda_graphs: bool = Field(True, description="on a GPU, replay each padded batch size as a captured CUDA graph")
 
 
-@serve.deployment(name="DetectorDeployment")
-class DetectorDeployment:
-    """Batched inference on one model; see the module docstring for batching and model updates."""
+class DetectorCore:
+    """Batched inference on one model, kept current; what a detector replica holds, usable without Serve."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        from app.logging import configure_logging, get_logger
-        from serving.metrics import MetricsRecorder
+    def __init__(self, settings: Settings, metrics: Any) -> None:
+        from app.logging import get_logger
 
-        self._settings = Settings(**settings)
-        configure_logging(self._settings.log_format, self._settings.log_level)
+        self._settings = settings
         self._log = get_logger("serving.detector")
-        self._metrics = MetricsRecorder(serve.get_replica_context().app_name)
-        self._device = pick_device(self._settings.serve.use_gpu)
-        self._config = DetectorConfig(model_uri=self._settings.default_model_uri)
+        self._metrics = metrics
+        self._device = pick_device(settings.serve.use_gpu)
+        self._config = DetectorConfig(model_uri=settings.default_model_uri)
+        self._batcher: Batcher[np.ndarray, dict[str, Any]] = Batcher(
+            self._run, max_batch_size=self._config.max_batch_size, on_batch=self._record
+        )
         self._active: ActiveModel | None = None
         self._problem = "the model is loading"
         self._load_lock = threading.Lock()
@@ -81,34 +85,30 @@ class DetectorDeployment:
         self._failed: tuple[str, str | None] | None = None
 
     # ---------------------------------------------------------------------------------------------- configuration
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+    def configure(self, user_config: dict[str, Any], max_ongoing_requests: int | None = None) -> None:
         """Batch size and wait apply to the next batch; a new model URI loads beside the current model.
 
-        `async` so that Serve runs it on the event loop that runs the batches (a sync method would run in its thread
-        pool): the first model's GPU warm-up then happens on the serving thread, before the replica takes traffic.
+        The first call (a replica starting) loads and warms the first model before returning, so Serve routes no
+        request to the replica before it can answer.
         """
         import torch
 
         config = DetectorConfig(**user_config)
         if config.model_uri is None:
             config.model_uri = self._settings.default_model_uri
-        self._predict_batch.set_max_batch_size(config.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        deployment_config = getattr(serve.get_replica_context(), "_deployment_config", None)
-        max_ongoing = getattr(deployment_config, "max_ongoing_requests", None)
-        if max_ongoing is not None and max_ongoing < config.max_batch_size:
+        self._batcher.max_batch_size = config.max_batch_size
+        self._batcher.max_wait_s = config.batch_wait_timeout_s
+        if max_ongoing_requests is not None and max_ongoing_requests < config.max_batch_size:
             self._log.warning(
                 "max_ongoing_requests is below max_batch_size: batches can never fill; raise it",
-                max_ongoing_requests=max_ongoing,
+                max_ongoing_requests=max_ongoing_requests,
                 max_batch_size=config.max_batch_size,
             )
         if self._device.type == "cpu":
             torch.set_num_threads(config.torch_threads or available_cores())
         self._config = config
         if self._active is None and self._keeper is None:
-            self._reconcile(first=True)  # during replica start: Serve routes no request here until this returns
-            if self._active is not None:
-                self._warm_on_this_thread(self._active)
+            self._reconcile(first=True)
         self._ensure_keeper()
         self._wake.set()
 
@@ -158,6 +158,7 @@ class DetectorDeployment:
                     return  # this exact model failed to load already; wait for the alias or the config to move
                 started = time.perf_counter()
                 sizes = warmup_sizes(config.max_batch_size)
+                on_gpu = self._device.type == "cuda"
                 loaded = load_active(
                     self._settings,
                     uri,
@@ -165,8 +166,11 @@ class DetectorDeployment:
                     warmup_sizes=sizes,
                     precision=config.precision,
                     freeze=False,
-                    warm=self._device.type != "cuda",  # on a GPU the serving thread warms it (see warm_up)
+                    warm=not on_gpu,
+                    cuda_graphs=config.cuda_graphs,
                 )
+                if on_gpu:  # cuDNN plans and CUDA graphs belong to the thread that runs the batches
+                    self._batcher.call_on_worker(warm_up, loaded, sizes)
             except ModelNotFoundYet as err:
                 if active is None:
                     if self._problem != str(err):  # once, not at every poll
@@ -193,47 +197,50 @@ class DetectorDeployment:
                 version=loaded.version,
                 previous=active.version if active else None,
                 device=str(self._device),
+                graphs=sorted(loaded.graphs),
                 seconds=round(time.perf_counter() - started, 2),
             )
 
     # ------------------------------------------------------------------------------------------------- requests
     async def predict(self, crop: np.ndarray) -> dict[str, Any]:
-        """One uint8 crop in; joins the current batch. Returns the prediction or {"error", "detail"}."""
-        return await self._predict_batch(crop)
+        """One uint8 crop in; joins the next batch. The prediction (with its queue and forward time) or an error."""
+        submitted = time.perf_counter()
+        try:
+            result = await self._batcher.submit(crop)
+        except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
+            self._log.error("inference failed", error=str(err))
+            return {"error": "inference_failed", "detail": f"the model failed on this batch: {err}"}
+        if "error" not in result:
+            waited_ms = (time.perf_counter() - submitted) * 1000.0
+            result = {**result, "queue_ms": max(0.0, waited_ms - result["forward_ms"])}
+        return result
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    def _run(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+        """One batch, on the batcher's worker thread."""
         active = self._active
         if active is None:
             return [{"error": "not_ready", "detail": self._problem}] * len(crops)
-        try:
-            self._warm_on_this_thread(active)
-            started = time.perf_counter()
-            probabilities = run_batch(active, crops)
-        except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
-            self._log.error("inference failed", error=str(err), batch_size=len(crops))
-            return [{"error": "inference_failed", "detail": f"the model failed on this batch: {err}"}] * len(crops)
-        seconds = time.perf_counter() - started
-        self._metrics.observe("prediction_batch_size", len(crops))
-        self._metrics.observe("model_inference_seconds", seconds)
+        started = time.perf_counter()
+        probabilities = run_batch(active, crops)
+        forward_ms = (time.perf_counter() - started) * 1000.0
         info = describe(active)
         return [
-            {"probability": float(p), "batch_size": len(crops), "forward_ms": seconds * 1000.0, **info}
-            for p in probabilities
+            {"probability": float(p), "batch_size": len(crops), "forward_ms": forward_ms, **info} for p in probabilities
         ]
 
-    def _warm_on_this_thread(self, active: ActiveModel) -> None:
-        warm_once_on_this_thread(active, warmup_sizes(self._config.max_batch_size))
+    def _record(self, timing: BatchTiming) -> None:
+        self._metrics.observe("prediction_batch_size", timing.size)
+        self._metrics.observe("model_inference_seconds", timing.run_s)
 
-    def explain(self, crop: np.ndarray) -> dict[str, Any]:
-        """Grad-CAM for one crop; a sync method, so Serve runs it in its thread pool beside the batches."""
+    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+        """Grad-CAM for one crop, on the worker thread between two batches."""
         from serving.gradcam import ExplainUnsupportedError
 
         active = self._active
         if active is None:
             return {"error": "not_ready", "detail": self._problem}
         try:
-            return explain_crop(active, crop)
+            return await self._batcher.on_worker(explain_crop, active, crop)
         except ExplainUnsupportedError as err:
             return {"error": "explain_unsupported", "detail": str(err)}
         except Exception as err:  # noqa: BLE001
@@ -246,9 +253,45 @@ class DetectorDeployment:
             return {"ready": False, "detail": self._problem, "model_uri": self._config.model_uri}
         return {"ready": True, "model_uri": active.uri, "device": str(active.device), **describe(active)}
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._batcher.close()
+
+
+@serve.deployment(name="DetectorDeployment")
+class DetectorDeployment:
+    """A detector replica: `DetectorCore` behind Serve's handle calls, its metrics merged application-wide."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from app.logging import configure_logging
+        from serving.metrics import MetricsRecorder
+
+        parsed = Settings(**settings)
+        configure_logging(parsed.log_format, parsed.log_level)
+        self._metrics = MetricsRecorder(serve.get_replica_context().app_name)
+        self._core = DetectorCore(parsed, self._metrics)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        deployment_config = getattr(serve.get_replica_context(), "_deployment_config", None)
+        self._core.configure(user_config, getattr(deployment_config, "max_ongoing_requests", None))
+
+    def check_health(self) -> None:
+        self._core.check_health()
+
+    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self._core.predict(crop)
+
+    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self._core.explain(crop)
+
+    async def status(self) -> dict[str, Any]:
+        return self._core.status()
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
         metrics = getattr(self, "_metrics", None)
         if metrics is not None:
             metrics.close()

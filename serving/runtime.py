@@ -2,13 +2,14 @@
 
 Shared by the Serve detector and the catalog scan, so a file gets the same probability from both. No Ray Serve here.
 On a GPU, batches are padded to powers of two: cuDNN builds its execution plans per input shape (seconds for each new
-batch size), so a few padded sizes, all warmed before traffic, bound that cost to the start.
+batch size), so a few padded sizes, all warmed before traffic, bound that cost to the start. Each padded size is then
+captured as a CUDA graph (uint8 crops in, probabilities out, the one preprocessing of ``app.transforms`` inside):
+EfficientNet-B0's eager forward is bound by kernel launches, and a replay launches them all at once.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,8 +37,19 @@ class ActiveModel:
     # What run_batch calls: the model itself, or on a CPU in float32 a frozen TorchScript trace of it (Grad-CAM keeps
     # the eager model, which has gradients).
     infer: Any = None
-    # Threads that ran this model's GPU warm-up (see warm_up).
-    warmed_threads: set[int] = field(default_factory=set)
+    # On a GPU, whether to capture CUDA graphs at warm-up, and the captured ones by padded batch size.
+    use_graphs: bool = True
+    graphs: dict[int, GraphedForward] = field(default_factory=dict)
+
+
+@dataclass
+class GraphedForward:
+    """One padded batch size as a CUDA graph: crops go into ``host`` (pinned), probabilities come out of ``out``."""
+
+    graph: Any
+    host: Any  # pinned uint8 (N, H, W, 3)
+    device_in: Any  # uint8 (N, H, W, 3) on the GPU, the graph's input
+    out: Any  # float32 (N,) on the GPU, the graph's output
 
 
 class ModelNotFoundYet(RuntimeError):
@@ -92,6 +104,7 @@ def load_active(
     precision: str = "auto",
     freeze: bool = True,
     warm: bool = True,
+    cuda_graphs: bool = True,
 ) -> ActiveModel:
     """Resolve, load and warm up a model; alias URIs are pinned to the version they point at right now.
 
@@ -117,6 +130,7 @@ def load_active(
         threshold=float(loaded.threshold),
         device=device,
         bf16=use_bf16(device, precision),
+        use_graphs=cuda_graphs,
     )
     if freeze:
         freeze_for_cpu(active, warmup_sizes)
@@ -126,21 +140,60 @@ def load_active(
 
 
 def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
-    """Run the model once per batch size it will see; on a GPU, every padded size up to the largest.
+    """Run the model once per batch size it will see; on a GPU, capture every padded size up to the largest.
 
     On a GPU, call it on the thread that runs the batches: PyTorch keeps cuDNN's execution plans per thread, so a
-    warm-up elsewhere would leave the serving thread to build them again in the middle of the traffic.
+    warm-up elsewhere would leave the serving thread to build them again in the middle of the traffic. The eager
+    model is warmed at batch size 1 too, for Grad-CAM.
     """
-    sizes = gpu_batch_buckets(max(warmup_sizes)) if active.device.type == "cuda" else warmup_sizes
-    for size in sorted(set(sizes)):
-        run_batch(active, [np.zeros((active.crop_size, active.crop_size, 3), np.uint8)] * size)
+    on_gpu = active.device.type == "cuda"
+    sizes = gpu_batch_buckets(max(warmup_sizes)) if on_gpu else warmup_sizes
+    if on_gpu and active.use_graphs:
+        try:
+            active.graphs = capture_graphs(active, sizes)
+        except Exception as err:  # noqa: BLE001 - graphs are a speed-up; the eager model still answers
+            from app.logging import get_logger
+
+            get_logger("serving.runtime").warning("CUDA graph capture failed; serving eagerly", error=str(err))
+            active.graphs = {}
+    blank = np.zeros((active.crop_size, active.crop_size, 3), np.uint8)
+    for size in sorted(set(sizes)) if not active.graphs else (1,):
+        _run_eager(active, np.stack([blank] * size), size)
 
 
-def warm_once_on_this_thread(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
-    """GPU only: warm every padded batch size on the calling thread, once per model and thread (see warm_up)."""
-    if active.device.type == "cuda" and threading.get_ident() not in active.warmed_threads:
-        warm_up(active, warmup_sizes)
-        active.warmed_threads.add(threading.get_ident())
+def capture_graphs(active: ActiveModel, sizes: tuple[int, ...]) -> dict[int, GraphedForward]:
+    """A CUDA graph per batch size, largest first so the smaller ones reuse its memory pool."""
+    import torch
+
+    from app.transforms import to_model_input
+
+    side = active.crop_size
+    graphs: dict[int, GraphedForward] = {}
+    pool = None
+    stream = torch.cuda.Stream(device=active.device)
+    with torch.inference_mode():
+        for size in sorted(set(sizes), reverse=True):
+            device_in = torch.zeros((size, side, side, 3), dtype=torch.uint8, device=active.device)
+
+            def forward(batch: torch.Tensor = device_in) -> torch.Tensor:
+                x = to_model_input(batch, channels_last=True)
+                # autocast's weight cache cannot live across graph replays
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=active.bf16, cache_enabled=False):
+                    return torch.sigmoid(active.model(x).float())
+
+            stream.wait_stream(torch.cuda.current_stream(active.device))
+            with torch.cuda.stream(stream):  # graphs want their warm-up on a side stream
+                for _ in range(3):
+                    forward()
+            torch.cuda.current_stream(active.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = forward()
+            pool = graph.pool()
+            host = torch.empty((size, side, side, 3), dtype=torch.uint8, pin_memory=True)
+            graphs[size] = GraphedForward(graph=graph, host=host, device_in=device_in, out=out)
+    torch.cuda.synchronize(active.device)
+    return graphs
 
 
 def warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -206,16 +259,27 @@ def fit_crop(crop: np.ndarray, crop_size: int) -> np.ndarray:
 
 
 def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
-    """Probabilities of ai_generated for uint8 crops: channels_last, inference mode, bf16 autocast as configured."""
+    """Probabilities of ai_generated for uint8 crops: a graph replay on a GPU, else channels_last in inference mode."""
+    crops = [fit_crop(crop, active.crop_size) for crop in crops]
+    n = len(crops)
+    padded = padded_batch_size(n, active.device.type)
+    graphed = active.graphs.get(padded)
+    if graphed is not None:
+        np.stack(crops, out=graphed.host.numpy()[:n])  # rows past n keep old pixels; their outputs are dropped
+        graphed.device_in.copy_(graphed.host, non_blocking=True)
+        graphed.graph.replay()
+        return graphed.out[:n].cpu().numpy()
+    batch = np.stack(crops)
+    if padded > n:
+        batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
+    return _run_eager(active, batch, n)
+
+
+def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
     import torch
 
     from app.transforms import to_model_input
 
-    batch = np.stack([fit_crop(crop, active.crop_size) for crop in crops])
-    n = len(batch)
-    padded = padded_batch_size(n, active.device.type)
-    if padded > n:
-        batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
     x = to_model_input(batch, device=active.device, channels_last=True)
     device_type = active.device.type
     with torch.inference_mode(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=active.bf16):

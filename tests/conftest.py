@@ -20,9 +20,12 @@ def ray_cluster():
     """A real local Ray with more logical CPUs than this machine's cores (Ray Data/Train deadlock on 2)."""
     import ray
 
+    from app.config import Settings
+    from app.ray_runtime import init_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # started the way every `aipd` command starts a local cluster
+        init_ray(Settings(ray_num_cpus=8), include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
