@@ -130,6 +130,11 @@ class ServeSettings(BaseModel):
     detector_max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     use_gpu: bool | None = None
+    layout: Literal["auto", "split", "colocated"] = Field(
+        "auto",
+        description="split: an ingress deployment in front of a detector deployment; colocated: one deployment that "
+        "decodes and runs the batched model (no hop between processes); auto: split when the detector gets a GPU",
+    )
     high_throughput: bool = Field(
         True,
         description="Ray Serve's HAProxy ingress and gRPC between deployments on clusters this project starts "

@@ -122,7 +122,8 @@ def _walk_folder(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "split"])
 
 
-def _read_manifest(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
+def _read_manifest_table(fs: pafs.FileSystem, root: str, uri: str, required: set[str]) -> tuple[pd.DataFrame, list]:
+    """A CSV or Parquet manifest's rows, and its paths made absolute (relative ones are relative to the manifest)."""
     suffix = posixpath.splitext(root)[1].lower()
     try:
         if suffix == ".csv":
@@ -137,18 +138,54 @@ def _read_manifest(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
     except Exception as err:
         raise DatasetError(f"cannot read manifest {uri}: {err}") from err
     frame = table.to_pandas()
-    missing = {"path", "label"} - set(frame.columns)
+    missing = required - set(frame.columns)
     if missing:
-        raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))}; it needs path,label")
+        needs = ",".join(sorted(required))
+        raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))}; it needs {needs}")
     base = posixpath.dirname(root)
     paths = [
         p if ("://" in p or posixpath.isabs(p)) else _join(uri, posixpath.normpath(posixpath.join(base, p)), root)
         for p in frame["path"].astype(str)
     ]
+    return frame, paths
+
+
+def _read_manifest(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
+    frame, paths = _read_manifest_table(fs, root, uri, {"path", "label"})
     labels = [_parse_label(v, uri) for v in frame["label"]]
     splits: Iterable[Any] = frame["split"] if "split" in frame.columns else [None] * len(frame)
     clean_splits = [s if isinstance(s, str) and s in SPLITS else None for s in splits]
     return pd.DataFrame({"path": paths, "label": labels, "split": clean_splits})
+
+
+def index_catalog(sources: Iterable[str]) -> pd.DataFrame:
+    """Every file to scan, with its label when a manifest gives one (-1 otherwise): columns path, label.
+
+    A folder contributes every regular file under it, images or not (a catalog's stray files get a row saying why
+    they could not be scanned), hidden files aside; a manifest (CSV/Parquet with a `path` column) its rows.
+    """
+    frames = []
+    for uri in sources:
+        fs, root = _filesystem(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise DatasetError(f"nothing to scan at {uri}: no such folder or manifest")
+        if info.type == pafs.FileType.File:
+            if posixpath.splitext(root)[1].lower() not in MANIFEST_SUFFIXES:
+                raise DatasetError(f"{uri} is a file but not a CSV or Parquet manifest; give its folder instead")
+            frame, paths = _read_manifest_table(fs, root, uri, {"path"})
+            labels = [_parse_label(v, uri) for v in frame["label"]] if "label" in frame.columns else [-1] * len(paths)
+            frames.append(pd.DataFrame({"path": paths, "label": labels}))
+            continue
+        paths = sorted(
+            _join(uri, entry.path, root)
+            for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if entry.type == pafs.FileType.File
+            and not any(part.startswith(".") for part in posixpath.relpath(entry.path, root).split("/"))
+        )
+        frames.append(pd.DataFrame({"path": paths, "label": [-1] * len(paths)}))
+    catalog = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"path": [], "label": []})
+    return catalog.drop_duplicates("path").reset_index(drop=True)
 
 
 def _parse_label(value: Any, uri: str) -> int:

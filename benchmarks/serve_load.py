@@ -8,8 +8,10 @@ background load hits every target alike; an idle target costs next to nothing):
   plain      the original design: one FastAPI + uvicorn process, one forward pass per request
              (benchmarks/plain_fastapi_app.py, the same decode, crop and model runtime as the service).
   batched    this service as `aipd serve` starts it: Ray Serve's high-throughput data path (HAProxy ingress, gRPC
-             between deployments) and continuous batching up to --max-batch-size.
-  unbatched  the same with max_batch_size=1: the cost of the architecture alone.
+             between deployments) and continuous batching up to --max-batch-size, in the layout `aipd serve` picks
+             (split on a GPU; colocated, one deployment, on a CPU-only node).
+  split      the same, always in the split layout (ingress and detector deployments): on a CPU node, the hop's cost.
+  unbatched  the same as batched with max_batch_size=1: the cost of the architecture alone.
   default    this service, batched, on Ray Serve's default data path (Python proxy, actor calls): measured in a second
              Ray cluster after the first one stops, since Serve reads the switch once per process.
   hops       not a server: the in-process cost of decode + crop per upload size and of one forward per batch size.
@@ -54,8 +56,8 @@ from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
-SERVE_TARGETS = ("batched", "unbatched")
-ORDER = ("noop", "plain", "unbatched", "batched", "default")
+SERVE_TARGETS = ("batched", "split", "unbatched")
+ORDER = ("noop", "plain", "unbatched", "split", "batched", "default")
 HOPS = ("edge", "read", "decode", "hop", "queue", "forward")
 
 
@@ -313,7 +315,9 @@ class Subprocess:
 class ServeTarget:
     """The Ray Serve application with the given batch size, deployed under /<name> beside the other targets."""
 
-    def __init__(self, name: str, port: int, checkpoint: str, args, max_batch_size: int, num_gpus: float) -> None:
+    def __init__(
+        self, name: str, port: int, checkpoint: str, args, max_batch_size: int, num_gpus: float, layout: str = "auto"
+    ) -> None:
         from app.config import Settings
         from serving.config import AppArgs
 
@@ -333,6 +337,7 @@ class ServeTarget:
                 "detector_min_replicas": args.replicas,
                 "detector_max_replicas": args.replicas,
                 "use_gpu": args.device == "cuda",
+                "layout": layout,
             },
         )
         self.app_args = AppArgs(
@@ -454,7 +459,7 @@ def summary(cells: list[Cell], check: int) -> str:
     if ("batched", check) in by:
         cell = by["batched", check]
         lines.append(f"batched at c={check}: {cell.requests_per_s:.1f} req/s, p99 {cell.p99_ms:.1f} ms")
-    for base in ("noop", "plain", "unbatched", "default"):
+    for base in ("noop", "plain", "unbatched", "split", "default"):
         if ("batched", check) in by and (base, check) in by:
             ratio = by["batched", check].requests_per_s / max(by[base, check].requests_per_s, 1e-9)
             name = "share of the node ceiling (noop)" if base == "noop" else f"batched / {base}"
@@ -497,7 +502,8 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     started = {}
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
-        started[name] = ServeTarget(name, cluster.port, checkpoint, args, batch, min(gpus, 1.0))
+        layout = "split" if name == "split" else "auto"
+        started[name] = ServeTarget(name, cluster.port, checkpoint, args, batch, min(gpus, 1.0), layout)
         started[name].start()
     return started
 

@@ -13,7 +13,14 @@ from typing import Any
 from ray.serve import Application
 
 from app.config import Settings, load_settings
-from serving.config import AppArgs, detector_gpus, detector_options, ingress_options
+from serving.config import (
+    AppArgs,
+    colocated_options,
+    detector_gpus,
+    detector_options,
+    ingress_options,
+    resolve_layout,
+)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -23,11 +30,14 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def build_application(settings: Settings, args: AppArgs | None = None, num_gpus: float | None = None) -> Application:
+    """The application for these settings: two deployments (split layout) or one (colocated, see serve.layout)."""
     from serving.detector import DetectorDeployment
     from serving.ingress import IngressDeployment
 
     args = args or AppArgs()
     gpus = detector_gpus(settings) if num_gpus is None else num_gpus
     payload = settings.model_dump(mode="json")
+    if resolve_layout(settings, gpus) == "colocated":
+        return IngressDeployment.options(**colocated_options(settings, args, gpus)).bind(None, payload)
     detector = DetectorDeployment.options(**detector_options(settings, args, gpus)).bind(payload)
     return IngressDeployment.options(**ingress_options(settings, args)).bind(detector, payload)

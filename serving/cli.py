@@ -1,4 +1,4 @@
-"""`aipd serve` and `aipd predict`: the serving stage's commands.
+"""`aipd serve`, `aipd predict` and `aipd scan`: the serving stage's commands.
 
 Ray, torch and the deployments are imported inside the commands, so `aipd --help` stays fast.
 """
@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from app.cli_common import ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
+from app.cli_common import AddressOpt, ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
 from app.config import Settings, reachable_url
 
 cli = new_app()
@@ -90,7 +90,10 @@ def serve_command(
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter("choose auto, fp32 or bf16", param_hint="--precision")
     args = AppArgs(champion_poll_s=champion_poll_s, precision=precision)
-    path = write_serve_config(write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args))
+    gpus = None if dry_run else _connect(settings, ray_metrics_port)
+    path = write_serve_config(
+        write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args, gpus)
+    )
     console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
     if dry_run:
         return
@@ -132,6 +135,89 @@ def predict_command(
         console.print(_table(results, target))
     if any("error" in item for item in results):
         raise typer.Exit(1)
+
+
+@cli.command("scan")
+@handle_errors
+def scan_command(
+    sources: list[str] = typer.Argument(
+        ..., help="Folders (scanned recursively), CSV/Parquet manifests with a `path` column, or URIs (s3://...)."
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder or URI: Parquet files, one row per input file."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="models:/aipd-detector@champion (default), models:/NAME/VERSION or a checkpoint dir.",
+    ),
+    rescan: bool = typer.Option(False, "--rescan", help="Scan every file again, even those already in the output."),
+    report: bool = typer.Option(False, "--report", help="Write report.html next to the output."),
+    top: int = typer.Option(24, "--top", min=1, help="Suspicious photos the report shows."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Images per forward pass (default: 256 on a GPU, 16 on a CPU)."
+    ),
+    concurrency: Optional[str] = typer.Option(
+        None, "--concurrency", help="MIN,MAX model actors (default: 1,GPUs on a GPU cluster, 1,1 on CPUs)."
+    ),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Default: GPUs when the cluster has them."),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Scan a whole catalog with Ray Data batch inference: which stored photos are AI-generated?
+
+    Reads and decodes on CPU tasks, runs the detector in a pool of model actors (a GPU each when there are GPUs),
+    writes one Parquet row per file: path, prediction, probability, confidence, threshold, model_version, width,
+    height, bytes, sha256, error, detail. Files that cannot be read are rows with an error, never fatal. Run it again
+    with the same --out and it skips the files already there.
+
+    Examples:
+      aipd scan photos/ --out scans/photos --report
+      aipd scan s3://shop/catalog/ --out s3://shop/scans/2026-11 --model models:/aipd-detector/7
+      aipd scan manifest.csv --out scans/m --address ray://head:10001
+    """
+    from serving.scan import run_scan
+
+    bounds = _concurrency(concurrency)
+    settings = settings_from(config, ray_address=address, serve={"use_gpu": gpu})
+    summary = run_scan(
+        settings, sources, out, model_uri=model, rescan=rescan, batch_size=batch_size, concurrency=bounds
+    )
+    if report:
+        from serving.scan_report import write_report
+
+        summary.report = write_report(out, top=top)
+    console.print(_scan_table(summary))
+
+
+def _concurrency(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        low, _, high = text.partition(",")
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise typer.BadParameter("give MIN,MAX, e.g. 1,4", param_hint="--concurrency") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise typer.BadParameter("needs 1 <= MIN <= MAX", param_hint="--concurrency")
+    return bounds
+
+
+def _scan_table(summary: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title="catalog scan", show_header=False)
+    scored = summary.files - summary.errors
+    table.add_row("files", f"{summary.files:,} ({summary.scanned:,} scanned now, {summary.skipped:,} already done)")
+    table.add_row("speed", f"{summary.images_per_s:,.1f} images/s ({summary.seconds:.1f} s)")
+    share = summary.ai_generated / scored if scored > 0 else 0.0
+    table.add_row("AI-generated", f"{summary.ai_generated:,} ({share:.1%} of the photos scanned)")
+    errors = ", ".join(f"{kind} {n}" for kind, n in summary.error_kinds.items())
+    table.add_row("could not scan", f"{summary.errors:,}" + (f" ({errors})" if errors else ""))
+    table.add_row("model", summary.model_version)
+    table.add_row("output", summary.out)
+    if summary.report:
+        table.add_row("report", summary.report)
+    return table
 
 
 def _table(results: list[dict[str, Any]], url: str) -> Any:
@@ -186,17 +272,24 @@ def _check_model(settings: Settings) -> None:
         )
 
 
-def _deploy_and_wait(settings: Settings, args: Any, ray_metrics_port: int | None) -> None:
-    from ray import serve
-
+def _connect(settings: Settings, ray_metrics_port: int | None) -> float:
+    """Start or join Ray; returns the GPUs a detector replica gets there (they decide the layout)."""
     from app.ray_runtime import init_ray
-    from serving.app_builder import build_application
-    from serving.config import APP_NAME
+    from serving.config import detector_gpus
 
     init_kwargs: dict[str, Any] = {"include_dashboard": False}
     if ray_metrics_port and not settings.ray_address:
         init_kwargs["_metrics_export_port"] = ray_metrics_port
     init_ray(settings, **init_kwargs)
+    return detector_gpus(settings)
+
+
+def _deploy_and_wait(settings: Settings, args: Any, ray_metrics_port: int | None) -> None:
+    from ray import serve
+
+    from serving.app_builder import build_application
+    from serving.config import APP_NAME
+
     # Replicas may run in another directory (or on another machine): pin the work directory to an absolute path.
     deployed = settings.model_copy(update={"work_dir": settings.work_dir.resolve()})
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})

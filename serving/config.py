@@ -53,7 +53,7 @@ class AppArgs(BaseModel):
     champion_poll_s: float = Field(10.0, ge=0, description="how often the detector re-resolves an alias model URI")
     torch_threads: int | None = Field(None, ge=1, description="CPU inference threads per detector replica")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, float32 on CPU; bf16 also on CPU pays on AMX chips in batches"
+        "auto", description="auto: bf16 where the hardware has it (a GPU, a CPU with AVX512-BF16 or AMX), else float32"
     )
     autoscaling: dict[str, Any] = Field(
         default_factory=lambda: {"upscale_delay_s": 10.0, "downscale_delay_s": 120.0},
@@ -124,6 +124,25 @@ def detector_options(settings: Settings, args: AppArgs, num_gpus: float | None) 
     return options
 
 
+def colocated_options(settings: Settings, args: AppArgs, num_gpus: float | None) -> dict[str, Any]:
+    """The one deployment of the colocated layout: the ingress's routes, holding the detector's model and batcher, so
+    it takes the detector's queue depth, replica bounds and live user_config."""
+    options = detector_options(settings, args, num_gpus)
+    if "ray_actor_options" not in options:
+        options["ray_actor_options"] = {"num_cpus": 1, "runtime_env": {"env_vars": DETECTOR_ENV}}
+    return options
+
+
+def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split", "colocated"]:
+    """`serve.layout`, with "auto" decided by the detector's GPUs: on a CPU node one deployment saves a hop between
+    processes (benchmarks/RESULTS.md); a GPU's detector takes batches from several ingress replicas. Unknown GPUs
+    (a file written away from the cluster) give "split", which runs everywhere."""
+    layout = settings.serve.layout
+    if layout != "auto":
+        return layout
+    return "colocated" if num_gpus == 0 else "split"
+
+
 def detector_gpus(settings: Settings) -> float:
     """1 GPU per detector replica when asked for, or when left to us (`use_gpu: null`) and the cluster has one."""
     use_gpu = settings.serve.use_gpu
@@ -136,12 +155,23 @@ def detector_gpus(settings: Settings) -> float:
     return 1.0 if ray.is_initialized() and cluster_has_gpus() else 0.0
 
 
-def serve_config(settings: Settings, args: AppArgs | None = None) -> dict[str, Any]:
-    """A `ServeDeploySchema` document. The detector's GPUs are left to the builder when `serve.use_gpu` is null,
-    so one file serves a laptop and a GPU cluster."""
+def serve_config(settings: Settings, args: AppArgs | None = None, num_gpus: float | None = None) -> dict[str, Any]:
+    """A `ServeDeploySchema` document. The detector's GPUs are left to the builder when `serve.use_gpu` is null and
+    ``num_gpus`` is not given, so one file serves a laptop and a GPU cluster; the layout is resolved here, since the
+    deployments the file lists must be the ones the builder makes."""
     args = args or AppArgs()
-    args = args.model_copy(update={"settings": {**portable_settings(settings), **args.settings}})
     fixed_gpus = None if settings.serve.use_gpu is None else (1.0 if settings.serve.use_gpu else 0.0)
+    gpus = fixed_gpus if fixed_gpus is not None else num_gpus
+    layout = resolve_layout(settings, gpus)
+    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"layout": layout})})
+    args = args.model_copy(update={"settings": {**portable_settings(settings), **args.settings}})
+    if layout == "colocated":
+        deployments = [{"name": INGRESS, **colocated_options(settings, args, fixed_gpus)}]
+    else:
+        deployments = [
+            {"name": INGRESS, **ingress_options(settings, args)},
+            {"name": DETECTOR, **detector_options(settings, args, fixed_gpus)},
+        ]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": settings.serve.host, "port": settings.serve.port},
@@ -151,10 +181,7 @@ def serve_config(settings: Settings, args: AppArgs | None = None) -> dict[str, A
                 "route_prefix": "/",
                 "import_path": BUILDER,
                 "args": args.model_dump(mode="json"),
-                "deployments": [
-                    {"name": INGRESS, **ingress_options(settings, args)},
-                    {"name": DETECTOR, **detector_options(settings, args, fixed_gpus)},
-                ],
+                "deployments": deployments,
             }
         ],
     }
@@ -168,6 +195,7 @@ _HEADER = """\
 # model_uri may name models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION or a checkpoint dir.
 # API keys are not stored here: set AIPD_API_KEYS on the cluster. Relative work_dir paths resolve where Ray runs.
 # The detector asks for a GPU when serve.use_gpu is true, or when it is null and the cluster has GPUs.
+# serve.layout says which deployments there are: split (ingress + detector) or colocated (one, for CPU-only nodes).
 """
 
 

@@ -34,7 +34,6 @@ from serving.runtime import (
     available_cores,
     describe,
     explain_crop,
-    freeze_for_cpu,
     load_active,
     pick_device,
     run_batch,
@@ -159,13 +158,12 @@ class DetectorCore:
                 started = time.perf_counter()
                 sizes = warmup_sizes(config.max_batch_size)
                 on_gpu = self._device.type == "cuda"
-                loaded = load_active(
+                loaded = load_active(  # on a CPU, traced and warm before it answers: every answer from one graph
                     self._settings,
                     uri,
                     self._device,
                     warmup_sizes=sizes,
                     precision=config.precision,
-                    freeze=False,
                     warm=not on_gpu,
                     cuda_graphs=config.cuda_graphs,
                 )
@@ -188,8 +186,6 @@ class DetectorCore:
                 return
             self._active = loaded
             self._problem = ""
-            # The eager model serves at once; the faster CPU trace replaces it when ready (read per batch).
-            threading.Thread(target=freeze_for_cpu, args=(loaded, sizes), name="aipd-cpu-freeze", daemon=True).start()
             self._metrics.inc("model_loads_total", {"version": loaded.version, "result": "ok"})
             self._log.info(
                 "model ready",
@@ -257,6 +253,38 @@ class DetectorCore:
         self._stop.set()
         self._wake.set()
         self._batcher.close()
+
+
+class LocalDetector:
+    """The ingress's view of a detector in its own process (the colocated layout): plain awaits on the core."""
+
+    def __init__(self, core: DetectorCore) -> None:
+        self.core = core
+
+    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self.core.predict(crop)
+
+    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self.core.explain(crop)
+
+    async def status(self) -> dict[str, Any]:
+        return self.core.status()
+
+
+class RemoteDetector:
+    """The ingress's view of the detector deployment (the split layout): calls through its Serve handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self.handle.predict.remote(crop)
+
+    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+        return await self.handle.explain.remote(crop)
+
+    async def status(self) -> dict[str, Any]:
+        return await self.handle.status.remote()
 
 
 @serve.deployment(name="DetectorDeployment")

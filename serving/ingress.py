@@ -187,15 +187,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 class IngressDeployment:
     """Routes of the contract; the guards run in the order: key (401), rate (429), ready (503), bytes (413/415)."""
 
-    def __init__(self, detector: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, detector: DeploymentHandle | None, settings: dict[str, Any]) -> None:
+        """With a detector handle: the split layout. Without: the colocated one, the model in this replica."""
         from app.logging import configure_logging, get_logger
+        from serving.detector import DetectorCore, LocalDetector, RemoteDetector
         from serving.metrics import MetricsRecorder
 
         self._settings = Settings(**settings)
         configure_logging(self._settings.log_format, self._settings.log_level)
         self._log = get_logger("serving.ingress")
-        self._detector = detector
         self._metrics = MetricsRecorder(serve.get_replica_context().app_name)
+        self._core = None if detector is not None else DetectorCore(self._settings, self._metrics)
+        self._detector = RemoteDetector(detector) if self._core is None else LocalDetector(self._core)
         self._limiter = RateLimiter(self._settings.serve.rate_limit_per_minute)
         self._keys = list(self._settings.api_keys)
         self._ready = False
@@ -205,6 +208,16 @@ class IngressDeployment:
                 "API keys are off: anyone who reaches this port may call the prediction routes; "
                 "set AIPD_API_KEYS=key1,key2 to require the X-API-Key header"
             )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Colocated layout only: the detector's live settings (Serve sends a user_config to this deployment then)."""
+        if self._core is not None:
+            deployment_config = getattr(serve.get_replica_context(), "_deployment_config", None)
+            self._core.configure(user_config, getattr(deployment_config, "max_ongoing_requests", None))
+
+    def check_health(self) -> None:
+        if self._core is not None:
+            self._core.check_health()
 
     # ------------------------------------------------------------------------------------------------ plain routes
     @api.get("/healthz", summary="Liveness: the ingress answers")
@@ -399,7 +412,7 @@ class IngressDeployment:
 
     async def _call(self, method: Any, crop: np.ndarray) -> dict[str, Any]:
         try:
-            result = await asyncio.wait_for(method.remote(crop), timeout=DETECTOR_TIMEOUT_S)
+            result = await asyncio.wait_for(method(crop), timeout=DETECTOR_TIMEOUT_S)
         except asyncio.TimeoutError as err:
             raise ApiError(
                 503,
@@ -426,7 +439,7 @@ class IngressDeployment:
 
     async def _detector_status(self) -> dict[str, Any] | None:
         try:
-            return await asyncio.wait_for(self._detector.status.remote(), timeout=STATUS_TIMEOUT_S)
+            return await asyncio.wait_for(self._detector.status(), timeout=STATUS_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - timeout (no replica yet) or a replica restarting
             return None
 
@@ -459,6 +472,9 @@ class IngressDeployment:
         return error_response(err)
 
     def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
         metrics = getattr(self, "_metrics", None)
         if metrics is not None:
             metrics.close()

@@ -9,8 +9,10 @@ EfficientNet-B0's eager forward is bound by kernel launches, and a replay launch
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -18,8 +20,9 @@ import numpy as np
 from app.config import Settings
 from app.model_ref import ModelRef, parse_model_ref
 
-# bf16 autocast: always on GPU; on CPU only when asked ("bf16"), since there it pays only on chips with bf16 matrix
-# units (Intel AMX, AVX512-BF16) and only in batches, and the threshold was chosen on float32 scores.
+# "auto": bf16 where the hardware computes it natively (a GPU, a CPU with AVX512-BF16 or AMX), float32 elsewhere,
+# where bf16 would only be emulated. bf16 moves a probability by well under 1e-3 and gives the same answer at any
+# batch size, so the scan and the service still agree (benchmarks/RESULTS.md).
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -34,9 +37,10 @@ class ActiveModel:
     threshold: float
     device: Any
     bf16: bool
-    # What run_batch calls: the model itself, or on a CPU in float32 a frozen TorchScript trace of it (Grad-CAM keeps
-    # the eager model, which has gradients).
+    # What run_batch calls on a CPU once ready: a frozen TorchScript trace, in bf16 when `bf16` (Grad-CAM keeps the
+    # eager float32 model, which has gradients), and the dtype it takes.
     infer: Any = None
+    infer_dtype: Any = None
     # On a GPU, whether to capture CUDA graphs at warm-up, and the captured ones by padded batch size.
     use_graphs: bool = True
     graphs: dict[int, GraphedForward] = field(default_factory=dict)
@@ -93,7 +97,17 @@ def alias_version(ref: ModelRef) -> str:
 
 
 def use_bf16(device: Any, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16, AMX); oneDNN only emulates bf16 on the others."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: assume not
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def load_active(
@@ -216,23 +230,26 @@ def _next_power_of_two(n: int) -> int:
 
 
 def freeze_for_cpu(active: ActiveModel, warmup_sizes: tuple[int, ...] = (1,)) -> None:
-    """On a CPU in float32, swap a warmed-up frozen trace in as what `run_batch` calls; elsewhere do nothing."""
-    if active.device.type != "cpu" or active.bf16:
+    """On a CPU, swap a warmed-up frozen trace in as what `run_batch` calls (a bf16 copy of the model when `bf16`)."""
+    if active.device.type != "cpu":
         return
+    import copy
+
     import torch
 
-    frozen = frozen_trace(active.model, active.crop_size)
+    dtype = torch.bfloat16 if active.bf16 else torch.float32
+    model = copy.deepcopy(active.model).to(dtype) if active.bf16 else active.model
+    frozen = frozen_trace(model, active.crop_size, dtype)
     with torch.inference_mode():
         for size in sorted(set(warmup_sizes)):
-            example = torch.zeros(size, 3, active.crop_size, active.crop_size).contiguous(
-                memory_format=torch.channels_last
-            )
+            side = active.crop_size
+            example = torch.zeros(size, 3, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
             for _ in range(2):  # TorchScript's profiling executor optimises the graph on its first calls per shape
                 frozen(example)
-    active.infer = frozen
+    active.infer, active.infer_dtype = frozen, dtype
 
 
-def frozen_trace(model: Any, crop_size: int) -> Any:
+def frozen_trace(model: Any, crop_size: int, dtype: Any = None) -> Any:
     """A frozen TorchScript trace: batch norm folded into the convolutions and oneDNN's fused kernels, same outputs.
 
     Faster on a CPU (benchmarks/RESULTS.md); any batch size runs through it.
@@ -241,7 +258,7 @@ def frozen_trace(model: Any, crop_size: int) -> Any:
 
     import torch
 
-    example = torch.zeros(1, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)
+    example = torch.zeros(1, 3, crop_size, crop_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace warnings about Python control flow; the detector has none per input
         return torch.jit.freeze(torch.jit.trace(model, example))
@@ -281,9 +298,12 @@ def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
     from app.transforms import to_model_input
 
     x = to_model_input(batch, device=active.device, channels_last=True)
-    device_type = active.device.type
-    with torch.inference_mode(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=active.bf16):
-        logits = (active.infer or active.model)(x)
+    with torch.inference_mode():
+        if active.infer is not None:
+            logits = active.infer(x.to(active.infer_dtype))
+        else:
+            with torch.autocast(device_type=active.device.type, dtype=torch.bfloat16, enabled=active.bf16):
+                logits = active.model(x)
     return torch.sigmoid(logits.float()).cpu().numpy()[:n]
 
 

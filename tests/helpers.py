@@ -71,6 +71,14 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def model_deployment(app_name: str) -> str:
+    """The deployment that holds the model: the detector (split layout), or the ingress itself (colocated)."""
+    from ray import serve
+
+    deployments = serve.status().applications[app_name].deployments
+    return "DetectorDeployment" if "DetectorDeployment" in deployments else "IngressDeployment"
+
+
 def running_replicas(app_name: str, deployment: str) -> int:
     from ray import serve
 

@@ -214,6 +214,27 @@ def test_cluster_launcher_has_a_cpu_head_and_autoscaling_gpu_workers() -> None:
         assert ". ~/.aipd/cluster.env" in commands[-1]
 
 
+def test_every_way_a_cluster_starts_turns_on_serves_high_throughput_path() -> None:
+    """Serve reads these once per process at `ray start`, so every node of every config must carry them."""
+    from app.ray_runtime import HIGH_THROUGHPUT_ENV
+
+    compose = resolved_compose()
+    for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
+        environment = compose["services"][name]["environment"]
+        assert {k: environment.get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV, name
+    (config_map,) = [doc for doc in kuberay_documents() if doc.get("kind") == "ConfigMap"]
+    assert {k: config_map["data"].get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV
+    for spec in cluster_specs():  # every Ray container reads that ConfigMap
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                assert {"configMapRef": {"name": "aipd-config"}} in container.get("envFrom", [])
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        exported = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items())
+        assert f"export {exported};" in commands[-1]
+
+
 # ------------------------------------------------------------------------------------------------ Serve configs
 def test_the_projects_serve_config_validates_against_serves_schema() -> None:
     validate_serve_config(yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text()))

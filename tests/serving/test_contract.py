@@ -1,8 +1,9 @@
 """The HTTP contract against a real Serve application: every route, the bad-input corpus, odd but valid images,
 huge uploads, batching, application-wide metrics, API keys and rate limits.
 
-One application for the module: a tiny untrained detector from a checkpoint directory, two ingress replicas (so
-the metrics must add up across replicas) and one detector replica.
+Each layout runs the whole module: split (two ingress replicas in front of one detector replica, so the metrics must
+add up across replicas) and colocated (one replica that decodes and holds the model, the layout `aipd serve` picks on
+a CPU node). The model is a tiny untrained detector from a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ import pytest
 from PIL import Image
 
 from tests.app import hostile_images as hostile
-from tests.helpers import CROP, ServeApp, jpeg, make_checkpoint, metric_value, running_replicas, undeploy, wait_until
+from tests.helpers import (
+    CROP,
+    ServeApp,
+    jpeg,
+    make_checkpoint,
+    metric_value,
+    model_deployment,
+    running_replicas,
+    undeploy,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +43,14 @@ RATE = 100
 APP = "contract"
 
 
-@pytest.fixture(scope="module")
-def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
+LAYOUTS = {
+    "split": {"layout": "split", "ingress_min_replicas": 2, "ingress_max_replicas": 2},
+    "colocated": {"layout": "colocated"},
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def service(request: pytest.FixtureRequest, deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
     from app.config import Settings
     from serving.config import AppArgs
 
@@ -53,6 +70,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
             "ingress_max_replicas": 2,
             "detector_min_replicas": 1,
             "detector_max_replicas": 1,
+            **LAYOUTS[request.param],
         },
     )
     app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
@@ -208,8 +226,10 @@ def test_odd_but_valid_images_are_answered(service: ServeApp, make) -> None:
 
 
 def test_no_input_killed_a_replica(service: ServeApp) -> None:
-    assert running_replicas(APP, "DetectorDeployment") == 1
-    assert running_replicas(APP, "IngressDeployment") == 2
+    split = model_deployment(APP) == "DetectorDeployment"
+    assert running_replicas(APP, "IngressDeployment") == (2 if split else 1)
+    if split:
+        assert running_replicas(APP, "DetectorDeployment") == 1
     assert service.metrics().count("predictions_total") > 0
     assert metric_value(service.metrics(), "predictions_total", status="500") == 0, "no input may produce a 500"
 
@@ -331,7 +351,8 @@ def test_metrics_add_up_across_ingress_replicas(service: ServeApp) -> None:
     assert errors(after) - errors(before) == 1
     assert latencies(after) - latencies(before) == count + 1
     assert metric_value(after, "prediction_probability_count") >= count
-    assert metric_value(after, "model_loads_total", result="ok") == 1
+    model_replicas = running_replicas(APP, model_deployment(APP))
+    assert metric_value(after, "model_loads_total", result="ok") == model_replicas, "one load per model replica"
 
 
 # ----------------------------------------------------------------------------------------------------- guards
@@ -406,7 +427,7 @@ def test_reconfigure_changes_batching_and_model_live(service: ServeApp, tmp_path
     from ray import serve
 
     new = make_checkpoint(tmp_path / "tiny-ckpt-2", seed=2)
-    detector = serve.get_deployment_handle("DetectorDeployment", app_name=APP)
+    detector = serve.get_deployment_handle(model_deployment(APP), app_name=APP)
     detector.reconfigure.remote(
         {"model_uri": str(new), "max_batch_size": 2, "batch_wait_timeout_s": 0.05, "champion_poll_s": 0}
     ).result()

@@ -15,12 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServeApp, jpeg, make_checkpoint, running_replicas, undeploy, wait_until
+from tests.helpers import ServeApp, jpeg, make_checkpoint, model_deployment, running_replicas, undeploy, wait_until
 
 pytestmark = pytest.mark.slow
 
 APP = "updates"
-DETECTOR = "DetectorDeployment"
 
 
 @dataclass
@@ -147,13 +146,15 @@ def test_scales_out_under_load_and_switches_champion_without_a_failed_request(
     if not registry.versions:
         registry.publish(seed=1)
         wait_until(lambda: service.http.get("/health").status_code == 200, 30, what="a champion")
-    assert running_replicas(APP, DETECTOR) == 1
+    assert running_replicas(APP, model_deployment(APP)) == 1
     old = registry.versions[-1]
 
     with SteadyLoad(service.url, workers=12) as load:
         # On two cores saturated by the load, a new replica needs ~13 s to start its process, ~13 s to initialise and
         # over 30 s to resolve and load the model from MLflow (measured in a full-suite run): a minute is not enough.
-        wait_until(lambda: running_replicas(APP, DETECTOR) == 2, 150, what="a second detector replica under load")
+        wait_until(
+            lambda: running_replicas(APP, model_deployment(APP)) == 2, 150, what="a second detector replica under load"
+        )
         new = registry.publish(seed=2)
         wait_until(lambda: load.recent_versions(24) == {new}, 120, what=f"every replica to serve version {new}")
         time.sleep(1.0)  # keep the load on the new version a moment longer
@@ -163,5 +164,5 @@ def test_scales_out_under_load_and_switches_champion_without_a_failed_request(
     assert versions[0] == old and versions[-1] == new
     assert set(versions) == {old, new}
 
-    wait_until(lambda: running_replicas(APP, DETECTOR) == 1, 60, what="scale-in after the load stops")
+    wait_until(lambda: running_replicas(APP, model_deployment(APP)) == 1, 60, what="scale-in after the load stops")
     assert service.predict(jpeg()).json()["model_version"] == new

@@ -245,6 +245,12 @@ def test_the_builder_accepts_the_config_file_args() -> None:
     assert isinstance(build_app(args), Application)
 
 
+def _native_bf16() -> bool:
+    from serving.runtime import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 # ------------------------------------------------------------------------------------------- detector model code
 @pytest.fixture(scope="module")
 def active(tmp_path_factory: pytest.TempPathFactory):
@@ -252,7 +258,7 @@ def active(tmp_path_factory: pytest.TempPathFactory):
     from serving.runtime import load_active, pick_device
 
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("parts") / "checkpoint", seed=4, threshold=0.7)
-    return load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 4))
+    return load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 4), precision="fp32")
 
 
 def test_a_batch_gives_the_same_answers_as_one_by_one(active) -> None:
@@ -282,6 +288,22 @@ def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> No
     x = torch.rand(3, 3, CROP, CROP).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert torch.allclose(active.infer(x), active.model(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="this CPU has no bf16 instructions (AVX512-BF16, AMX)")
+def test_bf16_on_a_cpu_that_has_it_is_close_to_float32_and_the_same_at_every_batch_size(tmp_path: Path) -> None:
+    from app.config import Settings
+    from serving.runtime import load_active, pick_device, run_batch
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", seed=5)
+    fp32 = load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 6), precision="fp32")
+    bf16 = load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 6))  # auto
+    assert bf16.bf16 and bf16.infer_dtype is not None and str(bf16.infer_dtype) == "torch.bfloat16"
+    crops = [np.random.default_rng(i).integers(0, 256, (CROP, CROP, 3), dtype=np.uint8) for i in range(6)]
+    together = run_batch(bf16, crops)
+    alone = np.concatenate([run_batch(bf16, [crop]) for crop in crops])
+    assert np.array_equal(together, alone), "the scan (large batches) and the service (small ones) agree exactly"
+    assert np.abs(together - run_batch(fp32, crops)).max() < 2e-3
 
 
 def test_a_crop_of_another_size_is_recropped(active) -> None:
