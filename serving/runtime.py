@@ -201,7 +201,7 @@ def capture_graphs(active: ActiveModel, sizes: tuple[int, ...]) -> dict[int, Gra
                     forward()
             torch.cuda.current_stream(active.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = forward()
             pool = graph.pool()
             host = torch.empty((size, side, side, 3), dtype=torch.uint8, pin_memory=True)

@@ -63,6 +63,9 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
         health = app.http.get("/health").json()
         assert health["device"].startswith("cuda"), health
 
+        explained = app.predict(jpeg(seed=9), route="/predict/explain")  # Grad-CAM on the batches' worker thread
+        assert explained.status_code == 200 and explained.json()["heatmap_base64"], explained.text
+
         photos = [jpeg(seed=seed) for seed in range(6)]
         served = []
         for data in photos:
@@ -84,3 +87,32 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
         np.testing.assert_allclose([r["probability"] for r in batch.json()["results"]], expected, atol=0.02)
     finally:
         undeploy("gpu")
+
+
+def test_a_scan_on_the_gpu_answers_like_the_cpu_model(ray_cluster, tmp_path: Path) -> None:
+    """Model actors with a GPU each (CUDA graphs, bf16): the float32 CPU model's probabilities within 0.02."""
+    from app.config import Settings
+    from app.images import decode_image
+    from app.model import load_checkpoint
+    from app.scan_results import read_results
+    from app.transforms import eval_preprocess, to_model_input
+    from serving.scan import run_scan
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=6)
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    photos = {folder / f"{i}.jpg": jpeg(seed=40 + i) for i in range(12)}
+    for path, data in photos.items():
+        path.write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    settings = Settings(work_dir=tmp_path / "work", serve={"use_gpu": True})
+    summary = run_scan(settings, [str(folder)], str(tmp_path / "out"), model_uri=str(checkpoint), batch_size=8)
+    assert (summary.files, summary.errors) == (13, 1)
+    rows = read_results(str(tmp_path / "out")).set_index("path")
+
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    crops = np.stack([eval_preprocess(decode_image(data), CROP) for data in photos.values()])
+    with torch.inference_mode():
+        expected = torch.sigmoid(loaded.model(to_model_input(crops)).float()).reshape(-1).numpy()
+    scanned = [rows.loc[str(path), "probability"] for path in photos]
+    np.testing.assert_allclose(scanned, expected, atol=0.02)

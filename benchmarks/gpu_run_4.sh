@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU machine's measurements for serving at GPU speed and the catalog scan, one mode per device call (each fits
+# in one call's 10 minutes); every log and JSON lands in $OUT. Run from the repository root with .gpu-wheels carried:
+#   bash benchmarks/gpu_run_4.sh serving   # load benchmark on one GPU: noop, plain, unbatched, batched, default
+#   bash benchmarks/gpu_run_4.sh scan      # scan vs model-only, decode ceiling and DataLoader; then the GPU tests
+#   bash benchmarks/gpu_run_4.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
+set -uo pipefail
+mode=${1:?serving, scan or scaling}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+# MLflow there is mlflow-skinny: no SQLite store, a file store instead.
+export MLFLOW_ALLOW_FILE_STORE=true AIPD_MLFLOW_TRACKING_URI=file:///tmp/mlruns
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+nproc | tee -a "$out/gpu.txt"
+quiet() { grep -v -E "INFO|WARNING|^\s*$|core_worker.cc|Downloading artifacts" || true; }
+
+case "$mode" in
+serving)
+  python3 benchmarks/serve_load.py --device cuda --targets hops,noop,plain,unbatched,batched,default \
+    --concurrency 1,8,32,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
+    --max-batch-size 64 --check-at 64 --json-out "$out/serve_load.json" 2>&1 | tee "$out/serve_load.log" | quiet
+  ;;
+scan)
+  python3 benchmarks/scan_throughput.py --device cuda --files 20000 --gpus 1 --batch 256 \
+    --json-out "$out/scan.json" 2>&1 | tee "$out/scan.log" | quiet
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -15 | tee "$out/gpu_tests.log"
+  ;;
+scaling)
+  gpus=$(nvidia-smi -L | wc -l)
+  for n in 1 "$gpus"; do
+    python3 benchmarks/serve_load.py --device cuda --targets noop,batched --replicas "$n" \
+      --ingress-replicas $((8 * n)) --concurrency 64,128,256 --duration 5 --warmup 2 --client-procs $((6 * n)) \
+      --max-batch-size 64 --check-at 128 --json-out "$out/serve_r$n.json" 2>&1 | tee "$out/serve_r$n.log" | quiet
+    python3 benchmarks/scan_throughput.py --device cuda --files 20000 --gpus "$n" --steps decode,scan \
+      --json-out "$out/scan_g$n.json" 2>&1 | tee "$out/scan_g$n.log" | quiet
+  done
+  ;;
+esac

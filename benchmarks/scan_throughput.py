@@ -1,0 +1,320 @@
+"""Catalog scan throughput: `aipd scan` against the model alone, the node's decoding ceiling and a plain DataLoader.
+
+Why each number: a scan is a throughput job, so what matters is images per second against what the node can do.
+  model      the GPU ceiling: the scan's model runtime (CUDA graphs, bf16) replaying batches already on the GPU.
+  decode     the CPU ceiling: the scan's own read + validate + decode + crop (`serving.scan.read_and_crop`) in a process
+             pool of one worker per core, nothing sent back but a count.
+  dataloader the plain PyTorch loop most projects ship: a `DataLoader` with one worker per core running that same
+             decode, feeding the same model runtime in the main process.
+  scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster: images/s over the whole scan,
+             the time to its first output file, and the peak object-store memory while it ran.
+The target is scan >= 80% of min(model, decode) and >= 1.3x dataloader.
+
+Data: --files JPEGs of 256-1024 px (photo-like texture, quality 90) on local disk, written once per run.
+
+    GPU machine:   python benchmarks/scan_throughput.py --device cuda --files 20000 --gpus 1
+    this laptop:   python benchmarks/scan_throughput.py --device cpu --demo   (the demo test split: the 2-core target)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _write_jpegs(args: tuple[str, int, int]) -> int:
+    from PIL import Image
+
+    folder, start, count = args
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        width, height = (int(v) for v in rng.integers(256, 1025, 2))
+        coarse = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        (Path(folder) / f"{i:07d}.jpg").write_bytes(buffer.getvalue())
+    return count
+
+
+def make_catalog(folder: Path, files: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = 250
+    jobs = [(str(folder), start, min(chunk, files - start)) for start in range(0, files, chunk)]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        sum(pool.imap_unordered(_write_jpegs, jobs))
+    return sorted(str(p) for p in folder.glob("*.jpg"))
+
+
+def _decode_count(args: tuple[list[str], int]) -> int:
+    from app.config import ImageLimits
+    from serving.scan import read_and_crop
+
+    paths, crop = args
+    batch = read_and_crop(
+        {"path": np.array(paths, dtype=object), "label": np.full(len(paths), -1)}, crop, ImageLimits()
+    )
+    return int(batch["ok"].sum())
+
+
+def decode_ceiling(paths: list[str], crop: int) -> float:
+    jobs = [(paths[i : i + 32], crop) for i in range(0, len(paths), 32)]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        pool.map(_decode_count, jobs[:4])  # start the workers and import the project first
+        started = time.perf_counter()
+        done = sum(pool.imap_unordered(_decode_count, jobs))
+    return done / (time.perf_counter() - started)
+
+
+def load(checkpoint: str, device: str, batch: int):
+    from app.config import Settings
+    from serving.runtime import available_cores, load_active, pick_device, warmup_sizes
+
+    torch_device = pick_device(device == "cuda")
+    if torch_device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(available_cores())
+    return load_active(Settings(), checkpoint, torch_device, warmup_sizes=warmup_sizes(batch))
+
+
+def model_ceiling(active, batch: int, seconds: float = 5.0) -> tuple[float, float]:
+    """(replay of batches already on the GPU, run_batch from host crops) in images/s."""
+    import torch
+
+    from serving.runtime import run_batch
+
+    crops = [np.random.default_rng(i).integers(0, 256, (active.crop_size,) * 2 + (3,), np.uint8) for i in range(batch)]
+    host_rate = _rate(lambda: run_batch(active, crops), batch, seconds)
+    graphed = active.graphs.get(batch)
+    if graphed is None:
+        return host_rate, host_rate
+
+    def replay() -> None:
+        graphed.graph.replay()
+        torch.cuda.synchronize()
+
+    return _rate(replay, batch, seconds), host_rate
+
+
+def _rate(step, batch: int, seconds: float) -> float:
+    step()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        count += batch
+    return count / (time.perf_counter() - started)
+
+
+class _Files:
+    def __init__(self, paths: list[str], crop: int) -> None:
+        self.paths, self.crop = paths, crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from app.config import ImageLimits
+        from serving.scan import read_and_crop
+
+        one = read_and_crop(
+            {"path": np.array([self.paths[index]], dtype=object), "label": np.array([-1])}, self.crop, ImageLimits()
+        )
+        return one["crop"][0]
+
+
+def dataloader_rate(paths: list[str], active, batch: int) -> float:
+    import torch
+
+    from serving.runtime import run_batch
+
+    loader = torch.utils.data.DataLoader(
+        _Files(paths, active.crop_size),
+        batch_size=batch,
+        num_workers=os.cpu_count(),
+        pin_memory=False,
+        collate_fn=lambda items: items,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
+    started, done = time.perf_counter(), 0
+    for items in loader:
+        run_batch(active, items)
+        done += len(items)
+    return done / (time.perf_counter() - started)
+
+
+class _Watch(threading.Thread):
+    """Polls the output folder for its files (when each appeared) and Ray's object store for its peak use while a
+    scan runs."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.out, self.files, self.peak_bytes = out, {}, 0
+        self.started, self.stop = time.perf_counter(), threading.Event()
+
+    @property
+    def first_file_s(self) -> float | None:
+        return min(self.files.values()) if self.files else None
+
+    def steady_rate(self) -> float:
+        """Images/s from the first output file to the last: the scan's rate once its actors are up."""
+        import pyarrow.parquet as pq
+
+        if len(self.files) < 2:
+            return float("nan")
+        ordered = sorted(self.files.items(), key=lambda item: item[1])
+        rows = sum(pq.read_metadata(path).num_rows for path, _ in ordered[1:])
+        span = ordered[-1][1] - ordered[0][1]
+        return rows / span if span > 0 else float("nan")
+
+    def run(self) -> None:
+        import ray
+
+        while not self.stop.wait(0.1):
+            if self.out.is_dir():
+                for path in self.out.glob("*.parquet"):
+                    self.files.setdefault(str(path), time.perf_counter() - self.started)
+            try:
+                total = ray.cluster_resources().get("object_store_memory", 0)
+                free = ray.available_resources().get("object_store_memory", total)
+                self.peak_bytes = max(self.peak_bytes, int(total - free))
+            except Exception:  # noqa: BLE001 - a missed sample only lowers the peak
+                pass
+
+
+def scan_rate(folder: Path, checkpoint: str, batch: int, gpus: int, device: str) -> dict[str, float]:
+    from app.config import Settings
+    from serving.scan import run_scan
+
+    out = Path(tempfile.mkdtemp(prefix="aipd-scan-out-")) / "out"
+    settings = Settings(serve={"use_gpu": device == "cuda"})
+    watch = _Watch(out)
+    watch.start()
+    summary = run_scan(
+        settings,
+        [str(folder)],
+        str(out),
+        model_uri=checkpoint,
+        batch_size=batch,
+        concurrency=(gpus, gpus) if device == "cuda" else None,
+    )
+    watch.stop.set()
+    return {
+        "images_per_s": summary.images_per_s,
+        "steady_images_per_s": watch.steady_rate(),
+        "seconds": summary.seconds,
+        "files": summary.files,
+        "errors": summary.errors,
+        "first_output_file_s": watch.first_file_s or float("nan"),
+        "peak_object_store_mib": watch.peak_bytes / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--files", type=int, default=20000)
+    parser.add_argument("--gpus", type=int, default=1, help="model actors, one GPU each")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--steps", default="model,decode,dataloader,scan")
+    parser.add_argument("--demo", action="store_true", help="scan the demo data's test split (the CPU target)")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    steps = set(args.steps.split(","))
+
+    from app.config import Settings
+    from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
+    from app.ray_runtime import init_ray
+
+    work = Path(tempfile.mkdtemp(prefix="aipd-scan-bench-"))
+    checkpoint = str(work / "checkpoint")
+    crop = 112 if args.demo else args.crop  # the demo model's crop (train.crop_size)
+    cfg = ModelConfig()
+    save_checkpoint(checkpoint, build_model(cfg), cfg, PreprocessSettings(crop_size=crop))
+    if args.demo:
+        from app.demo import build_demo_dataset
+
+        demo = build_demo_dataset(work / "demo", images_per_class=1200, size=128, seed=0)
+        folder = Path(demo.out_dir) / "test"
+        paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    else:
+        started = time.perf_counter()
+        folder = work / "catalog"
+        paths = make_catalog(folder, args.files)
+        print(f"wrote {len(paths)} JPEGs in {time.perf_counter() - started:.0f} s", flush=True)
+    results: dict[str, object] = {"files": len(paths), "cores": os.cpu_count(), "batch": args.batch}
+    try:
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        results["gpus_visible"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+
+    if "model" in steps:
+        active = load(checkpoint, args.device, args.batch)
+        results["model_replay"], results["model_from_host"] = model_ceiling(active, args.batch)
+        print(
+            f"model: {results['model_replay']:.0f} img/s on the GPU, {results['model_from_host']:.0f} from host",
+            flush=True,
+        )
+    if "decode" in steps:
+        results["decode"] = decode_ceiling(paths, crop)
+        print(f"decode ceiling: {results['decode']:.0f} img/s on {os.cpu_count()} cores", flush=True)
+    if "dataloader" in steps:
+        active = load(checkpoint, args.device, args.batch)
+        results["dataloader"] = dataloader_rate(paths, active, args.batch)
+        print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
+    if "scan" in steps:
+        ray_started = time.perf_counter()
+        init_ray(Settings(), include_dashboard=False, log_to_driver=False)
+        results["ray_start_s"] = time.perf_counter() - ray_started
+        results["scan"] = scan_rate(
+            folder, checkpoint, args.batch if args.device == "cuda" else 16, args.gpus, args.device
+        )
+        print(f"scan: {json.dumps(results['scan'])}", flush=True)
+
+    scan = results["scan"]["steady_images_per_s"] if isinstance(results.get("scan"), dict) else None
+    whole = results["scan"]["images_per_s"] if scan is not None else 0.0
+    ceilings = [results[k] for k in ("model_replay", "decode") if k in results]
+    print(
+        "\n| card | files | model img/s | decode img/s | dataloader img/s | scan img/s steady (whole run) "
+        "| scan / min ceiling | scan / dataloader | first output file s | peak object store MiB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def fmt(key: str) -> str:
+        return f"{results[key]:.0f}" if key in results else "-"
+
+    ratio_ceiling = f"{scan / min(ceilings):.2f}" if scan and ceilings else "-"
+    ratio_loader = f"{scan / results['dataloader']:.2f}x" if scan and "dataloader" in results else "-"
+    first = results["scan"]["first_output_file_s"] if scan else float("nan")
+    peak = results["scan"]["peak_object_store_mib"] if scan else float("nan")
+    print(
+        f"| {results.get('gpu') or 'cpu'} x{args.gpus if args.device == 'cuda' else 0} | {len(paths)} | "
+        f"{fmt('model_replay')} | {fmt('decode')} | {fmt('dataloader')} | {scan or 0:.0f} ({whole:.0f}) | "
+        f"{ratio_ceiling} | "
+        f"{ratio_loader} | {first:.1f} | {peak:.0f} |"
+    )
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
