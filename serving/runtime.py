@@ -282,10 +282,13 @@ def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
     padded = padded_batch_size(n, active.device.type)
     graphed = active.graphs.get(padded)
     if graphed is not None:
+        import torch
+
         np.stack(crops, out=graphed.host.numpy()[:n])  # rows past n keep old pixels; their outputs are dropped
-        graphed.device_in.copy_(graphed.host, non_blocking=True)
-        graphed.graph.replay()
-        return graphed.out[:n].cpu().numpy()
+        with torch.inference_mode():  # the graph's buffers were made in inference mode
+            graphed.device_in.copy_(graphed.host, non_blocking=True)
+            graphed.graph.replay()
+            return graphed.out[:n].cpu().numpy()
     batch = np.stack(crops)
     if padded > n:
         batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
