@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run_4.sh serving   # load benchmark on one GPU: noop, plain, unbatched, batched, default
 #   bash benchmarks/gpu_run_4.sh scan      # scan vs model-only, decode ceiling and DataLoader; then the GPU tests
 #   bash benchmarks/gpu_run_4.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
+#   bash benchmarks/gpu_run_4.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 set -uo pipefail
 mode=${1:?serving, scan or scaling}
 out=${OUT:-/tmp/out}
@@ -21,6 +22,15 @@ serving)
   python3 benchmarks/serve_load.py --device cuda --targets hops,noop,plain,unbatched,batched,default \
     --concurrency 1,8,32,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_load.json" 2>&1 | tee "$out/serve_load.log" | quiet
+  ;;
+after)
+  python3 benchmarks/serve_load.py --device cuda --targets noop,plain,batched \
+    --concurrency 1,8,32,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
+    --max-batch-size 64 --check-at 64 --json-out "$out/serve_load_after.json" 2>&1 | tee "$out/serve_load_after.log" | quiet
+  python3 benchmarks/scan_throughput.py --device cuda --files 20000 --gpus 1 --batch 256 \
+    --json-out "$out/scan.json" 2>&1 | tee "$out/scan.log" | quiet
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -k "not ray_train" 2>&1 | tail -15 \
+    | tee "$out/gpu_tests.log"
   ;;
 scan)
   python3 benchmarks/scan_throughput.py --device cuda --files 20000 --gpus 1 --batch 256 \

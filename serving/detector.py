@@ -15,6 +15,7 @@ request fails and no replica restarts; each answer names the version that made i
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -44,6 +45,11 @@ from serving.runtime import (
 
 # A lone request waits this long for company; above a second that is a misconfiguration, not a trade-off.
 MAX_BATCH_WAIT_S = 1.0
+# One ingress-to-detector call carries at most this many crops and bytes (Serve's gRPC messages stop at 4 MiB), and
+# each ingress replica keeps at most this many calls in flight.
+COALESCE_MAX_CROPS = 16
+COALESCE_MAX_BYTES = 3 * 1024 * 1024
+COALESCE_CALLS_IN_FLIGHT = 2
 
 
 class DetectorConfig(BaseModel):
@@ -211,6 +217,10 @@ class DetectorCore:
             result = {**result, "queue_ms": max(0.0, waited_ms - result["forward_ms"])}
         return result
 
+    async def predict_many(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Several crops from one ingress call; each joins the batches like a single one, with other callers' crops."""
+        return list(await asyncio.gather(*(self.predict(crop) for crop in crops)))
+
     def _run(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
         """One batch, on the batcher's worker thread."""
         active = self._active
@@ -272,13 +282,25 @@ class LocalDetector:
 
 
 class RemoteDetector:
-    """The ingress's view of the detector deployment (the split layout): calls through its Serve handle."""
+    """The ingress's view of the detector deployment (the split layout): calls through its Serve handle.
+
+    Crops that queue in this ingress replica while its calls are in flight travel together in the next call: a call
+    between deployments costs far more than the bytes of one more crop, so under load this divides the calls the
+    detector has to take by the number of crops each carries.
+    """
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
+        self._calls: Batcher[np.ndarray, dict[str, Any]] = Batcher(
+            self._send, max_batch_size=COALESCE_MAX_CROPS, max_in_flight=COALESCE_CALLS_IN_FLIGHT
+        )
 
     async def predict(self, crop: np.ndarray) -> dict[str, Any]:
-        return await self.handle.predict.remote(crop)
+        self._calls.max_batch_size = max(1, min(COALESCE_MAX_CROPS, COALESCE_MAX_BYTES // max(1, crop.nbytes)))
+        return await self._calls.submit(crop)
+
+    async def _send(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+        return await self.handle.predict_many.remote(crops)
 
     async def explain(self, crop: np.ndarray) -> dict[str, Any]:
         return await self.handle.explain.remote(crop)
@@ -309,6 +331,9 @@ class DetectorDeployment:
 
     async def predict(self, crop: np.ndarray) -> dict[str, Any]:
         return await self._core.predict(crop)
+
+    async def predict_many(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+        return await self._core.predict_many(crops)
 
     async def explain(self, crop: np.ndarray) -> dict[str, Any]:
         return await self._core.explain(crop)

@@ -126,3 +126,35 @@ def test_a_cancelled_caller_is_dropped_before_its_batch_runs() -> None:
 def test_max_batch_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(lambda items: items, max_batch_size=0)
+
+
+def test_a_coroutine_runs_on_the_loop_with_several_batches_in_flight() -> None:
+    calls: list[list[int]] = []
+    in_flight, peak = 0, 0
+
+    async def send(items: list[int]) -> list[int]:
+        nonlocal in_flight, peak
+        calls.append(list(items))
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return [item + 100 for item in items]
+
+    async def main() -> list[int]:
+        batcher = Batcher(send, max_batch_size=3, max_in_flight=2)
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 9)]
+        results = await asyncio.gather(*first, *rest)
+        batcher.close()
+        return results
+
+    assert asyncio.run(main()) == [100 + i for i in range(9)]
+    assert peak == 2, "two calls at once, no more"
+    assert calls[0] == [0, 1] and all(len(call) <= 3 for call in calls) and sum(map(len, calls)) == 9
+
+
+def test_a_thread_worker_takes_one_batch_at_a_time() -> None:
+    with pytest.raises(ValueError, match="one batch at a time"):
+        Batcher(lambda items: items, max_batch_size=4, max_in_flight=2)
