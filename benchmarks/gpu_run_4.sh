@@ -41,10 +41,12 @@ scaling)
   gpus=$(nvidia-smi -L | wc -l)
   for n in 1 "$gpus"; do
     python3 benchmarks/serve_load.py --device cuda --targets noop,batched --replicas "$n" \
-      --ingress-replicas $((8 * n)) --concurrency 64,128,256 --duration 5 --warmup 2 --client-procs $((6 * n)) \
+      --ingress-replicas $((8 * n)) --concurrency 64,128 --duration 4 --warmup 2 --client-procs $((6 * n)) \
       --max-batch-size 64 --check-at 128 --json-out "$out/serve_r$n.json" 2>&1 | tee "$out/serve_r$n.log" | quiet
-    python3 benchmarks/scan_throughput.py --device cuda --files 20000 --gpus "$n" --steps decode,scan \
-      --json-out "$out/scan_g$n.json" 2>&1 | tee "$out/scan_g$n.log" | quiet
   done
+  python3 benchmarks/scan_throughput.py --device cuda --files 12000 --gpus 1 --steps model,decode,scan \
+    --json-out "$out/scan_g1.json" 2>&1 | tee "$out/scan_g1.log" | quiet
+  python3 benchmarks/scan_throughput.py --device cuda --files 12000 --gpus "$gpus" --steps scan \
+    --json-out "$out/scan_g$gpus.json" 2>&1 | tee "$out/scan_g$gpus.log" | quiet
   ;;
 esac

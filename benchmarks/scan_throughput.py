@@ -82,14 +82,14 @@ def decode_ceiling(paths: list[str], crop: int) -> float:
 
 def load(checkpoint: str, device: str, batch: int):
     from app.config import Settings
-    from serving.runtime import available_cores, load_active, pick_device, warmup_sizes
+    from serving.runtime import available_cores, load_active, pick_device
 
     torch_device = pick_device(device == "cuda")
     if torch_device.type == "cpu":
         import torch
 
         torch.set_num_threads(available_cores())
-    return load_active(Settings(), checkpoint, torch_device, warmup_sizes=warmup_sizes(batch))
+    return load_active(Settings(), checkpoint, torch_device, warmup_sizes=(batch,))
 
 
 def model_ceiling(active, batch: int, seconds: float = 5.0) -> tuple[float, float]:
@@ -205,13 +205,14 @@ def scan_rate(folder: Path, checkpoint: str, batch: int, gpus: int, device: str)
     settings = Settings(serve={"use_gpu": device == "cuda"})
     watch = _Watch(out)
     watch.start()
-    summary = run_scan(
+    summary = run_scan(  # files of 1,024 rows: the time each lands gives the steady rate
         settings,
         [str(folder)],
         str(out),
         model_uri=checkpoint,
         batch_size=batch,
         concurrency=(gpus, gpus) if device == "cuda" else None,
+        rows_per_file=1024,
     )
     watch.stop.set()
     return {

@@ -221,7 +221,7 @@ def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int
     batch size on this device, eager and (on a GPU) replayed as a CUDA graph (what the detector spends)."""
     from app.config import ImageLimits, Settings
     from serving.ingress import decode_and_crop
-    from serving.runtime import available_cores, load_active, pick_device, run_batch
+    from serving.runtime import available_cores, load_active, pick_device, run_batch, warmup_sizes
 
     lines = ["| step | size | ms |", "| --- | --- | ---: |"]
     per_size = len(jpegs) // len(sizes)
@@ -240,7 +240,7 @@ def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int
             Settings(),
             checkpoint,
             device,
-            warmup_sizes=(1, args.max_batch_size),
+            warmup_sizes=warmup_sizes(args.max_batch_size, device.type),
             precision=args.precision,
             cuda_graphs=graphs,
         )

@@ -16,6 +16,7 @@ request fails and no replica restarts; each answer names the version that made i
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from typing import Any
@@ -162,7 +163,7 @@ class DetectorCore:
                 if (uri, target) == self._failed:
                     return  # this exact model failed to load already; wait for the alias or the config to move
                 started = time.perf_counter()
-                sizes = warmup_sizes(config.max_batch_size)
+                sizes = warmup_sizes(config.max_batch_size, self._device.type)
                 on_gpu = self._device.type == "cuda"
                 loaded = load_active(  # on a CPU, traced and warm before it answers: every answer from one graph
                     self._settings,
@@ -174,7 +175,7 @@ class DetectorCore:
                     cuda_graphs=config.cuda_graphs,
                 )
                 if on_gpu:  # cuDNN plans and CUDA graphs belong to the thread that runs the batches
-                    self._batcher.call_on_worker(warm_up, loaded, sizes)
+                    self._batcher.call_on_worker(functools.partial(warm_up, loaded, sizes, explain=True))
             except ModelNotFoundYet as err:
                 if active is None:
                     if self._problem != str(err):  # once, not at every poll

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,15 +154,15 @@ def load_active(
     return active
 
 
-def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
-    """Run the model once per batch size it will see; on a GPU, capture every padded size up to the largest.
+def warm_up(active: ActiveModel, sizes: tuple[int, ...], *, explain: bool = False) -> None:
+    """Run the model once per batch size it will see; on a GPU, capture exactly these sizes as CUDA graphs.
 
     On a GPU, call it on the thread that runs the batches: PyTorch keeps cuDNN's execution plans per thread, so a
-    warm-up elsewhere would leave the serving thread to build them again in the middle of the traffic. The eager
-    model is warmed at batch size 1 too, for Grad-CAM.
+    warm-up elsewhere would leave the serving thread to build them again in the middle of the traffic. Each new size
+    costs seconds of plan building, so callers ask for the sizes they will run (`warmup_sizes`). ``explain`` warms the
+    eager model at batch size 1 too, for Grad-CAM.
     """
     on_gpu = active.device.type == "cuda"
-    sizes = gpu_batch_buckets(max(warmup_sizes)) if on_gpu else warmup_sizes
     if on_gpu and active.use_graphs:
         try:
             active.graphs = capture_graphs(active, sizes)
@@ -170,8 +171,11 @@ def warm_up(active: ActiveModel, warmup_sizes: tuple[int, ...]) -> None:
 
             get_logger("serving.runtime").warning("CUDA graph capture failed; serving eagerly", error=str(err))
             active.graphs = {}
+    eager = set() if active.graphs else set(sizes)
+    if explain and on_gpu:
+        eager.add(1)
     blank = np.zeros((active.crop_size, active.crop_size, 3), np.uint8)
-    for size in sorted(set(sizes)) if not active.graphs else (1,):
+    for size in sorted(eager):
         _run_eager(active, np.stack([blank] * size), size)
 
 
@@ -210,9 +214,10 @@ def capture_graphs(active: ActiveModel, sizes: tuple[int, ...]) -> dict[int, Gra
     return graphs
 
 
-def warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """The batch sizes a model is warmed for (on a GPU, every padded size up to the largest)."""
-    return (1, min(max_batch_size, 64))
+def warmup_sizes(max_batch_size: int, device_type: str) -> tuple[int, ...]:
+    """The sizes a service warms: on a GPU every padded size up to the largest (a lone request runs at batch size 1,
+    a full queue at the largest); on a CPU, where any size runs through the trace, the two ends."""
+    return gpu_batch_buckets(max_batch_size) if device_type == "cuda" else (1, max_batch_size)
 
 
 def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -220,9 +225,12 @@ def gpu_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(1 << i for i in range(_next_power_of_two(max_batch_size).bit_length()))
 
 
-def padded_batch_size(n: int, device_type: str) -> int:
-    """On a GPU the smallest bucket that holds n (see gpu_batch_buckets); on a CPU n itself: padding only costs."""
-    return _next_power_of_two(n) if device_type == "cuda" else n
+def padded_batch_size(n: int, device_type: str, captured: Iterable[int] = ()) -> int:
+    """On a GPU the smallest captured size that holds n, else the next power of two (see gpu_batch_buckets); on a
+    CPU n itself: padding only costs."""
+    if device_type != "cuda":
+        return n
+    return min((size for size in captured if size >= n), default=_next_power_of_two(n))
 
 
 def _next_power_of_two(n: int) -> int:
@@ -279,7 +287,7 @@ def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
     """Probabilities of ai_generated for uint8 crops: a graph replay on a GPU, else channels_last in inference mode."""
     crops = [fit_crop(crop, active.crop_size) for crop in crops]
     n = len(crops)
-    padded = padded_batch_size(n, active.device.type)
+    padded = padded_batch_size(n, active.device.type, active.graphs)
     graphed = active.graphs.get(padded)
     if graphed is not None:
         import torch

@@ -28,6 +28,7 @@ from app.scan_results import COLUMNS, output_files, read_results
 log = get_logger("aipd.scan")
 
 READ_BATCH = 32  # files per decoding task batch: enough to amortise a task, few enough to spread over the cores
+MAX_BLOCKS = 4000
 
 
 @dataclass
@@ -151,7 +152,7 @@ class ScanModel:
 
     def __init__(self, settings: dict[str, Any], model_uri: str, version: str, max_batch_size: int) -> None:
         from app.logging import configure_logging
-        from serving.runtime import available_cores, load_active, pick_device, warmup_sizes
+        from serving.runtime import available_cores, load_active, pick_device
 
         parsed = Settings(**settings)
         configure_logging(parsed.log_format, parsed.log_level)
@@ -160,7 +161,8 @@ class ScanModel:
             import torch
 
             torch.set_num_threads(available_cores())  # Ray sets one thread per actor; the cores are the model's
-        self.active = load_active(parsed, model_uri, device, warmup_sizes=warmup_sizes(max_batch_size))
+        # One size: every batch but the last is full, and the last pads up to it (each size warmed costs seconds).
+        self.active = load_active(parsed, model_uri, device, warmup_sizes=(max_batch_size,))
         self.active.version = version
         self.max_batch_size = max_batch_size
 
@@ -212,6 +214,7 @@ def run_scan(
     rescan: bool = False,
     batch_size: int | None = None,
     concurrency: tuple[int, int] | None = None,
+    rows_per_file: int = 4096,
 ) -> ScanSummary:
     """Scan ``sources`` into ``out`` on the connected (or a local) Ray cluster; see the module docstring."""
     import ray.data
@@ -234,13 +237,16 @@ def run_scan(
         return summarize(plan, out, skipped, 0, time.perf_counter() - started)
 
     actor_settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"use_gpu": gpus > 0})})
-    blocks = max(1, min(len(plan.todo) // READ_BATCH, 1000))
+    # Blocks made here, so reading starts at once (a repartition would wait for every row): READ_BATCH files each,
+    # or more for a catalog so large that the driver would put too many blocks.
+    todo = plan.todo[["path", "label"]]
+    rows = max(READ_BATCH, -(-len(todo) // MAX_BLOCKS))
+    blocks = [todo.iloc[start : start + rows] for start in range(0, len(todo), rows)]
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
     model_resources = {"num_gpus": 1} if gpus else {"num_cpus": 2}
     dataset = (
-        ray.data.from_pandas(plan.todo[["path", "label"]])
-        .repartition(blocks)
+        ray.data.from_pandas(blocks)
         .map_batches(
             read_and_crop,
             fn_kwargs={"crop_size": plan.crop_size, "limits": settings.images},
@@ -262,7 +268,7 @@ def run_scan(
             **model_resources,
         )
     )
-    dataset.write_parquet(out, min_rows_per_file=min(len(plan.todo), 4096))
+    dataset.write_parquet(out, min_rows_per_file=min(len(plan.todo), rows_per_file))
     return summarize(plan, out, skipped, len(plan.todo), time.perf_counter() - started)
 
 

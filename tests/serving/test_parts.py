@@ -279,6 +279,8 @@ def test_gpu_batches_are_padded_to_a_few_sizes_that_are_all_warmed_up() -> None:
     for n in range(1, 65):
         assert n <= padded_batch_size(n, "cuda") < 2 * n and padded_batch_size(n, "cuda") in gpu_batch_buckets(n)
     assert padded_batch_size(5, "cpu") == 5, "on a CPU padding would only cost"
+    assert padded_batch_size(5, "cuda", captured=(256,)) == 256, "a scan captures one size; smaller batches pad to it"
+    assert padded_batch_size(300, "cuda", captured=(256,)) == 512, "beyond the graphs: the next power of two, eager"
 
 
 def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> None:
