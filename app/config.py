@@ -152,6 +152,7 @@ class UiSettings(BaseModel):
     ray_dashboard_url: str | None = Field(None, description="e.g. http://127.0.0.1:8265")
     mlflow_url: str | None = Field(None, description="e.g. http://127.0.0.1:5000 (`mlflow ui`)")
     grafana_url: str | None = Field(None, description="e.g. http://127.0.0.1:3000")
+    scan_dir: str | None = Field(None, description="the scan output the catalog scan page opens first")
 
 
 class DemoSettings(BaseModel):

@@ -4,6 +4,11 @@ Rate-limit state lives in each ingress replica's memory: with N ingress replicas
 limit when the proxy spreads its requests. That is the usual trade for a limiter with no shared store on the request
 path (a shared Redis or a Ray actor would add a network hop to every request); for a hard global limit put one in
 front of Serve (an API gateway) or run a single ingress replica.
+
+Behind Serve's HAProxy ingress (the default data path) the replica's peer is HAProxy, which adds no X-Forwarded-For,
+so an address identifies no client: without API keys every client shares one bucket, and a client that sends its own
+X-Forwarded-For header (which uvicorn trusts from a local peer) picks its bucket. Per-client limits need keys, or a
+gateway in front that sets the header itself.
 """
 
 from __future__ import annotations

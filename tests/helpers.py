@@ -190,3 +190,15 @@ def photo(brightness: float, fmt: str = "JPEG", size: tuple[int, int] = (160, 12
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt)
     return buffer.getvalue()
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it, and no test downloads a browser
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]

@@ -37,6 +37,7 @@ def ui_environment(settings: Settings, api_url: str) -> dict[str, str]:
         "RAY_DASHBOARD_URL": settings.ui.ray_dashboard_url,
         "MLFLOW_URL": settings.ui.mlflow_url,
         "GRAFANA_URL": settings.ui.grafana_url,
+        "SCAN_DIR": settings.ui.scan_dir,
     }
     env = {f"AIPD_UI__{name}": value for name, value in values.items() if value}
     env["AIPD_SERVE__MAX_BATCH_FILES"] = str(settings.serve.max_batch_files)  # the page's batch chunk size

@@ -254,14 +254,14 @@ def test_every_serve_config_v2_validates_and_is_the_projects_serve_config() -> N
 
 
 # ------------------------------------------------------------------------------------------------------- KubeRay
-def test_kuberay_manifests_have_a_cluster_two_jobs_and_a_service() -> None:
+def test_kuberay_manifests_have_a_cluster_three_jobs_and_a_service() -> None:
     documents = kuberay_documents()
     for doc in documents:
         if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert doc["apiVersion"] == "ray.io/v1", doc["metadata"]["name"]
     assert len(ray_documents("RayCluster")) == 1 and len(ray_documents("RayService")) == 1
     entrypoints = {doc["metadata"]["name"]: doc["spec"]["entrypoint"] for doc in ray_documents("RayJob")}
-    assert set(entrypoints) == {"aipd-train", "aipd-tune"}
+    assert set(entrypoints) == {"aipd-train", "aipd-tune", "aipd-scan"}
     for name, entrypoint in entrypoints.items():
         params = parse_aipd(entrypoint)
         assert entrypoint.split()[1] == name.removeprefix("aipd-")
