@@ -170,6 +170,31 @@ def registry_version(ref: ModelRef) -> str:
     return str(ref.version)
 
 
+EVALUATION_PREFIXES = ("test_", "val_", "eval_")
+
+
+def version_metrics(name: str, version: str) -> dict[str, float]:
+    """What the registry knows of a version's quality: its training run's test and validation metrics, then its own
+    tags (the validation AUROC it was registered with wins over the run's last epoch)."""
+    import math
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    registered = client.get_model_version(name, version)
+    values: dict[str, object] = dict(client.get_run(registered.run_id).data.metrics) if registered.run_id else {}
+    values.update(registered.tags or {})
+    metrics: dict[str, float] = {}
+    for key, value in values.items():
+        try:
+            number = float(value)  # tags are strings
+        except (TypeError, ValueError):
+            continue
+        if key.startswith(EVALUATION_PREFIXES) and math.isfinite(number):
+            metrics[key] = number
+    return metrics
+
+
 def source_run(ref: ModelRef) -> str | None:
     """The run that made a registered version, so its evaluation lands beside its training."""
     if not ref.in_registry:

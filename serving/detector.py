@@ -255,10 +255,17 @@ class DetectorCore:
             return {"error": "inference_failed", "detail": f"Grad-CAM failed: {err}"}
 
     def status(self) -> dict[str, Any]:
+        """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for /health."""
         active = self._active
         if active is None:
             return {"ready": False, "detail": self._problem, "model_uri": self._config.model_uri}
-        return {"ready": True, "model_uri": active.uri, "device": str(active.device), **describe(active)}
+        return {
+            "ready": True,
+            "model_uri": active.uri,
+            "device": str(active.device),
+            "metrics": dict(active.evaluation),
+            **describe(active),
+        }
 
     def close(self) -> None:
         self._stop.set()

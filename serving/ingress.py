@@ -5,20 +5,28 @@ limit while the upload streams in, type sniffing and the pixel limit (`app.image
 (`app.transforms.eval_preprocess`) - and hands the detector a small uint8 crop. Every refusal is the JSON shape
 `{"error": ..., "detail": ...}` with its 4xx; decode and crop run in a worker thread so one large photo does not
 stall the other requests of this replica.
+
+It also speaks the contract of the FastAPI service it replaces, so that service's clients work unchanged: every route
+at the root and under /v1 from the same handler, its probes (/healthz, /readyz, /startup), /drift, /privacy and /,
+and its field names beside this service's own (serving/schemas.py). /openapi.json is made by each replica for its own
+settings, so the upload limits and the API key it documents are the ones it enforces.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures that @serve.ingress rewrites, and
 # string annotations there turn `request: Request` into a required query parameter.
 import asyncio
 import base64
+import copy
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,13 +35,19 @@ from starlette.requests import ClientDisconnect
 from app.config import ImageLimits, Settings
 from serving.guards import API_KEY_HEADER, RateLimiter, check_api_key, client_identity
 from serving.schemas import (
+    API_VERSION,
     ApiError,
     BatchItem,
     BatchResponse,
+    DriftResponse,
+    DriftStatus,
     ErrorResponse,
     ExplainResponse,
     HealthResponse,
+    LivenessResponse,
     Prediction,
+    PrivacyResponse,
+    ServiceInfo,
     confidence_of,
     verdict_of,
 )
@@ -118,57 +132,195 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=err.error, detail=err.detail).model_dump(), err.status, headers=err.headers)
 
 
-_UPLOAD_ONE = {
-    "requestBody": {
+def store_unavailable() -> ApiError:
+    return ApiError(
+        503, "metrics_unavailable", "the metrics store is restarting; retry", {"Retry-After": RETRY_AFTER_S}
+    )
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory (VmRSS), as the original's health reported it; None where /proc has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024.0, 2)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+ROUTE_PREFIXES = ("", "/v1")  # every route at the root and as its /v1 twin, like the original service
+UPLOADS = {"/predict": "file", "/predict/explain": "file", "/predict/batch": "files"}
+API_KEY_SCHEME = "ApiKeyHeader"
+ACCEPTED_TYPES = "image/jpeg, image/png, image/webp"
+
+_ERROR_TEXT = {
+    400: "not an image, truncated or corrupt, or a malformed upload",
+    401: "missing or wrong X-API-Key (when keys are configured)",
+    413: "file or request too large, too many files, or too many pixels",
+    415: "an image type other than JPEG, PNG or WebP, or not a multipart upload",
+    422: "Grad-CAM is not available for this model",
+    429: "rate limited; see Retry-After",
+    500: "the model failed on this request",
+    503: "the model is loading or unavailable, or the metrics store is restarting; see Retry-After",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these refusals, all in the one error shape."""
+    return {
+        code: {
+            "model": ErrorResponse,
+            "description": _ERROR_TEXT[code],
+            **({"headers": _RETRY_AFTER} if code in (429, 503) else {}),
+        }
+        for code in codes
+    }
+
+
+_UPLOAD_ERRORS = errors(400, 401, 413, 415, 429, 500, 503)
+
+
+def upload_body(field: str, settings: Settings) -> dict[str, Any]:
+    """The multipart request body of an upload route, with this deployment's limits.
+
+    A single-file route refuses an empty or oversize file (400, 413); a batch answers such a file alone, inside its
+    200, so only the number of files is a limit of the request there.
+    """
+    limits = settings.images
+    what = (
+        f"JPEG, PNG or WebP, up to {limits.max_bytes:,} bytes and {limits.max_pixels:,} pixels; the type is read "
+        "from the bytes, not from the file name or the part's Content-Type"
+    )
+    schema: dict[str, Any]
+    if field == "file":
+        schema = {
+            "type": "string",
+            "format": "binary",
+            "minLength": 1,
+            "maxLength": limits.max_bytes,
+            "description": what,
+        }
+    else:
+        schema = {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": settings.serve.max_batch_files,
+            "items": {"type": "string", "format": "binary"},
+            "description": f"{what}; a file that breaks these limits gets its error in its own result",
+        }
+    return {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"}},
-                }
+                "schema": {"type": "object", "required": [field], "properties": {field: schema}},
+                "encoding": {field: {"contentType": ACCEPTED_TYPES}},
             }
         },
     }
-}
-_UPLOAD_MANY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            }
-        },
-    }
-}
-_ERRORS = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "not an image, truncated or corrupt, or a malformed upload",
-        401: "missing or wrong X-API-Key (when keys are configured)",
-        413: "file or request too large, or too many pixels",
-        415: "an image type other than JPEG, PNG or WebP, or not a multipart upload",
-        429: "rate limited; see Retry-After",
-        503: "the model is loading or unavailable; see Retry-After",
-    }.items()
-}
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """FastAPI's document of the routes, with this deployment's upload limits and, when keys are on, the key header."""
+    document = copy.deepcopy(FastAPI.openapi(api))
+    if settings.api_keys:
+        schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes[API_KEY_SCHEME] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, field in UPLOADS.items():
+        for prefix in ROUTE_PREFIXES:
+            operation = document["paths"][prefix + path]["post"]
+            operation["requestBody"] = upload_body(field, settings)
+            if settings.api_keys:
+                operation["security"] = [{API_KEY_SCHEME: []}]
+    return document
+
+
+PRIVACY = PrivacyResponse(
+    data_retention="none",
+    image_storage=(
+        "Uploads are decoded and scored in memory and never written to disk; only the center crop the model sees "
+        "goes on to the detector (through Ray's object store when it runs in another process) and is dropped once "
+        "answered."
+    ),
+    logging=(
+        "Ray Serve's request log has the method, route, status and latency of each request; server-side failures "
+        "log their error code. No image, file name or API key is logged."
+    ),
+    metrics=(
+        "Prometheus counters and histograms over all requests (verdicts, probabilities, latencies, error codes): "
+        "no per-request record, no client identity."
+    ),
+    tracking="none: no cookies, no analytics, no calls to third parties",
+    gdpr=(
+        "No upload or personal data is kept after its answer, so there is nothing to access or erase. The rate "
+        "limiter counts requests per API key (or client address when keys are off) in each ingress replica's "
+        "memory only."
+    ),
+    details="Each answer is computed from the upload and returned; /docs describes what every route takes.",
+)
+
+
+class ActiveRequests:
+    """Pure ASGI middleware counting the HTTP requests this replica is answering (the original's active_requests)."""
+
+    count = 0
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ActiveRequests.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ActiveRequests.count -= 1
+
 
 api = FastAPI(
     title="AI Product Photo Detector",
-    version="1.0",
-    description="Detects AI-generated product photos. Upload JPEG, PNG or WebP as multipart/form-data.",
+    version=API_VERSION,
+    description="Detects AI-generated product photos. Upload JPEG, PNG or WebP as multipart/form-data. Every route "
+    "is served at the root and under /v1.",
 )
+api.add_middleware(ActiveRequests)
+
+
+def served_openapi() -> dict[str, Any]:
+    """What /openapi.json answers: the document the answering replica made for its own settings.
+
+    Serve runs a pickled copy of `api`, made when the class was decorated, so a replica cannot reach the app it
+    serves from its constructor; this function, set on the app before the copy, asks the replica instead.
+    """
+    return serve.get_replica_context().servable_object.openapi_schema
+
+
+api.openapi = served_openapi  # type: ignore[method-assign]
+
+
+def route(method: str, path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register one handler at `path` and at its /v1 twin.
+
+    Not an APIRouter included twice: Serve's class-based view (`@serve.ingress`) rebinds each route of the app once,
+    and two inclusions of one router would hand it the same route objects twice.
+    """
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        for prefix in ROUTE_PREFIXES:
+            api.add_api_route(prefix + path, endpoint, methods=[method], **options)
+        return endpoint
+
+    return register
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 and 405 from routing; a 405 keeps Starlette's `Allow` header (RFC 9110 requires it)."""
     names = {404: "not_found", 405: "method_not_allowed"}
-    err = ApiError(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+    err = ApiError(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail), dict(exc.headers or {}))
     return error_response(err)
 
 
@@ -193,6 +345,7 @@ class IngressDeployment:
         from serving.detector import DetectorCore, LocalDetector, RemoteDetector
         from serving.metrics import MetricsRecorder
 
+        self._started = time.monotonic()
         self._settings = Settings(**settings)
         configure_logging(self._settings.log_format, self._settings.log_level)
         self._log = get_logger("serving.ingress")
@@ -203,6 +356,7 @@ class IngressDeployment:
         self._keys = list(self._settings.api_keys)
         self._ready = False
         self._crop_size: int | None = None
+        self.openapi_schema = openapi_document(self._settings)
         if not self._keys:
             self._log.warning(
                 "API keys are off: anyone who reaches this port may call the prediction routes; "
@@ -220,73 +374,99 @@ class IngressDeployment:
             self._core.check_health()
 
     # ------------------------------------------------------------------------------------------------ plain routes
-    @api.get("/healthz", summary="Liveness: the ingress answers")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "alive"}
+    @route("GET", "/", response_model=ServiceInfo, summary="What this service is, and where its routes are")
+    async def root(self) -> dict[str, Any]:
+        return ServiceInfo().model_dump()
 
-    @api.get(
+    @route("GET", "/privacy", response_model=PrivacyResponse, summary="What happens to an upload, and what is kept")
+    async def privacy(self) -> dict[str, Any]:
+        return PRIVACY.model_dump()
+
+    @route("GET", "/healthz", response_model=LivenessResponse, summary="Liveness: the ingress answers")
+    async def healthz(self) -> dict[str, Any]:
+        return LivenessResponse().model_dump()
+
+    @route(
+        "GET",
+        "/startup",
+        response_model=LivenessResponse,
+        responses=errors(503),
+        summary="Startup probe: 200 once a model is loaded, else 503",
+    )
+    async def startup(self) -> JSONResponse:
+        refusal = self._not_ready(await self._detector_status())
+        if refusal is not None:
+            return error_response(refusal)
+        return JSONResponse(LivenessResponse().model_dump())
+
+    @route(
+        "GET",
+        "/readyz",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "not ready", "headers": _RETRY_AFTER}},
+        summary="Readiness probe: the health body, 200 once a model is loaded, else 503",
+    )
+    @route(
+        "GET",
         "/health",
         response_model=HealthResponse,
-        responses={503: {"model": HealthResponse}},
-        summary="Readiness: a model is loaded, and which version",
+        responses={503: {"model": HealthResponse, "description": "not ready", "headers": _RETRY_AFTER}},
+        summary="Readiness: a model is loaded, which one and how it scored, and this replica's vitals",
     )
     async def health(self) -> JSONResponse:
-        status = await self._detector_status()
-        if status is None:
-            body = HealthResponse(status="unavailable", model_loaded=False, detail="no detector replica answered")
-            return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
-        if not status.get("ready"):
-            body = HealthResponse(
-                status="loading", model_loaded=False, model_uri=status.get("model_uri"), detail=status.get("detail")
-            )
-            return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
-        self._learn(status)
-        body = HealthResponse(
-            status="ok",
-            model_loaded=True,
-            model_version=status["model_version"],
-            model_uri=status["model_uri"],
-            threshold=status["threshold"],
-            crop_size=status["crop_size"],
-            device=status["device"],
-        )
-        return JSONResponse(body.model_dump())
+        body = await self._health()
+        if body.model_loaded:
+            return JSONResponse(body.model_dump())
+        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
 
-    @api.get("/metrics", summary="Prometheus metrics of the whole application")
+    @route(
+        "GET",
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=errors(503),
+        summary="Prometheus metrics of the whole application (and the original service's aidetect_* names)",
+    )
     async def metrics(self) -> Response:
         from serving.metrics import CONTENT_TYPE
 
+        status = await self._detector_status()
+        gauges = {"aidetect_model_loaded": 1.0 if status is not None and status.get("ready") else 0.0}
         try:
-            text = await asyncio.to_thread(self._metrics.render)
+            text = await asyncio.to_thread(self._metrics.render, gauges)
         except Exception as err:  # noqa: BLE001 - the store actor restarting is a 503, not a 500
             self._log.warning("metrics store unavailable", error=str(err))
-            return error_response(
-                ApiError(
-                    503, "metrics_unavailable", "the metrics store is restarting; retry", {"Retry-After": RETRY_AFTER_S}
-                )
-            )
+            return error_response(store_unavailable())
         return Response(text, media_type=CONTENT_TYPE)
 
+    @route(
+        "GET",
+        "/drift",
+        response_model=DriftResponse,
+        responses=errors(503),
+        summary="The predicted-probability distribution so far against the training baseline",
+    )
+    async def drift(self) -> JSONResponse:
+        report = await self._drift()
+        if report is None:
+            return error_response(store_unavailable())
+        return JSONResponse(report.model_dump())
+
     # ------------------------------------------------------------------------------------------ prediction routes
-    @api.post(
+    @route(
+        "POST",
         "/predict",
         response_model=Prediction,
-        responses=_ERRORS,
-        openapi_extra=_UPLOAD_ONE,
+        responses=_UPLOAD_ERRORS,
         summary="Is this product photo AI-generated? (multipart field `file`)",
     )
     async def predict(self, request: Request) -> JSONResponse:
-        def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
-            self._metrics.observe("prediction_probability", body["probability"])
-            return body
+        return await self._answer_one(request, "predict", self._detector.predict, lambda result, body: body)
 
-        return await self._answer_one(request, "predict", self._detector.predict, answer)
-
-    @api.post(
+    @route(
+        "POST",
         "/predict/explain",
         response_model=ExplainResponse,
-        responses=_ERRORS,
-        openapi_extra=_UPLOAD_ONE,
+        responses={**_UPLOAD_ERRORS, **errors(422)},
         summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies",
     )
     async def explain(self, request: Request) -> JSONResponse:
@@ -300,11 +480,11 @@ class IngressDeployment:
 
         return await self._answer_one(request, "explain", self._detector.explain, answer)
 
-    @api.post(
+    @route(
+        "POST",
         "/predict/batch",
         response_model=BatchResponse,
-        responses=_ERRORS,
-        openapi_extra=_UPLOAD_MANY,
+        responses=_UPLOAD_ERRORS,
         summary="Several photos at once (multipart field `files`); one bad file fails alone",
     )
     async def predict_batch(self, request: Request) -> JSONResponse:
@@ -325,12 +505,17 @@ class IngressDeployment:
                 raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
             items = await asyncio.gather(*(self._batch_item(upload, started) for upload in uploads))
             succeeded = sum(1 for item in items if item.error is None)
+            versions = [item.model_version for item in items if item.model_version is not None]
+            elapsed_ms = round((time.perf_counter() - started) * 1000.0, 3)
             body = BatchResponse(
                 results=items,
                 total=len(items),
                 succeeded=succeeded,
+                successful=succeeded,
                 failed=len(items) - succeeded,
-                inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
+                inference_time_ms=elapsed_ms,
+                total_inference_time_ms=elapsed_ms,
+                model_version=versions[-1] if versions else None,
             )
             return JSONResponse(body.model_dump())
         except ApiError as err:
@@ -339,20 +524,75 @@ class IngressDeployment:
             self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": "batch"})
 
     # -------------------------------------------------------------------------------------------------- helpers
+    async def _health(self) -> HealthResponse:
+        """The one health body, of /health and /readyz: the detector's status, the application's totals, this
+        replica's vitals."""
+        status, drift = await asyncio.gather(self._detector_status(), self._drift())
+        ready = status is not None and bool(status.get("ready"))
+        if status is None:
+            state, detail = "unavailable", "no detector replica answered"
+        elif not ready:
+            state, detail = "loading", status.get("detail")
+        else:
+            state, detail = "ok", None
+            self._learn(status)
+        model = status if ready else {}
+        summary = None if drift is None else DriftStatus(**drift.model_dump(include=set(DriftStatus.model_fields)))
+        return HealthResponse(
+            status="healthy" if ready else "unhealthy",
+            state=state,
+            model_loaded=ready,
+            model_version=model.get("model_version"),
+            model_uri=(status or {}).get("model_uri"),
+            threshold=model.get("threshold"),
+            crop_size=model.get("crop_size"),
+            device=model.get("device"),
+            detail=detail,
+            metrics=model.get("metrics") or {},
+            uptime_seconds=round(time.monotonic() - self._started, 2),
+            active_requests=ActiveRequests.count,
+            predictions_total=None if drift is None else drift.window_size,  # every answer observes its probability
+            drift_detected=drift is not None and drift.drift_detected,
+            drift_status=summary,
+            memory_usage_mb=resident_memory_mb(),
+            pid=os.getpid(),
+        )
+
+    async def _drift(self) -> DriftResponse | None:
+        """The drift report from the application-wide totals; None while the metrics store cannot be read."""
+        from serving.metrics import DRIFT_METRICS, drift_report, read_baseline
+
+        def report() -> DriftResponse:
+            totals = self._metrics.read(DRIFT_METRICS, timeout_s=STATUS_TIMEOUT_S)
+            return drift_report(totals, *read_baseline())
+
+        try:
+            return await asyncio.to_thread(report)
+        except Exception as err:  # noqa: BLE001 - the store actor restarting
+            self._log.warning("metrics store unavailable", error=str(err))
+            return None
+
     async def _guard(self, request: Request) -> None:
         key = check_api_key(self._keys, request.headers.get(API_KEY_HEADER))
         self._limiter.acquire(client_identity(key, request.client.host if request.client else None))
         if not self._ready:
             status = await self._detector_status()
-            if status is None or not status.get("ready"):
-                detail = (status or {}).get("detail") or "the model is loading"
-                raise ApiError(503, "not_ready", f"{detail}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S})
+            refusal = self._not_ready(status)
+            if refusal is not None:
+                raise refusal
             self._learn(status)
+
+    @staticmethod
+    def _not_ready(status: dict[str, Any] | None) -> ApiError | None:
+        if status is not None and status.get("ready"):
+            return None
+        detail = (status or {}).get("detail") or "no detector replica answered"
+        return ApiError(503, "not_ready", f"{detail}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S})
 
     async def _answer_one(
         self,
         request: Request,
-        route: str,
+        label: str,
         method: Any,
         answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
     ) -> JSONResponse:
@@ -370,12 +610,12 @@ class IngressDeployment:
             result = await self._call(method, crop)
             called = time.perf_counter()
             body = answer(result, self._prediction(result, started))
-            self._count("200", body["prediction"])
+            self._answered(body)
             return JSONResponse(body, headers={"Server-Timing": server_timing(started, read, decoded, called, result)})
         except ApiError as err:
             return self._refuse(err)
         finally:
-            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": route})
+            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": label})
 
     async def _read_one(self, request: Request) -> bytes:
         await self._guard(request)
@@ -403,11 +643,10 @@ class IngressDeployment:
             crop = await self._decode(upload.data)
             result = await self._call(self._detector.predict, crop)
             body = self._prediction(result, started)
-            self._count("200", body["prediction"])
-            self._metrics.observe("prediction_probability", body["probability"])
+            self._answered(body)
             return BatchItem(filename=upload.filename, **body)
         except ApiError as err:
-            self._count(str(err.status), "error", err.error)
+            self._refused(err)
             return BatchItem(filename=upload.filename, error=err.error, detail=err.detail)
 
     async def _call(self, method: Any, crop: np.ndarray) -> dict[str, Any]:
@@ -460,13 +699,22 @@ class IngressDeployment:
             threshold=threshold,
         ).model_dump()
 
-    def _count(self, status: str, result: str, error: str | None = None) -> None:
-        self._metrics.inc("predictions_total", {"status": status, "result": result})
-        if error is not None:
-            self._metrics.inc("prediction_errors_total", {"type": error})
+    def _answered(self, body: dict[str, Any]) -> None:
+        """Count one answered photo, under this service's names and the original's, and record its probability."""
+        self._metrics.inc("predictions_total", {"status": "200", "result": body["prediction"]})
+        self._metrics.inc(
+            "aidetect_predictions_total",
+            {"status": "success", "prediction": body["prediction"], "confidence": body["confidence"]},
+        )
+        self._metrics.observe("prediction_probability", body["probability"])
+
+    def _refused(self, err: ApiError) -> None:
+        self._metrics.inc("predictions_total", {"status": str(err.status), "result": "error"})
+        self._metrics.inc("aidetect_predictions_total", {"status": "error", "prediction": "none", "confidence": "none"})
+        self._metrics.inc("prediction_errors_total", {"type": err.error})
 
     def _refuse(self, err: ApiError) -> JSONResponse:
-        self._count(str(err.status), "error", err.error)
+        self._refused(err)
         if err.status >= 500:
             self._log.warning("request failed", status=err.status, error=err.error, detail=err.detail)
         return error_response(err)

@@ -12,6 +12,12 @@ own delta, then renders the actor's totals with prometheus_client's text format.
 replica that created the actor; a replica going away flushes on shutdown, and what it had not flushed in its last
 half second is the only loss.
 
+The original service's clients read `aidetect_*` names (its k6 test checks that `/metrics` names one, its dashboards
+query them): the latency and probability histograms are rendered a second time under those names, the verdict
+counter with its labels is recorded beside `predictions_total`, and `aidetect_model_loaded` is read at scrape time.
+The same totals give `/drift`: the probability distribution of every answer so far against the training baseline
+that the drift alerts use (cluster/monitoring/rules/aipd-baseline.rules.yml).
+
 Ray Serve's own metrics (`ray_serve_num_http_requests`, replica counts, queue lengths, per-deployment latencies) are
 exported by Ray's metrics agent on every node, at the port `ray start --metrics-export-port=8080` (or
 `aipd serve --ray-metrics-port 8080` for a local cluster) names: scrape that port on each node alongside `/metrics`.
@@ -20,12 +26,20 @@ exported by Ray's metrics agent on every node, at the port `ray start --metrics-
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from cluster.monitoring.baseline import DEFAULT_OUT as BASELINE_RULES
+from serving.schemas import DriftBaseline, DriftResponse
 
 STORE_NAMESPACE = "aipd"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,6 +81,21 @@ METRICS: dict[str, MetricSpec] = {
     "model_loads_total": MetricSpec(
         "counter", "Model loads by the detector, by version and result", ("version", "result")
     ),
+    "aidetect_predictions_total": MetricSpec(
+        "counter",
+        "Predictions under the original service's name and labels: status success|error, verdict and confidence "
+        "(none on errors)",
+        ("status", "prediction", "confidence"),
+    ),
+}
+# The same series again under the original service's names.
+ORIGINAL_NAMES = {
+    "prediction_latency_seconds": "aidetect_prediction_latency_seconds",
+    "prediction_probability": "aidetect_prediction_probability",
+}
+# Read when /metrics is scraped, not stored: a stored gauge would outlive the replica that set it.
+GAUGES = {
+    "aidetect_model_loaded": "1 when a detector replica answered with a loaded model at this scrape, else 0",
 }
 
 # key: (metric name, label values); counters hold a float, histograms [per-bucket counts..., +Inf count, sum]
@@ -119,6 +148,9 @@ class MetricsState:
     def merge(self, delta: Delta) -> None:
         merge_into(self.totals, delta)
 
+    def read(self, names: tuple[str, ...]) -> Delta:
+        return {key: value for key, value in self.totals.items() if key[0] in names}
+
     def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self.totals))
@@ -132,19 +164,41 @@ class _Collector:
     def collect(self) -> Iterable[Any]:
         for name, spec in METRICS.items():
             rows = [(labels, value) for (metric, labels), value in sorted(self.totals.items()) if metric == name]
-            if spec.kind == "counter":
-                family = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=list(spec.labels))
-                for labels, value in rows:
-                    family.add_metric(list(labels), value)
-            else:
-                family = HistogramMetricFamily(name, spec.help, labels=list(spec.labels))
-                for labels, row in rows:
-                    cumulative, buckets = 0, []
-                    for bound, count in zip(list(spec.buckets) + [float("inf")], row[:-1], strict=True):
-                        cumulative += count
-                        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-                    family.add_metric(list(labels), buckets, sum_value=row[-1])
-            yield family
+            yield _family(name, spec, rows)
+            if name in ORIGINAL_NAMES:
+                yield _family(ORIGINAL_NAMES[name], spec, rows)
+
+
+class _Gauges:
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def collect(self) -> Iterable[Any]:
+        for name, value in sorted(self.values.items()):
+            yield GaugeMetricFamily(name, GAUGES[name], value=value)
+
+
+def render_gauges(values: dict[str, float]) -> bytes:
+    """Scrape-time gauges in the text format, rendered by the replica (the store's actor keeps only totals)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Gauges(values))
+    return generate_latest(registry)
+
+
+def _family(name: str, spec: MetricSpec, rows: list[tuple[tuple[str, ...], Any]]) -> Any:
+    if spec.kind == "counter":
+        family = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=list(spec.labels))
+        for labels, value in rows:
+            family.add_metric(list(labels), value)
+        return family
+    family = HistogramMetricFamily(name, spec.help, labels=list(spec.labels))
+    for labels, row in rows:
+        cumulative, buckets = 0, []
+        for bound, count in zip(list(spec.buckets) + [float("inf")], row[:-1], strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        family.add_metric(list(labels), buckets, sum_value=row[-1])
+    return family
 
 
 def store_name(app_name: str) -> str:
@@ -212,11 +266,19 @@ class MetricsRecorder:
                     self._delta = delta
                 self._log.warning("metrics flush failed; will retry", error=str(err))
 
-    def render(self, timeout_s: float = 10.0) -> bytes:
+    def render(self, gauges: dict[str, float] | None = None, timeout_s: float = 10.0) -> bytes:
+        """The application's totals, then these scrape-time gauges."""
         import ray
 
         self.flush(timeout_s)
-        return ray.get(self.store().render.remote(), timeout=timeout_s)
+        return ray.get(self.store().render.remote(), timeout=timeout_s) + render_gauges(gauges or {})
+
+    def read(self, names: tuple[str, ...], timeout_s: float = 10.0) -> Delta:
+        """The application's totals of these metrics, this replica's latest adds included."""
+        import ray
+
+        self.flush(timeout_s)
+        return ray.get(self.store().read.remote(names), timeout=timeout_s)
 
     def store(self) -> Any:
         if self._store is None:
@@ -230,3 +292,102 @@ class MetricsRecorder:
     def _loop(self) -> None:
         while not self._stopped.wait(self._interval):
             self.flush()
+
+
+# ------------------------------------------------------------------------------------------------------- drift
+# The thresholds of the drift alerts (cluster/monitoring/rules/aipd-alerts.rules.yml), so /drift and they agree.
+DRIFT_MIN_PREDICTIONS = 200
+PROBABILITY_SHIFT_ALERT = 0.15
+AI_SHARE_SHIFT_ALERT = 0.2
+DRIFT_METRICS = ("prediction_probability", "aidetect_predictions_total")
+_VECTOR = re.compile(r"^\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*$")
+
+
+def read_baseline(path: Path = BASELINE_RULES) -> tuple[DriftBaseline | None, str]:
+    """The training baseline the drift alerts compare with, and a sentence on where it came from or why there is none.
+
+    It is the recording-rules file `python -m cluster.monitoring.baseline` writes from the champion's evaluation
+    report, read on each call, so regenerating it changes /drift without a redeploy.
+    """
+    how = f"write one with `python -m cluster.monitoring.baseline <evaluation.json>` (to {path})"
+    try:
+        groups = (yaml.safe_load(path.read_text()) or {}).get("groups") or []
+    except (OSError, yaml.YAMLError) as err:
+        return None, f"no drift baseline is configured ({type(err).__name__}: {err}); {how}"
+    values: dict[str, float] = {}
+    for group in groups:
+        for rule in group.get("rules") or []:
+            match = _VECTOR.match(str(rule.get("expr", "")))
+            if rule.get("record") and match:
+                values[rule["record"]] = float(match.group(1))
+    try:
+        baseline = DriftBaseline(
+            probability_mean=values["aipd:baseline:prediction_probability_mean"],
+            ai_generated_ratio=values["aipd:baseline:ai_generated_ratio"],
+            source=str(path),
+        )
+    except KeyError as err:
+        return None, f"the drift baseline {path} has no {err.args[0]} recording rule; {how}"
+    return baseline, f"compared with the training baseline in {path}"
+
+
+def drift_report(totals: Delta, baseline: DriftBaseline | None, about: str) -> DriftResponse:
+    """The original's DriftMetrics over every answer so far (all replicas), judged like the drift alerts judge it."""
+    count, mean, std = _probability_stats(totals)
+    verdicts, low = _verdict_counts(totals)
+    answered = sum(verdicts.values())
+    ratio = {verdict: verdicts.get(verdict, 0.0) / answered for verdict in ("real", "ai_generated")} if answered else {}
+    score, alerts = None, []
+    if baseline is not None and mean is not None:
+        probability_shift = abs(mean - baseline.probability_mean)
+        ai_share_shift = abs(ratio.get("ai_generated", 0.0) - baseline.ai_generated_ratio)
+        score = max(probability_shift, ai_share_shift)
+        if count >= DRIFT_MIN_PREDICTIONS and probability_shift > PROBABILITY_SHIFT_ALERT:
+            alerts.append(f"Probability drift: {probability_shift:.3f}")
+        if count >= DRIFT_MIN_PREDICTIONS and ai_share_shift > AI_SHARE_SHIFT_ALERT:
+            alerts.append(f"Prediction ratio drift: AI {ratio.get('ai_generated', 0.0):.1%}")
+    detail = about if baseline is None else f"{about}, over {count} predictions since the application started"
+    if baseline is not None and count < DRIFT_MIN_PREDICTIONS:
+        detail += f"; drift is judged from {DRIFT_MIN_PREDICTIONS} predictions on, like the drift alerts"
+    return DriftResponse(
+        timestamp=datetime.now(UTC).isoformat(),
+        window_size=count,
+        mean_probability=mean,
+        std_probability=std,
+        low_confidence_ratio=low / answered if answered else None,
+        prediction_ratio=ratio,
+        drift_detected=bool(alerts),
+        drift_score=score,
+        alerts=alerts,
+        has_baseline=baseline is not None,
+        baseline=baseline,
+        detail=detail,
+    )
+
+
+def _probability_stats(totals: Delta) -> tuple[int, float | None, float | None]:
+    """Count and exact mean of the probability histogram; the spread from its bucket midpoints."""
+    row = totals.get(("prediction_probability", ()))
+    counts = row[:-1] if row else []
+    count = int(sum(counts))
+    if count == 0:
+        return 0, None, None
+    bounds = METRICS["prediction_probability"].buckets
+    mean = row[-1] / count
+    lower = (0.0, *bounds[:-1])
+    midpoints = [(low + high) / 2 for low, high in zip(lower, bounds, strict=True)] + [bounds[-1]]
+    variance = sum(n * (m - mean) ** 2 for n, m in zip(counts, midpoints, strict=True)) / count
+    return count, mean, math.sqrt(variance)
+
+
+def _verdict_counts(totals: Delta) -> tuple[dict[str, float], float]:
+    """Successful answers per verdict, and how many of them had low confidence."""
+    verdicts: dict[str, float] = {}
+    low = 0.0
+    for (name, labels), value in totals.items():
+        if name != "aidetect_predictions_total" or labels[0] != "success":
+            continue
+        _, prediction, confidence = labels
+        verdicts[prediction] = verdicts.get(prediction, 0.0) + value
+        low += value if confidence == "low" else 0.0
+    return verdicts, low

@@ -38,6 +38,8 @@ class ActiveModel:
     threshold: float
     device: Any
     bf16: bool
+    # The model's evaluation metrics (test_auroc, val_auroc, ...) from the registry or its checkpoint, for /health.
+    evaluation: dict[str, float] = field(default_factory=dict)
     # What run_batch calls on a CPU once ready: a frozen TorchScript trace, in bf16 when `bf16` (Grad-CAM keeps the
     # eager float32 model, which has gradients), and the dtype it takes.
     infer: Any = None
@@ -145,6 +147,7 @@ def load_active(
         threshold=float(loaded.threshold),
         device=device,
         bf16=use_bf16(device, precision),
+        evaluation=evaluation_metrics(parse_model_ref(source), resolved.version, loaded.metrics),
         use_graphs=cuda_graphs,
     )
     if freeze:
@@ -152,6 +155,32 @@ def load_active(
     if warm and active.infer is None:  # a frozen trace comes warmed up
         warm_up(active, warmup_sizes)
     return active
+
+
+def evaluation_metrics(ref: ModelRef, version: str, checkpoint_metrics: dict[str, Any]) -> dict[str, float]:
+    """The checkpoint's own numbers (its config.json), overlaid for a registered version by the registry's.
+
+    Read once per load; a registry that cannot be read leaves the checkpoint's numbers, since a model that loaded
+    must serve whether or not its report can be shown.
+    """
+    import math
+
+    metrics = {
+        key: float(value)
+        for key, value in checkpoint_metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    if not ref.in_registry or ref.name is None:
+        return metrics
+    from app.registry import version_metrics
+
+    try:
+        metrics.update(version_metrics(ref.name, version))
+    except Exception as err:  # noqa: BLE001 - any registry failure only hides the numbers
+        from app.logging import get_logger
+
+        get_logger("serving.runtime").warning("cannot read the model's metrics", uri=ref.uri, error=str(err))
+    return metrics
 
 
 def warm_up(active: ActiveModel, sizes: tuple[int, ...], *, explain: bool = False) -> None:

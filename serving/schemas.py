@@ -1,7 +1,9 @@
 """The HTTP contract: response bodies, the one error shape, and how a probability becomes a verdict.
 
 Field names follow the original FastAPI service (`prediction`, `probability`, `confidence`, `inference_time_ms`,
-`model_version`) so its clients keep working; everything new is an added field, never a renamed one.
+`model_version`) so its clients keep working; everything new is an added field, never a renamed one. The one value
+that changed is `/health`'s `status`: the original's `healthy`/`unhealthy`, with this service's finer `ok`/`loading`/
+`unavailable` kept in `state`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+API_VERSION = "1.0.0"
 
 Verdict = Literal["real", "ai_generated"]
 Confidence = Literal["low", "medium", "high"]
@@ -57,8 +61,11 @@ class BatchResponse(BaseModel):
     results: list[BatchItem]
     total: int
     succeeded: int
+    successful: int = Field(description="the same number as `succeeded`, under the original service's name")
     failed: int
     inference_time_ms: float = Field(description="server-side time for the whole request")
+    total_inference_time_ms: float = Field(description="the same number as `inference_time_ms` (original's name)")
+    model_version: str | None = Field(description="version that answered the files; null when none was answered")
 
 
 class ExplainResponse(Prediction):
@@ -67,8 +74,22 @@ class ExplainResponse(Prediction):
     crop_size: int = Field(description="side of the center crop the model saw, in pixels")
 
 
+class DriftStatus(BaseModel):
+    """The drift summary that `/health` carries (the original's `drift_status`); `/drift` has the whole report."""
+
+    window_size: int
+    mean_probability: float | None
+    low_confidence_ratio: float | None
+    drift_detected: bool
+    drift_score: float | None
+    has_baseline: bool
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "unavailable"]
+    """Readiness, for probes (the status code) and people (the fields); `/health` and `/readyz` answer it."""
+
+    status: Literal["healthy", "unhealthy"] = Field(description="the original service's readiness values")
+    state: Literal["ok", "loading", "unavailable"] = Field(description="why unhealthy: loading, or no detector")
     model_loaded: bool
     model_version: str | None = None
     model_uri: str | None = None
@@ -76,6 +97,71 @@ class HealthResponse(BaseModel):
     crop_size: int | None = None
     device: str | None = None
     detail: str | None = None
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the model's evaluation metrics from the registry or its checkpoint"
+    )
+    uptime_seconds: float = Field(ge=0, description="since this ingress replica started")
+    active_requests: int = Field(ge=0, description="HTTP requests in flight in this ingress replica, this one too")
+    predictions_total: int | None = Field(
+        description="answered predictions of the whole application; null while the metrics store is unreachable"
+    )
+    drift_detected: bool
+    drift_status: DriftStatus | None = Field(description="null while the metrics store is unreachable")
+    memory_usage_mb: float | None = Field(description="resident memory of this ingress replica (Linux only)")
+    pid: int = Field(description="process id of this ingress replica")
+
+
+class LivenessResponse(BaseModel):
+    status: Literal["alive"] = "alive"
+    alive: bool = True
+
+
+class DriftBaseline(BaseModel):
+    probability_mean: float = Field(description="mean predicted probability on the champion's test split")
+    ai_generated_ratio: float = Field(description="share flagged ai_generated on the champion's test split")
+    source: str = Field(description="the Prometheus rules file the drift alerts read it from too")
+
+
+class DriftResponse(BaseModel):
+    """The original's DriftMetrics over every prediction since the application started, against the training
+    baseline of the drift alerts; without a baseline, nothing is compared and `detail` says why."""
+
+    timestamp: str
+    window_size: int = Field(description="predictions scored since the application started, all replicas")
+    mean_probability: float | None = Field(description="null before the first prediction")
+    std_probability: float | None = Field(description="estimated from the probability histogram's 0.05 buckets")
+    low_confidence_ratio: float | None = Field(description="share of answers with confidence `low`")
+    prediction_ratio: dict[str, float] = Field(description="share of each verdict; empty before the first answer")
+    drift_detected: bool
+    drift_score: float | None = Field(description="largest shift from the baseline; null without a baseline")
+    alerts: list[str]
+    has_baseline: bool
+    baseline: DriftBaseline | None
+    detail: str = Field(description="what was compared with what, or why nothing was")
+
+
+class ServiceInfo(BaseModel):
+    name: str = "AI Product Photo Detector"
+    version: str = API_VERSION
+    docs: str = "/docs"
+    openapi: str = "/openapi.json"
+    health: str = "/health"
+    healthz: str = "/healthz"
+    readyz: str = "/readyz"
+    startup: str = "/startup"
+    metrics: str = "/metrics"
+    drift: str = "/drift"
+    privacy: str = "/privacy"
+
+
+class PrivacyResponse(BaseModel):
+    data_retention: str
+    image_storage: str
+    logging: str
+    metrics: str
+    tracking: str
+    gdpr: str
+    details: str
 
 
 def confidence_of(probability: float, threshold: float) -> Confidence:

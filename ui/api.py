@@ -35,9 +35,14 @@ class ServiceError(UserError, RuntimeError):
 
 @dataclass
 class Health:
-    """What `GET /health` says: ready or not, and about which model."""
+    """What `GET /health` says: ready or not, why not, and about which model.
+
+    `status` is the original service's `healthy`/`unhealthy`; `state` is this service's finer `ok`/`loading`/
+    `unavailable` (an API without it gets its `status` there too).
+    """
 
     status: str
+    state: str
     ready: bool
     model_version: str | None = None
     model_uri: str | None = None
@@ -153,6 +158,7 @@ class ApiClient:
         metrics = body.get("metrics") or body.get("model_metrics") or {}
         return Health(
             status=str(body["status"]),
+            state=str(body.get("state") or body["status"]),
             ready=bool(body.get("model_loaded")) and response.status_code == 200,
             model_version=body.get("model_version"),
             model_uri=body.get("model_uri"),

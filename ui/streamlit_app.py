@@ -38,7 +38,7 @@ def show_health(client: ApiClient) -> Health | None:
     if health.ready:
         st.success(f"Ready: model version {health.model_version}", icon=":material/check_circle:")
     else:
-        st.warning(f"Model {health.status}: {health.detail or 'no detail'}", icon=":material/hourglass_top:")
+        st.warning(f"Model {health.state}: {health.detail or 'no detail'}", icon=":material/hourglass_top:")
     facts = [
         ("Model version", health.model_version),
         ("Model URI", health.model_uri),

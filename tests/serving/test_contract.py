@@ -88,11 +88,11 @@ def assert_error(response: httpx.Response, status: int, error: str | tuple[str, 
 
 # ------------------------------------------------------------------------------------------------------ routes
 def test_liveness_and_readiness(service: ServeApp) -> None:
-    assert service.http.get("/healthz").json() == {"status": "alive"}
+    assert service.http.get("/healthz").json() == {"status": "alive", "alive": True}
     health = service.http.get("/health")
     assert health.status_code == 200
     body = health.json()
-    assert body["status"] == "ok" and body["model_loaded"] is True
+    assert body["status"] == "healthy" and body["state"] == "ok" and body["model_loaded"] is True
     assert body["model_version"] == "local:tiny-ckpt"
     assert body["crop_size"] == CROP and body["threshold"] == 0.5 and body["device"] == "cpu"
 

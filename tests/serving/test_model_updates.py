@@ -126,7 +126,7 @@ class SteadyLoad:
 
 def test_503_until_a_champion_is_registered(service: ServeApp, registry: Registry) -> None:
     health = service.http.get("/health")
-    assert health.status_code == 503 and health.json()["status"] == "loading"
+    assert health.status_code == 503 and health.json()["state"] == "loading"
     assert "no model under models:/aipd-detector@champion" in health.json()["detail"]
     refused = service.predict(jpeg())
     assert refused.status_code == 503 and refused.json()["error"] == "not_ready"

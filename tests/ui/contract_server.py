@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class ContractState:
     rate_limited: bool = False
     metrics: dict[str, float] = field(default_factory=lambda: dict(METRICS))
     paths: list[str] = field(default_factory=list)
+    predictions: int = 0
 
 
 class Refusal(Exception):
@@ -81,6 +83,7 @@ def _prediction(probability: float, started: float) -> dict:
 
 def build_contract_api(state: ContractState) -> FastAPI:
     api = FastAPI()
+    started = time.monotonic()
 
     @api.middleware("http")
     async def _log_and_guard(request: Request, call_next):
@@ -108,21 +111,33 @@ def build_contract_api(state: ContractState) -> FastAPI:
 
     @api.get("/health")
     async def health() -> JSONResponse:
+        vitals = {
+            "uptime_seconds": round(time.monotonic() - started, 2),
+            "active_requests": 1,
+            "predictions_total": state.predictions,
+            "drift_detected": False,
+            "drift_status": None,
+            "memory_usage_mb": None,
+            "pid": os.getpid(),
+        }
         if not state.ready:
-            body = HealthResponse(status="loading", model_loaded=False, detail="the model is loading")
+            body = HealthResponse(
+                status="unhealthy", state="loading", model_loaded=False, detail="the model is loading", **vitals
+            )
             return JSONResponse(body.model_dump(), 503)
         body = HealthResponse(
-            status="ok",
+            status="healthy",
+            state="ok",
             model_loaded=True,
             model_version=MODEL_VERSION,
             model_uri="models:/aipd-detector@champion",
             threshold=THRESHOLD,
             crop_size=CROP,
             device="cpu",
-        ).model_dump()
-        if state.metrics:
-            body["metrics"] = state.metrics
-        return JSONResponse(body)
+            metrics=state.metrics,
+            **vitals,
+        )
+        return JSONResponse(body.model_dump())
 
     @api.post("/predict/explain")
     async def explain(file: UploadFile = File(...)) -> JSONResponse:
@@ -132,6 +147,7 @@ def build_contract_api(state: ContractState) -> FastAPI:
         except Refusal as refusal:
             return refusal.response
         body = ExplainResponse(**_prediction(probability, started), heatmap_base64=_heatmap(crop), crop_size=CROP)
+        state.predictions += 1
         return JSONResponse(body.model_dump())
 
     @api.post("/predict/batch")
@@ -145,12 +161,17 @@ def build_contract_api(state: ContractState) -> FastAPI:
             except Refusal as refusal:
                 items.append(BatchItem(filename=upload.filename, **refusal.body))
         ok = sum(item.error is None for item in items)
+        state.predictions += ok
+        elapsed_ms = round((time.perf_counter() - started) * 1000.0, 3)
         body = BatchResponse(
             results=items,
             total=len(items),
             succeeded=ok,
+            successful=ok,
             failed=len(items) - ok,
-            inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
+            inference_time_ms=elapsed_ms,
+            total_inference_time_ms=elapsed_ms,
+            model_version=MODEL_VERSION if ok else None,
         )
         return JSONResponse(body.model_dump())
 

@@ -17,7 +17,7 @@ from ui.results import COLUMNS, results_csv, results_table, summary_line
 
 def test_health_reports_model_and_metrics(contract: ContractServer) -> None:
     health = ApiClient(contract.url).health()  # /health needs no key
-    assert health.ready and health.status == "ok"
+    assert health.ready and health.status == "healthy" and health.state == "ok"
     assert health.model_version == MODEL_VERSION and health.crop_size == 64
     assert health.metrics == pytest.approx(METRICS)
 
@@ -25,7 +25,8 @@ def test_health_reports_model_and_metrics(contract: ContractServer) -> None:
 def test_health_while_loading_is_not_an_error(contract: ContractServer) -> None:
     contract.state.ready = False
     health = ApiClient(contract.url).health()
-    assert not health.ready and health.status == "loading" and "loading" in health.detail
+    assert not health.ready and health.status == "unhealthy" and health.state == "loading"
+    assert "loading" in health.detail
 
 
 def test_explain_returns_verdict_and_a_decodable_heatmap(contract: ContractServer) -> None:
