@@ -16,24 +16,29 @@ PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 COMPILE = $(PY) -m compileall -qq -j0 -x '/tests?/' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
 	>/dev/null || true
 
+# pip's own output (its warnings about other packages' pins included) goes to a file; a failure shows its end.
+INSTALL_LOG := $(VENV)/install.log
+define install_into_venv
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(1) into $(VENV) (a few minutes the first time; pip's output: $(INSTALL_LOG))"
+	@$(PIP_INSTALL) -e "$(1)" >$(INSTALL_LOG) 2>&1 || { tail -n 30 $(INSTALL_LOG); exit 1; }
+	@$(COMPILE)
+endef
+
 # Each stamp reinstalls only when pyproject.toml changed, so a second `make test` or `make demo` starts at once.
 # The demo needs only the runtime dependencies; the tests add the dev extra (which covers the demo's too).
 $(DEMO_STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e .
-	$(COMPILE)
+	$(call install_into_venv,.)
 	@touch $@
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e ".[dev]"
-	$(COMPILE)
+	$(call install_into_venv,.[dev])
 	@touch $@ $(DEMO_STAMP)
 
 install: $(STAMP)
 
 demo: $(if $(wildcard $(STAMP)),$(STAMP),$(DEMO_STAMP))
-	$(VENV)/bin/aipd demo
+	$(VENV)/bin/aipd demo $(DEMO_ARGS)
 
 # Real peers for the integration tests: a browser for the UI, a Prometheus server for the metrics.
 # Where they cannot be installed, the tests that need them skip and say why.

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from app import data_cli
-from app.cli_common import AddressOpt, ConfigOpt, handle_errors, new_app, settings_from
+from app.cli_common import AddressOpt, ConfigOpt, handle_errors, invocation, new_app, settings_from
 from cluster import cli as cluster_cli
 from serving import cli as serving_cli
 from training import cli as training_cli
@@ -21,6 +21,18 @@ from tuning import cli as tuning_cli
 from ui import cli as ui_cli
 
 app = new_app(help="AI Product Photo Detector: build data, train, tune, evaluate and serve on Ray.")
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's, Serve's and the libraries' logs on the terminal too."
+    ),
+) -> None:
+    """Every command writes its whole log to <work_dir>/logs/aipd.log and shows progress, results and problems."""
+    invocation.verbose = verbose
+
+
 app.add_typer(data_cli.cli, name="data")
 app.add_typer(training_cli.cli)
 app.add_typer(tuning_cli.cli)

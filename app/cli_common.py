@@ -66,10 +66,24 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _Invocation:
+    """What the root command's options say for the whole invocation (`aipd --verbose train ...`)."""
+
+    verbose: bool = False
+
+
+invocation = _Invocation()
+
+
 def settings_from(config: Optional[Path], **overrides: Any) -> Settings:
-    """The settings for one command (defaults, file, environment, then these flags), with logging set up."""
+    """The settings for one command (defaults, file, environment, then these flags), with logging set up: the
+    terminal quiet unless verbose, the whole log in the work directory."""
     from app.logging import configure_logging
 
+    if invocation.verbose:
+        overrides["verbose"] = True
     settings = load_settings(config, **overrides)
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, log_file=settings.log_file.resolve(), quiet=not settings.verbose
+    )
     return settings

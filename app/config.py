@@ -156,18 +156,19 @@ class UiSettings(BaseModel):
 
 
 class DemoSettings(BaseModel):
-    """`aipd demo`: the whole loop on one machine."""
+    """`aipd demo`: the whole loop on one machine, serving early and improving while it serves."""
 
-    train_epochs: int | None = Field(
-        6,
+    first_model_epoch: int = Field(
+        2,
         ge=1,
-        description="epochs the demo trains (None: train.epochs); a short schedule answers sooner, and `aipd train` "
-        "trains train.epochs and becomes champion only if it beats the demo's model on validation data",
+        description="after this many epochs of train.epochs the demo registers and serves the checkpoint it has, "
+        "then trains on; the finished model takes over live if it beats that one on validation data",
     )
-    train_lr: float | None = Field(
-        3e-3,
-        gt=0,
-        description="the demo's learning rate (None: train.lr); a short schedule learns more with a higher rate",
+    champion_poll_s: float = Field(
+        3.0, gt=0, description="how often the demo's service looks for a new champion (`serve --champion-poll-s`)"
+    )
+    trickle_interval_s: float = Field(
+        1.0, gt=0, description="the pause between the demo's own requests while the champion may move"
     )
 
 
@@ -181,6 +182,9 @@ class Settings(BaseSettings):
     work_dir: Path = Path(".aipd")
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+    verbose: bool = Field(
+        False, description="show Ray's, Serve's and the libraries' logs on the terminal too (`aipd --verbose`)"
+    )
     ray_address: str | None = Field(
         None,
         description="Ray cluster address (AIPD_RAY_ADDRESS or Ray's own RAY_ADDRESS); None starts a local one",
@@ -234,6 +238,11 @@ class Settings(BaseSettings):
     def demo_data_dir(self) -> Path:
         d = self.data
         return self.data_dir / f"demo-{d.demo_images_per_class}x{d.demo_size}-s{d.demo_seed}"
+
+    @property
+    def log_file(self) -> Path:
+        """Where a command's whole log goes, whatever the terminal shows."""
+        return self.work_dir / "logs" / "aipd.log"
 
     @property
     def tracking_uri(self) -> str:

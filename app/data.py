@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -238,6 +239,7 @@ class DecodeOptions:
     augment: Any = None  # app.transforms.AugmentConfig when train is True
     log_format: str = "console"
     corrupt: Callable[[Any], Any] | None = None  # evaluation only: a picklable change applied after decoding
+    seed: int | None = None  # training: the data order and the augmentations follow it, so a rerun repeats them
 
 
 def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
@@ -247,7 +249,7 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
     from app.transforms import eval_preprocess, train_augment
 
     configure_logging(options.log_format)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(_batch_seed(batch["path"], options.seed))
     crops: list[np.ndarray] = []
     labels: list[int] = []
     paths: list[str] = []
@@ -273,6 +275,14 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
     }
 
 
+def _batch_seed(paths: np.ndarray, seed: int | None) -> list[int] | None:
+    """A batch's augmentation seed from its files and the run's seed: the same batch augments the same way in a
+    rerun, and a batch of other files (the next epoch's order) differently."""
+    if seed is None:
+        return None
+    return [seed, zlib.crc32("\n".join(str(p) for p in paths).encode())]
+
+
 def to_ray_dataset(records: pd.DataFrame, options: DecodeOptions, *, batch_size: int = 32, blocks: int | None = None):
     """A lazy Ray Data pipeline over ``records``; every iteration re-reads and, for training, re-augments."""
     import ray.data
@@ -283,9 +293,16 @@ def to_ray_dataset(records: pd.DataFrame, options: DecodeOptions, *, batch_size:
     num_blocks = blocks or max(1, min(len(rows) // batch_size, 64))
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
     if options.train:
-        # Shuffling the rows while they are still only paths is cheap; shuffling decoded pixels is not.
-        ds = ds.random_shuffle()
+        # Shuffling the rows while they are still only paths is cheap; shuffling decoded pixels is not. A seed gives
+        # every epoch its own order, the same in every rerun.
+        ds = ds.random_shuffle(seed=_shuffle_seed(options.seed))
     return ds.map_batches(decode_batch, fn_kwargs={"options": options}, batch_size=batch_size, batch_format="numpy")
+
+
+def _shuffle_seed(seed: int | None) -> Any:
+    from ray.data import RandomSeedConfig
+
+    return None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
 @dataclass

@@ -66,15 +66,19 @@ def build_demo(settings: Settings, out: Optional[Path] = None) -> Any:
         )
 
 
+def print_split_counts(title: str, counts: dict[str, dict[str, int]]) -> None:
+    """Images per split and class, as every command that names a dataset shows them."""
+    table = Table(title=title)
+    for column in ("split", "real", "ai_generated"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, by_class in counts.items():
+        table.add_row(split, str(by_class.get("real", 0)), str(by_class.get("ai_generated", 0)))
+    console.print(table)
+
+
 def print_demo_summary(summary: Any) -> None:
     info = summary.to_dict()
-    table = Table(title=f"demo dataset: {info.get('out_dir')}")
-    table.add_column("split")
-    table.add_column("real", justify="right")
-    table.add_column("ai_generated", justify="right")
-    for split, counts in info["counts"].items():
-        table.add_row(split, str(counts.get("real", 0)), str(counts.get("ai_generated", 0)))
-    console.print(table)
+    print_split_counts(f"demo dataset: {info.get('out_dir')}", info["counts"])
     seconds = info.get("build_seconds")
     if seconds is not None:
         console.print(f"built in {seconds:.1f} s" + (" (cached)" if info.get("cached") else ""))
@@ -105,12 +109,7 @@ def data_check(
         bad = [{"path": p, "reason": r} for p, r in report.bad_files]
         print(json.dumps({"counts": report.counts, "bad_files": bad, "total": report.total, "notes": report.notes}))
         return
-    table = Table(title=f"dataset: {path}")
-    for column in ("split", "real", "ai_generated"):
-        table.add_column(column, justify="right" if column != "split" else "left")
-    for split, counts in report.counts.items():
-        table.add_row(split, str(counts["real"]), str(counts["ai_generated"]))
-    console.print(table)
+    print_split_counts(f"dataset: {path}", report.counts)
     for note in report.notes:
         console.print(f"note: {note}")
     if report.bad_files:

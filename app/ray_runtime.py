@@ -72,13 +72,17 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
     """Start or join Ray once per process; returns the cluster's resources so callers can size their work."""
     import ray
 
+    from app.logging import route_library_logs
+
     if ray.is_initialized():
         return ray.cluster_resources()
+    route_library_logs()  # ray.init's own messages ("Started a local Ray instance") go where the settings say
     address = settings.ray_address
     runtime_env = {"env_vars": {"AIPD_LOG_FORMAT": settings.log_format, "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    kwargs.setdefault("log_to_driver", settings.verbose)  # workers' output stays in Ray's log files unless verbose
     try:
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+            ray.init(address=address, runtime_env=runtime_env, **kwargs)
         else:
             with _environment(node_environment(settings, local=True)):
                 ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
@@ -94,7 +98,36 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         if address:
             raise ClusterUnavailableError(f"cannot reach the Ray cluster at {address}: {err}") from err
         raise
+    import ray.data
+    import ray.serve  # noqa: F401 - like ray.data, it attaches its own terminal handler on import: reroute both
+
+    route_library_logs()
+    if not settings.verbose:
+        _cluster_messages_to_log()
+    # Ray Data's progress tables belong to a verbose terminal; the commands show their own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = settings.verbose
     return ray.cluster_resources()
+
+
+def _cluster_messages_to_log() -> None:
+    """Messages the cluster pushes to every driver (a raylet's "N worker processes have been started", a worker
+    killed for memory) go to the log instead of straight to the terminal. A failure they explain still reaches the
+    terminal as the error of the call that failed.
+
+    Ray prints them from a thread of its own through a module function, with no logging hook: swapping that function
+    is the only way, and it serves nothing else once workers' output stays off the terminal (`log_to_driver`).
+    """
+    import ray._private.worker as ray_worker
+
+    from app.logging import get_logger
+
+    log = get_logger("ray.cluster")
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            log.warning("cluster_message", source=data.get("pid"), line=line)
+
+    ray_worker.print_to_stdstream = to_log
 
 
 def cluster_has_gpus() -> bool:

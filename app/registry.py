@@ -37,6 +37,9 @@ def setup_mlflow(settings: Settings) -> str:
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    from app.logging import route_library_logs
+
+    route_library_logs()
     try:
         experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
         if experiment is not None:
@@ -47,14 +50,30 @@ def setup_mlflow(settings: Settings) -> str:
         raise RegistryError(f"cannot use the MLflow tracking store {uri}: {err}") from err
 
 
-def _check_server(uri: str) -> None:
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds with one line, instead of MLflow's minutes of retries, when the server is down."""
     import httpx
 
     try:
-        httpx.get(uri.rstrip("/") + "/health", timeout=5.0)
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout_s)
     except httpx.HTTPError as err:
-        raise RegistryError(f"cannot reach the MLflow server at {uri}: {err}") from err
+        raise RegistryError(f"cannot reach the MLflow server at {uri}: {err or type(err).__name__}") from err
+
+
+def registry_unreachable(settings: Settings, timeout_s: float = 5.0) -> str | None:
+    """Why the MLflow server of these settings cannot be reached now, or None (a SQLite store is a local file).
+
+    For a poller (the serving detector) that must tell in seconds that the registry went away, where MLflow's own
+    client would retry for minutes first.
+    """
+    uri = settings.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        _check_server(uri, timeout_s)
+    except RegistryError as err:
+        return str(err)
+    return None
 
 
 @dataclass

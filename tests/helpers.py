@@ -28,8 +28,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_checkpoint(directory: Path, seed: int = 0, threshold: float = 0.5, crop_size: int = CROP) -> Path:
-    """An untrained tiny detector: real weights, real config, loads in well under a second."""
+def make_checkpoint(
+    directory: Path, seed: int = 0, threshold: float = 0.5, crop_size: int = CROP, metrics: dict | None = None
+) -> Path:
+    """An untrained tiny detector: real weights, real config, loads in well under a second. `metrics` are the
+    evaluation numbers its config.json claims, which /health reports for a checkpoint served from disk."""
     import torch
 
     from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
@@ -37,7 +40,12 @@ def make_checkpoint(directory: Path, seed: int = 0, threshold: float = 0.5, crop
     torch.manual_seed(seed)
     cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32)
     return save_checkpoint(
-        directory, build_model(cfg), cfg, PreprocessSettings(crop_size=crop_size), threshold=threshold
+        directory,
+        build_model(cfg),
+        cfg,
+        PreprocessSettings(crop_size=crop_size),
+        threshold=threshold,
+        metrics=metrics,
     )
 
 
@@ -84,6 +92,15 @@ def running_replicas(app_name: str, deployment: str) -> int:
 
     status = serve.status().applications[app_name].deployments[deployment]
     return int(status.replica_states.get("RUNNING", 0))
+
+
+def replica_pids(app_name: str, deployment: str) -> list[int]:
+    """Process ids of a deployment's live replicas in the connected cluster (the GCS actor table, not a /proc scan,
+    so another cluster's replicas on this machine are never matched)."""
+    from ray._private.state import actors
+
+    class_name = f"ServeReplica:{app_name}:{deployment}"
+    return sorted(a["Pid"] for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == class_name)
 
 
 class ServeApp:
@@ -202,3 +219,25 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+# -------------------------------------------------------------------------------------------------------- demo
+def write_learnable_dataset(root: Path, per_class: int, size: int = 64, seed: int = 0) -> Path:
+    """train/val/test folders of smooth photos (real) and the same with strong pixel noise (ai_generated).
+
+    The noise survives the random crops and flips the high-pass stem sees, so a tiny model learns it within a few
+    dozen steps: a short training on it improves from epoch to epoch, which the demo's live switch needs.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    for split, count in (("train", per_class), ("val", max(4, per_class // 3)), ("test", max(4, per_class // 3))):
+        for label in ("real", "ai_generated"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                a, b, c = rng.uniform(-1, 1, 3)
+                base = 128 + 50 * np.sin(a * x / 10 + b * y / 10 + c)
+                pixels = np.stack([base, np.roll(base, 3, 0), np.roll(base, 5, 1)], -1)
+                pixels = pixels + rng.normal(0, 10 if label == "ai_generated" else 2, pixels.shape)
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=95)
+    return root

@@ -1,8 +1,10 @@
-"""`aipd demo` end to end on a tiny configuration: data, training, registry, Serve, UI, sample predictions, stop."""
+"""`aipd demo` end to end on a tiny configuration: a first model served early, the finished one switched in live
+with no failed request, a quiet terminal, a real MLflow server, and everything stopped at the end."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,28 +13,30 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import free_port
+from tests.helpers import free_port, write_learnable_dataset
 
 pytestmark = pytest.mark.slow
 
+QUIET_LINES_BEFORE_VERDICTS = 60
 
-def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
+
+def test_demo_serves_early_then_switches_live_without_a_failed_request(tmp_path: Path) -> None:
+    data = write_learnable_dataset(tmp_path / "data", per_class=40)
     serve_port, ui_port = free_port(), free_port()
     env = {
         **os.environ,
-        "AIPD_WORK_DIR": str(tmp_path),
+        "AIPD_WORK_DIR": str(tmp_path / "work"),
         "PYTHONUNBUFFERED": "1",
-        "RAY_ADDRESS": "",
-        "AIPD_DATA__DEMO_IMAGES_PER_CLASS": "40",
-        "AIPD_DATA__DEMO_SIZE": "64",
-        "AIPD_TRAIN__EPOCHS": "2",
-        "AIPD_DEMO__TRAIN_EPOCHS": "1",
+        "AIPD_DATA__PATH": str(data),
+        "AIPD_TRAIN__EPOCHS": "4",
         "AIPD_TRAIN__CROP_SIZE": "48",
         "AIPD_TRAIN__BATCH_SIZE": "8",
+        "AIPD_DEMO__FIRST_MODEL_EPOCH": "1",
         "AIPD_SERVE__PORT": str(serve_port),
         "AIPD_UI__PORT": str(ui_port),
     }
-    env.pop("RAY_ADDRESS")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("AIPD_LOG_LEVEL", None)
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "demo", "--exit-after-predictions"],
         env=env,
@@ -42,22 +46,41 @@ def test_demo_runs_end_to_end_and_stops(tmp_path: Path) -> None:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    assert "registered aipd-detector version 1" in done.stdout
-    assert "sample predictions through the HTTP API" in done.stdout
-    assert done.stdout.count("real") >= 3 and "ai_generated" in done.stdout
-    assert f"http://127.0.0.1:{serve_port}" in done.stdout
-    assert f":{ui_port}" in done.stdout, "the Streamlit address is printed"
-    assert "mlflow ui --backend-store-uri" in done.stdout
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
-    assert [run.data.metrics["epochs_run"] for run in runs] == [1.0], (
-        "the demo trains demo.train_epochs, not train.epochs"
-    )
-    assert float(runs[0].data.params["train.lr"]) == 3e-3, "the demo's short schedule takes demo.train_lr"
-    assert "the threshold set on validation data" in " ".join(done.stdout.split()), (
-        "the verdicts' threshold is explained"
-    )
+    text = " ".join(done.stdout.split())
+
+    # served early: the first model is epoch 1's, registered as version 1 and answering the samples
+    assert "first model: epoch 1 of 4" in text and "registered as version 1" in text
+    assert "sample predictions through the HTTP API by version 1" in text
+    # then the finished model beats it, the champion moves and the running service switches, with no failed request
+    assert "finished model: 4 epochs" in text and "registered as version 2" in text
+    assert "champion -> version 2" in text, text[-3000:]
+    assert "the service switched from version 1 to 2" in text
+    assert "sample predictions through the HTTP API by version 2" in text
+    requests = re.search(r"(\d+) requests while training finished and the champion moved, (\d+) failed", text)
+    assert requests is not None, text[-3000:]
+    assert int(requests.group(1)) > 0 and int(requests.group(2)) == 0
+
+    # quiet: the lines a person reads before the first verdicts, none of Ray's, Serve's or MLflow's own
+    before = output.split("sample predictions through the HTTP API")[0]
+    assert len(before.splitlines()) <= QUIET_LINES_BEFORE_VERDICTS, before
+    for chatter in ("(raylet)", "INFO", "Created version", "View run", "Started a local Ray instance"):
+        assert chatter not in output, f"{chatter!r} reached the terminal"
+    log_file = tmp_path / "work" / "logs" / "aipd.log"
+    assert "Created version '2'" in log_file.read_text(), "what the terminal leaves out is in the log file"
+
+    # MLflow: a real server was printed and ran; the first model has its own nested run with its own test AUROC
+    mlflow_url = re.search(r"MLflow\s+│?\s*(http://127\.0\.0\.1:\d+)", done.stdout)
+    assert mlflow_url is not None, done.stdout[-3000:]
+    assert "Uvicorn running" in (tmp_path / "work" / "logs" / "mlflow.log").read_text()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    first = client.get_model_version("aipd-detector", "1")
+    first_run = client.get_run(first.run_id)
+    assert first_run.data.tags["mlflow.parentRunId"] == client.get_model_version("aipd-detector", "2").run_id
+    assert "test_auroc" in first_run.data.metrics and first_run.info.status == "FINISHED"
+    assert str(client.get_model_version_by_alias("aipd-detector", "champion").version) == "2"
+
     # everything it started is stopped: nothing listens on its ports any more
-    for port in (serve_port, ui_port):
+    mlflow_port = int(mlflow_url.group(1).rsplit(":", 1)[1])
+    for port in (serve_port, ui_port, mlflow_port):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after the demo stopped"

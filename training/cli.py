@@ -1,4 +1,5 @@
-"""`aipd train` and `aipd evaluate`: the training stage's commands. Ray and torch load inside the commands."""
+"""`aipd train`, `aipd register` and `aipd evaluate`: the training stage's commands. Ray and torch load inside the
+commands."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from app.cli_common import AddressOpt, ConfigOpt, console, handle_errors, new_app, settings_from
+from app.cli_common import AddressOpt, ConfigOpt, console, err_console, handle_errors, new_app, settings_from
 
 cli = new_app()
 
@@ -56,8 +57,45 @@ def train(
             "use_gpu": gpu,
         },
     )
-    outcome = run_training(settings)
+    from training.progress import epoch_progress
+
+    with epoch_progress(err_console, settings.train.epochs) as on_epoch:
+        outcome = run_training(settings, on_epoch=on_epoch)
     print_outcome(settings, outcome)
+    console.print(f"MLflow: {mlflow_ui_hint(settings)}", soft_wrap=True)
+
+
+@cli.command("register")
+@handle_errors
+def register(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint directory, e.g. one `aipd train` kept."),
+    data: Optional[str] = typer.Option(
+        None, "--data", "-d", help="Dataset it was trained on: its val and test splits (default: demo set)."
+    ),
+    run_id: Optional[str] = typer.Option(
+        None, "--run-id", help="The MLflow run of its training (default: a new run named after the checkpoint)."
+    ),
+    address: Optional[str] = AddressOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Register a trained checkpoint in MLflow: evaluate it on the test split, register it, apply the champion rule.
+
+    For a model `aipd train` kept because MLflow was down as the training ended (it printed this command).
+
+    The alias `champion` moves only if the model beats the current champion on the same validation data.
+
+    Examples:
+      aipd register .aipd/checkpoints/<run_id> --run-id <run_id>
+      aipd register .aipd/checkpoints/<run_id> --data photos/ --run-id <run_id>
+    """
+    from app.registry import mlflow_ui_hint
+    from training.trainer import register_kept_checkpoint
+
+    settings = settings_from(config, ray_address=address, data={"path": data})
+    registration = register_kept_checkpoint(settings, checkpoint, run_id)
+    print_report(registration.report)
+    print_registration(settings, registration.version, f"run {registration.run_id}", registration.champion_message)
+    console.print(f"report: {registration.report.files.get('markdown')}")
     console.print(f"MLflow: {mlflow_ui_hint(settings)}", soft_wrap=True)
 
 
@@ -102,12 +140,14 @@ def evaluate(
 def print_outcome(settings: Any, outcome: Any) -> None:
     """The test metrics of a finished training, what was registered, and what the champion rule decided."""
     print_report(outcome.report)
-    console.print(
-        f"registered [bold]{settings.registered_model}[/bold] version {outcome.version} "
-        f"(run {outcome.run_id}, {outcome.epochs_run} epochs, {outcome.wall_s:.0f} s)"
-    )
-    console.print(outcome.champion_message)
+    details = f"run {outcome.run_id}, {outcome.epochs_run} epochs, {outcome.wall_s:.0f} s"
+    print_registration(settings, outcome.version, details, outcome.champion_message)
     console.print(f"report: {outcome.report.files.get('markdown')}")
+
+
+def print_registration(settings: Any, version: str, details: str, champion_message: str) -> None:
+    console.print(f"registered [bold]{settings.registered_model}[/bold] version {version} ({details})")
+    console.print(champion_message)
 
 
 def print_report(report: Any) -> None:

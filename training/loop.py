@@ -43,6 +43,11 @@ class LoopConfig:
         return asdict(self)
 
 
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The folder Ray Train stores an epoch's checkpoint in, under the run's folder in its storage path."""
+    return f"epoch_{epoch:03d}"
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up then cosine decay to zero: stable start for AdamW, a small rate to finish on."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -82,11 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         labels, scores, val_loss = _validate(worker, val_shard)
         metrics = _epoch_metrics(worker, epoch, metrics, labels, scores, val_loss)
         best_auroc = max(best_auroc, metrics["val_auroc"])
-        if worker.rank == 0:
+        _report(worker, epoch, metrics, best_auroc)
+        if worker.rank == 0:  # after the report, which stores the checkpoint: the driver's watcher reads the epoch
             worker.log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
             if worker.mlflow is not None:
                 _log_epoch(worker.mlflow, worker.cfg.mlflow_run_id, metrics, epoch)
-        _report(worker, epoch, metrics, best_auroc)
 
 
 def _set_up(cfg: LoopConfig) -> _Worker:
@@ -256,7 +261,7 @@ def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: fl
                 Path(tmp) / TRAIN_STATE_FILE,
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=epoch_checkpoint_name(epoch))
 
 
 class _NoAutocast:

@@ -2,13 +2,15 @@
 register and apply the champion rule.
 
 ``build_trainer`` is shared with tuning (each Tune trial builds and fits one); ``run_training`` is what
-``aipd train`` calls.
+``aipd train`` calls, and ``register_kept_checkpoint`` what ``aipd register`` calls when MLflow was down as a training
+ended: both finish through ``evaluate_and_register``.
 """
 
 from __future__ import annotations
 
 import math
 import platform
+import shlex
 import signal
 import threading
 import time
@@ -20,8 +22,10 @@ import pandas as pd
 
 from app.config import Settings
 from app.data import DatasetIndex, DecodeOptions, index_dataset, to_ray_dataset
+from app.errors import UserError
 from app.logging import get_logger
-from training.loop import LoopConfig, train_loop_per_worker
+from training.loop import LoopConfig, epoch_checkpoint_name, train_loop_per_worker
+from training.progress import EpochWatcher, OnEpoch
 
 log = get_logger("aipd.train")
 
@@ -65,6 +69,7 @@ def decode_options(
         if train
         else None,
         log_format=settings.log_format,
+        seed=settings.train.seed if train else None,
     )
 
 
@@ -139,7 +144,18 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
+        dataset_config=_ordered_train_data(),
     )
+
+
+def _ordered_train_data() -> Any:
+    """Train's data in the order its seeded shuffle made (Ray Data otherwise hands blocks over as they finish),
+    so one worker sees the same sequence in every rerun."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options={"train": options})
 
 
 def best_checkpoint_dir(result: Any, out_dir: Path) -> Path:
@@ -183,6 +199,102 @@ def register_checkpoint(
     return version, val_auroc, moved, message
 
 
+class RegistrationPendingError(UserError, RuntimeError):
+    """Training finished but MLflow could not take its model; the message says where the checkpoint is kept and the
+    command that registers it."""
+
+
+@dataclass
+class Registration:
+    """What registering a trained checkpoint decided: its version, its val AUROC and the champion rule's verdict."""
+
+    run_id: str
+    version: str
+    val_auroc: float
+    champion_moved: bool
+    champion_message: str
+    report: Any
+
+
+def evaluate_and_register(
+    settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str
+) -> Registration:
+    """The end of a training: the test-split report logged to its run, then registration and the champion rule."""
+    import mlflow
+
+    report = _evaluate_and_log(settings, checkpoint_dir, index, data_path, run_id)
+    version, val_auroc, moved, message = register_checkpoint(
+        settings,
+        checkpoint_dir,
+        run_id,
+        index.split("val"),
+        tags={"test_auroc": round(report.metrics["auroc"], 6), "data": data_path},
+    )
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("best_val_auroc", val_auroc)
+    mlflow.MlflowClient().set_tag(run_id, "champion", str(moved).lower())
+    return Registration(run_id, version.version, val_auroc, moved, message, report)
+
+
+def _register_after_training(
+    settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str
+) -> Registration:
+    """``evaluate_and_register``, or, when MLflow fails (it went down while Ray trained), one line that says where the
+    trained model is kept and how to register it later: a training run is too dear to lose to the tracking server."""
+    from mlflow.exceptions import MlflowException
+
+    from app.registry import RegistryError, setup_mlflow
+
+    try:
+        setup_mlflow(settings)  # fails in seconds when the server is down, before MLflow's minutes of retries
+        return evaluate_and_register(settings, checkpoint_dir, index, data_path, run_id)
+    except (RegistryError, MlflowException) as err:
+        command = f"aipd register {shlex.quote(str(checkpoint_dir))} --data {shlex.quote(data_path)} --run-id {run_id}"
+        raise RegistrationPendingError(
+            f"training finished but the model could not be registered ({str(err).strip().splitlines()[0]}); "
+            f"the trained model is kept in {checkpoint_dir} - once MLflow is reachable, register it with: {command}"
+        ) from err
+
+
+def register_kept_checkpoint(settings: Settings, checkpoint_dir: Path, run_id: str | None = None) -> Registration:
+    """``aipd register``: evaluate, register and judge a checkpoint that training kept, under its training run
+    (``run_id``, which is then marked finished) or a new run of its own."""
+    import mlflow
+
+    from app.model import is_checkpoint
+    from app.ray_runtime import init_ray
+    from app.registry import RegistryError, setup_mlflow
+
+    if not is_checkpoint(checkpoint_dir):
+        raise RegistryError(f"{checkpoint_dir} is not a checkpoint directory (no model.pt and config.json there)")
+    checkpoint_dir = checkpoint_dir.resolve()
+    data_path = resolve_data_path(settings)
+    index = index_dataset(data_path)
+    index.require_splits("val", "test")
+    init_ray(settings)
+    experiment_id = setup_mlflow(settings)
+    client = mlflow.MlflowClient()
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=f"register-{checkpoint_dir.name}").info.run_id
+    else:
+        _require_run(client, run_id)
+    registration = evaluate_and_register(settings, checkpoint_dir, index, data_path, run_id)
+    client.set_terminated(run_id, status="FINISHED")
+    log.info("checkpoint_registered", run_id=run_id, version=registration.version, champion=registration.champion_moved)
+    return registration
+
+
+def _require_run(client: Any, run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from app.registry import RegistryError
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        raise RegistryError(f"MLflow has no run {run_id}: {str(err).strip().splitlines()[0]}") from err
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -196,12 +308,15 @@ class TrainOutcome:
     epochs_run: int
 
 
-def run_training(settings: Settings) -> TrainOutcome:
-    """``aipd train``: fit, evaluate on the test split, register, and move ``champion`` only if it wins."""
+def run_training(settings: Settings, on_epoch: OnEpoch | None = None) -> TrainOutcome:
+    """``aipd train``: fit, evaluate on the test split, register, and move ``champion`` only if it wins.
+
+    ``on_epoch`` hears of every finished epoch while Ray trains (a progress bar; the demo serves an early one).
+    """
     import mlflow
 
     from app.ray_runtime import cluster_has_gpus, init_ray
-    from app.registry import setup_mlflow
+    from app.registry import registry_unreachable, setup_mlflow
 
     started = time.perf_counter()
     data_path = resolve_data_path(settings)
@@ -215,7 +330,19 @@ def run_training(settings: Settings) -> TrainOutcome:
     run_id = _start_run(client, experiment_id, name, settings, data_path, use_gpu, index.counts())
     log.info("training_started", run_id=run_id, data=data_path, use_gpu=use_gpu, workers=settings.train.num_workers)
 
-    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=f"{name}-{run_id[:8]}", mlflow_run_id=run_id)
+    ray_name = f"{name}-{run_id[:8]}"
+    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=ray_name, mlflow_run_id=run_id)
+    watcher = None
+    if on_epoch is not None:
+        watcher = EpochWatcher(
+            client,
+            run_id,
+            settings.train.epochs,
+            lambda epoch: settings.ray_storage / ray_name / epoch_checkpoint_name(epoch),
+            on_epoch,
+            unreachable=lambda: registry_unreachable(settings, timeout_s=2.0),
+        )
+        watcher.start()
     try:
         result = fit_keeping_sigint_handler(trainer)
         if result.error:
@@ -223,30 +350,24 @@ def run_training(settings: Settings) -> TrainOutcome:
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
     checkpoint_dir = best_checkpoint_dir(result, settings.work_dir.resolve() / "checkpoints" / run_id)
     epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else 0
 
-    report = _evaluate_and_log(settings, checkpoint_dir, index, data_path, run_id)
-    version, val_auroc, moved, message = register_checkpoint(
-        settings,
-        checkpoint_dir,
-        run_id,
-        index.split("val"),
-        tags={"test_auroc": round(report.metrics["auroc"], 6), "data": data_path},
-    )
+    registration = _register_after_training(settings, checkpoint_dir, index, data_path, run_id)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metric("best_val_auroc", val_auroc)
         mlflow.log_metric("epochs_run", epochs_run)
-    client.set_tag(run_id, "champion", str(moved).lower())
-    log.info("training_finished", run_id=run_id, version=version.version, champion=moved)
+    log.info("training_finished", run_id=run_id, version=registration.version, champion=registration.champion_moved)
     return TrainOutcome(
         run_id,
-        version.version,
-        moved,
-        message,
+        registration.version,
+        registration.champion_moved,
+        registration.champion_message,
         checkpoint_dir,
-        val_auroc,
-        report,
+        registration.val_auroc,
+        registration.report,
         time.perf_counter() - started,
         epochs_run,
     )
