@@ -27,6 +27,9 @@ DETECTOR_MIN_ONGOING = 256  # see detector_options
 # OpenMP threads that finish an operator spin before sleeping (libgomp spins 300,000 rounds by default); on a CPU node
 # the proxy and the ingress need those cores between the operators of a forward pass (benchmarks/RESULTS.md).
 DETECTOR_ENV = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
+# The detector looks at the registry again at every poll, so a call that fails in seconds beats MLflow's default of
+# retrying for minutes, during which the replica can neither pick up a champion nor tell that the registry is gone.
+REGISTRY_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 # Settings sections the replicas use; the rest (train, tune, data) stays out of the file.
 SERVING_FIELDS = (
@@ -79,6 +82,11 @@ def detector_user_config(settings: Settings, args: AppArgs) -> dict[str, Any]:
     }
 
 
+def detector_runtime_env() -> dict[str, Any]:
+    """The environment of a replica that holds the model (the detector, or the colocated ingress)."""
+    return {"env_vars": {**DETECTOR_ENV, **REGISTRY_CLIENT_ENV}}
+
+
 def _autoscaling(min_replicas: int, max_replicas: int, target: float, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "min_replicas": min_replicas,
@@ -120,7 +128,7 @@ def detector_options(settings: Settings, args: AppArgs, num_gpus: float | None) 
         "user_config": detector_user_config(settings, args),
     }
     if num_gpus is not None:
-        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": num_gpus, "runtime_env": {"env_vars": DETECTOR_ENV}}
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": num_gpus, "runtime_env": detector_runtime_env()}
     return options
 
 
@@ -129,7 +137,7 @@ def colocated_options(settings: Settings, args: AppArgs, num_gpus: float | None)
     it takes the detector's queue depth, replica bounds and live user_config."""
     options = detector_options(settings, args, num_gpus)
     if "ray_actor_options" not in options:
-        options["ray_actor_options"] = {"num_cpus": 1, "runtime_env": {"env_vars": DETECTOR_ENV}}
+        options["ray_actor_options"] = {"num_cpus": 1, "runtime_env": detector_runtime_env()}
     return options
 
 

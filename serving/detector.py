@@ -11,6 +11,11 @@ Model updates: a keeper thread per replica reconciles the loaded model with the 
 `champion_poll_s`. A new version is loaded and warmed up beside the old one (on a GPU: on the worker thread, between
 two batches), then swapped in with one assignment; batches in flight finish on the model they started with. No
 request fails and no replica restarts; each answer names the version that made it.
+
+The registry going away (an MLflow server that stops answering) costs no answer. Before each look the keeper probes
+the server, which takes seconds where MLflow's client would retry for minutes; while it does not answer, the loaded
+model keeps serving, `/health` says the registry is unreachable (still 200), and the next poll looks again, so a
+champion moved meanwhile is picked up once the registry is back.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import asyncio
 import functools
 import threading
 import time
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -51,6 +57,8 @@ MAX_BATCH_WAIT_S = 1.0
 COALESCE_MAX_CROPS = 16
 COALESCE_MAX_BYTES = 3 * 1024 * 1024
 COALESCE_CALLS_IN_FLIGHT = 2
+
+RegistryState = Literal["reachable", "unreachable"]
 
 
 class DetectorConfig(BaseModel):
@@ -89,6 +97,8 @@ class DetectorCore:
         self._keeper: threading.Thread | None = None
         self._mlflow_ready = False
         self._failed: tuple[str, str | None] | None = None
+        # What the last look at the registry found, and why it failed; None while no registry is followed.
+        self._registry: tuple[RegistryState, str | None] | None = None
 
     # ---------------------------------------------------------------------------------------------- configuration
     def configure(self, user_config: dict[str, Any], max_ongoing_requests: int | None = None) -> None:
@@ -148,14 +158,19 @@ class DetectorCore:
         with self._load_lock:
             active = self._active
             target: str | None = None
+            ref = None
             try:
                 ref = parse_model_ref(uri)
+                following = ref.kind == "alias" and (active is None or config.champion_poll_s > 0)
+                if not (ref.in_registry and (active is None or following)):
+                    self._registry = None
+                elif not self._registry_answers():
+                    return
                 if ref.kind == "alias" and not self._mlflow_ready:
                     from app.registry import setup_mlflow
 
                     setup_mlflow(self._settings)  # the registry the alias lives in: this replica's settings
                     self._mlflow_ready = True
-                following = ref.kind == "alias" and (active is None or config.champion_poll_s > 0)
                 target = alias_version(ref) if following else None
                 same_precision = active is not None and active.bf16 == use_bf16(self._device, config.precision)
                 if active is not None and active.uri == uri and target in (None, active.version) and same_precision:
@@ -183,6 +198,8 @@ class DetectorCore:
                     self._problem = str(err)
                 return
             except Exception as err:
+                if ref is not None and ref.in_registry and not self._registry_answers():
+                    return  # the registry went away mid-load: not the model's fault; the next poll tries again
                 self._metrics.inc("model_loads_total", {"version": target or "unknown", "result": "error"})
                 if first and parse_model_ref(uri).kind != "alias":
                     raise  # a wrong path or a corrupt checkpoint fails the deploy with its message
@@ -191,6 +208,7 @@ class DetectorCore:
                     self._problem = f"cannot load {uri}: {err}"
                 self._log.error("model load failed; keeping the current model", uri=uri, error=str(err))
                 return
+            loaded.answering_since = datetime.now(timezone.utc)
             self._active = loaded
             self._problem = ""
             self._metrics.inc("model_loads_total", {"version": loaded.version, "result": "ok"})
@@ -203,6 +221,24 @@ class DetectorCore:
                 graphs=sorted(loaded.graphs),
                 seconds=round(time.perf_counter() - started, 2),
             )
+
+    def _registry_answers(self) -> bool:
+        """Probe the registry and record the answer for /health; False (and the reason logged once) while it is
+        unreachable."""
+        from app.registry import registry_unreachable
+
+        problem = registry_unreachable(self._settings)
+        was = self._registry[0] if self._registry else None
+        self._registry = ("unreachable", problem) if problem else ("reachable", None)
+        if problem is None:
+            if was == "unreachable":
+                self._log.info("the model registry answers again")
+            return True
+        if was != "unreachable":
+            self._log.warning("the model registry is unreachable; keeping the current model", error=problem)
+        if self._active is None:
+            self._problem = problem
+        return False
 
     # ------------------------------------------------------------------------------------------------- requests
     async def predict(self, crop: np.ndarray) -> dict[str, Any]:
@@ -255,15 +291,25 @@ class DetectorCore:
             return {"error": "inference_failed", "detail": f"Grad-CAM failed: {err}"}
 
     def status(self) -> dict[str, Any]:
-        """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for /health."""
-        active = self._active
+        """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for /health.
+
+        An unreachable registry leaves a loaded model ready: it still answers, only a new champion cannot arrive.
+        """
+        active, registry = self._active, self._registry
+        state, problem = registry or (None, None)
         if active is None:
-            return {"ready": False, "detail": self._problem, "model_uri": self._config.model_uri}
+            return {"ready": False, "detail": self._problem, "model_uri": self._config.model_uri, "registry": state}
+        since = active.answering_since
         return {
             "ready": True,
             "model_uri": active.uri,
             "device": str(active.device),
             "metrics": dict(active.evaluation),
+            "registry": state,
+            "detail": None
+            if state != "unreachable"
+            else f"model registry unreachable ({problem}); serving version {active.version} until it is back",
+            "model_loaded_at": None if since is None else since.isoformat(timespec="milliseconds"),
             **describe(active),
         }
 

@@ -534,7 +534,7 @@ class IngressDeployment:
         elif not ready:
             state, detail = "loading", status.get("detail")
         else:
-            state, detail = "ok", None
+            state, detail = "ok", status.get("detail")  # a loaded model serves even with the registry gone
             self._learn(status)
         model = status if ready else {}
         summary = None if drift is None else DriftStatus(**drift.model_dump(include=set(DriftStatus.model_fields)))
@@ -549,6 +549,8 @@ class IngressDeployment:
             device=model.get("device"),
             detail=detail,
             metrics=model.get("metrics") or {},
+            model_loaded_at=model.get("model_loaded_at"),
+            registry=(status or {}).get("registry"),
             uptime_seconds=round(time.monotonic() - self._started, 2),
             active_requests=ActiveRequests.count,
             predictions_total=None if drift is None else drift.window_size,  # every answer observes its probability

@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ class ActiveModel:
     bf16: bool
     # The model's evaluation metrics (test_auroc, val_auroc, ...) from the registry or its checkpoint, for /health.
     evaluation: dict[str, float] = field(default_factory=dict)
+    # When it started answering (UTC), set by whoever swaps it in: loading and warming up come before.
+    answering_since: datetime | None = None
     # What run_batch calls on a CPU once ready: a frozen TorchScript trace, in bf16 when `bf16` (Grad-CAM keeps the
     # eager float32 model, which has gradients), and the dtype it takes.
     infer: Any = None

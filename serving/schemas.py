@@ -100,6 +100,16 @@ class HealthResponse(BaseModel):
     metrics: dict[str, float] = Field(
         default_factory=dict, description="the model's evaluation metrics from the registry or its checkpoint"
     )
+    model_loaded_at: str | None = Field(
+        None,
+        description="ISO-8601 UTC time at which the active model started answering; null before a model is loaded",
+        json_schema_extra={"format": "date-time"},
+    )
+    registry: Literal["reachable", "unreachable"] | None = Field(
+        None,
+        description="whether the model registry the service follows (an alias model URI) answered at its last look; "
+        "null when it follows none. Unreachable leaves a loaded model serving (200), with the reason in `detail`",
+    )
     uptime_seconds: float = Field(ge=0, description="since this ingress replica started")
     active_requests: int = Field(ge=0, description="HTTP requests in flight in this ingress replica, this one too")
     predictions_total: int | None = Field(

@@ -12,6 +12,7 @@ import base64
 import mimetypes
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import httpx
@@ -51,6 +52,8 @@ class Health:
     device: str | None = None
     detail: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    model_loaded_at: datetime | None = None  # when the model started answering, UTC; None from an API without it
+    registry: str | None = None  # "reachable" / "unreachable": the model registry the service follows, if any
 
 
 @dataclass
@@ -167,6 +170,8 @@ class ApiClient:
             device=body.get("device"),
             detail=body.get("detail"),
             metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            model_loaded_at=_utc_time(body.get("model_loaded_at")),
+            registry=body.get("registry"),
         )
 
     def explain(self, filename: str, data: bytes) -> FileResult:
@@ -238,6 +243,18 @@ def _prediction(filename: str, body: dict[str, Any]) -> FileResult:
         threshold=body.get("threshold"),
         status=200,
     )
+
+
+def _utc_time(value: Any) -> datetime | None:
+    """An ISO-8601 time as UTC (a time without an offset is taken as UTC); None when absent or unreadable, since a
+    missing timestamp must not hide the rest of the health."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
 def _mime(filename: str) -> str:

@@ -29,6 +29,15 @@ def show_failure(err: ServiceError) -> None:
         st.error(str(err), icon=":material/cloud_off:")
 
 
+def serving_since(health: Health) -> str | None:
+    """Which model answers, and since when: a switch of champion shows as a new version and a new time. In UTC,
+    since the page's server and its reader may be in different time zones."""
+    if not health.ready or health.model_loaded_at is None:
+        return None
+    at = health.model_loaded_at
+    return f"Serving version `{health.model_version}` since **{at:%H:%M:%S} UTC** ({at:%Y-%m-%d})"
+
+
 def show_health(client: ApiClient) -> Health | None:
     try:
         health = client.health()
@@ -37,6 +46,8 @@ def show_health(client: ApiClient) -> Health | None:
         return None
     if health.ready:
         st.success(f"Ready: model version {health.model_version}", icon=":material/check_circle:")
+        if health.registry == "unreachable":
+            st.warning(health.detail or "The model registry is unreachable.", icon=":material/cloud_off:")
     else:
         st.warning(f"Model {health.state}: {health.detail or 'no detail'}", icon=":material/hourglass_top:")
     facts = [
@@ -47,6 +58,9 @@ def show_health(client: ApiClient) -> Health | None:
         ("Device", health.device),
     ]
     st.markdown("  \n".join(f"**{name}:** `{value}`" for name, value in facts if value is not None))
+    since = serving_since(health)
+    if since:
+        st.markdown(since)
     st.subheader("Evaluation metrics")
     if health.metrics:
         columns = st.columns(2)

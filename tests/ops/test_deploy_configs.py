@@ -231,7 +231,7 @@ def test_every_way_a_cluster_starts_turns_on_serves_high_throughput_path() -> No
                 assert {"configMapRef": {"name": "aipd-config"}} in container.get("envFrom", [])
     launcher = yaml.safe_load(LAUNCHER.read_text())
     for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
-        exported = " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items())
+        exported = " ".join(f"{k}={shlex.quote(v)}" for k, v in HIGH_THROUGHPUT_ENV.items())
         assert f"export {exported};" in commands[-1]
 
 

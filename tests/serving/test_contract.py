@@ -13,6 +13,7 @@ import base64
 import io
 import select
 import socket
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -95,6 +96,13 @@ def test_liveness_and_readiness(service: ServeApp) -> None:
     assert body["status"] == "healthy" and body["state"] == "ok" and body["model_loaded"] is True
     assert body["model_version"] == "local:tiny-ckpt"
     assert body["crop_size"] == CROP and body["threshold"] == 0.5 and body["device"] == "cpu"
+
+
+def test_health_says_since_when_the_model_answers(service: ServeApp) -> None:
+    body = service.http.get("/health").json()
+    loaded_at = datetime.fromisoformat(body["model_loaded_at"])
+    assert loaded_at.utcoffset() == timedelta(0) and loaded_at <= datetime.now(timezone.utc)
+    assert body["registry"] is None and body["detail"] is None, "a checkpoint from disk follows no registry"
 
 
 def test_predict_answers_the_original_contract(service: ServeApp) -> None:
@@ -427,6 +435,7 @@ def test_reconfigure_changes_batching_and_model_live(service: ServeApp, tmp_path
     from ray import serve
 
     new = make_checkpoint(tmp_path / "tiny-ckpt-2", seed=2)
+    loaded_before = service.http.get("/health").json()["model_loaded_at"]
     detector = serve.get_deployment_handle(model_deployment(APP), app_name=APP)
     detector.reconfigure.remote(
         {"model_uri": str(new), "max_batch_size": 2, "batch_wait_timeout_s": 0.05, "champion_poll_s": 0}
@@ -436,6 +445,7 @@ def test_reconfigure_changes_batching_and_model_live(service: ServeApp, tmp_path
         30,
         what="the new model to be swapped in",
     )
+    assert service.http.get("/health").json()["model_loaded_at"] > loaded_before
     before = service.metrics()
     responses = asyncio.run(_concurrent(service.url, [jpeg(120, 90, seed=i) for i in range(16)], BATCH_KEY))
     assert {r.status_code for r in responses} == {200}

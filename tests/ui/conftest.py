@@ -19,7 +19,7 @@ def contract_server() -> ContractServer:
 def contract(contract_server: ContractServer) -> ContractServer:
     """The shared server with a fresh state: keys on (KEY), ready, metrics reported, empty request log."""
     state = contract_server.state
-    state.api_key, state.ready, state.rate_limited = KEY, True, False
+    state.api_key, state.ready, state.rate_limited, state.registry_down = KEY, True, False, False
     state.metrics = dict(METRICS)
     state.paths.clear()
     return contract_server

@@ -35,6 +35,8 @@ MODEL_VERSION = "7"
 THRESHOLD = 0.5
 CROP = 64
 METRICS = {"roc_auc": 0.973, "accuracy": 0.912, "tpr_at_1pct_fpr": 0.81}
+LOADED_AT = "2026-05-04T09:08:07+00:00"  # when the contract's model started answering, as /health says it
+REGISTRY_DOWN = "model registry unreachable (cannot reach the MLflow server); serving version 7 until it is back"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ContractState:
     api_key: str | None = None
     ready: bool = True
     rate_limited: bool = False
+    registry_down: bool = False
     metrics: dict[str, float] = field(default_factory=lambda: dict(METRICS))
     paths: list[str] = field(default_factory=list)
     predictions: int = 0
@@ -135,6 +138,9 @@ def build_contract_api(state: ContractState) -> FastAPI:
             crop_size=CROP,
             device="cpu",
             metrics=state.metrics,
+            model_loaded_at=LOADED_AT,
+            registry="unreachable" if state.registry_down else "reachable",
+            detail=REGISTRY_DOWN if state.registry_down else None,
             **vitals,
         )
         return JSONResponse(body.model_dump())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import datetime
 
 import pytest
 from PIL import Image
@@ -10,7 +11,7 @@ from PIL import Image
 from app.config import Settings
 from tests.helpers import UI_KEY as KEY
 from tests.helpers import free_port, photo
-from tests.ui.contract_server import METRICS, MODEL_VERSION, ContractServer
+from tests.ui.contract_server import LOADED_AT, METRICS, MODEL_VERSION, ContractServer
 from ui.api import ApiClient, ServiceError, api_key_of, api_url_of
 from ui.results import COLUMNS, results_csv, results_table, summary_line
 
@@ -20,6 +21,7 @@ def test_health_reports_model_and_metrics(contract: ContractServer) -> None:
     assert health.ready and health.status == "healthy" and health.state == "ok"
     assert health.model_version == MODEL_VERSION and health.crop_size == 64
     assert health.metrics == pytest.approx(METRICS)
+    assert health.model_loaded_at == datetime.fromisoformat(LOADED_AT) and health.registry == "reachable"
 
 
 def test_health_while_loading_is_not_an_error(contract: ContractServer) -> None:
@@ -27,6 +29,7 @@ def test_health_while_loading_is_not_an_error(contract: ContractServer) -> None:
     health = ApiClient(contract.url).health()
     assert not health.ready and health.status == "unhealthy" and health.state == "loading"
     assert "loading" in health.detail
+    assert health.model_loaded_at is None
 
 
 def test_explain_returns_verdict_and_a_decodable_heatmap(contract: ContractServer) -> None:

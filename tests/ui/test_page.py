@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from tests.helpers import UI_KEY as KEY
 from tests.helpers import UI_PAGE as PAGE
 from tests.helpers import free_port, photo
-from tests.ui.contract_server import MODEL_VERSION, ContractServer
+from tests.ui.contract_server import MODEL_VERSION, REGISTRY_DOWN, ContractServer
 
 TIMEOUT_S = 30
 
@@ -45,6 +45,7 @@ def test_side_panel_shows_health_model_metrics_and_dashboard_links(contract: Con
     sidebar = page.sidebar
     assert texts(sidebar.success) == [f"Ready: model version {MODEL_VERSION}"]
     assert f"**Model version:** `{MODEL_VERSION}`" in "\n".join(texts(sidebar.markdown))
+    assert f"Serving version `{MODEL_VERSION}` since **09:08:07 UTC** (2026-05-04)" in texts(sidebar.markdown)
     assert {m.label: m.value for m in sidebar.metric} == {
         "accuracy": "0.912",
         "roc_auc": "0.973",
@@ -55,6 +56,14 @@ def test_side_panel_shows_health_model_metrics_and_dashboard_links(contract: Con
     assert texts(page.info) == ["Drop one or more product photos above to check them."]
     assert page.file_uploader[0].allowed_type == [".jpg", ".jpeg", ".png", ".webp"]
     assert page.file_uploader[0].accept_multiple_files
+
+
+def test_an_unreachable_registry_is_told_beside_a_ready_model(contract: ContractServer, ui_env) -> None:
+    contract.state.registry_down = True
+    ui_env(contract.url)
+    sidebar = open_page().sidebar
+    assert texts(sidebar.success) == [f"Ready: model version {MODEL_VERSION}"]
+    assert texts(sidebar.warning) == [REGISTRY_DOWN]
 
 
 def test_without_metrics_or_links_the_panel_says_how_to_get_them(contract: ContractServer, ui_env) -> None:
