@@ -21,8 +21,8 @@ from app.errors import UserError
 HIGH_THROUGHPUT_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # HAProxy replays a request whose ingress replica died before answering (predictions are idempotent), which it
-    # can only do for a request that fits its buffer: the default 16 KiB holds no photo.
+    # HAProxy may replay a request whose ingress replica died before answering (predictions are idempotent), and
+    # only one that fits its buffer: the default 16 KiB holds no photo. Not every such request: see RESULTS.md.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "65536",
 }

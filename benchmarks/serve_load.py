@@ -220,7 +220,7 @@ def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int
     """In-process cost of each step: decode + crop per upload size (what the ingress spends), and one forward per
     batch size on this device, eager and (on a GPU) replayed as a CUDA graph (what the detector spends)."""
     from app.config import ImageLimits, Settings
-    from serving.ingress import decode_and_crop
+    from serving.image_checks import decode_and_crop
     from serving.runtime import available_cores, load_active, pick_device, run_batch, warmup_sizes
 
     lines = ["| step | size | ms |", "| --- | --- | ---: |"]

@@ -16,7 +16,6 @@ settings, so the upload limits and the API key it documents are the ones it enfo
 # string annotations there turn `request: Request` into a required query parameter.
 import asyncio
 import base64
-import copy
 import os
 import time
 from collections.abc import Callable
@@ -32,8 +31,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.config import ImageLimits, Settings
+from app.config import Settings
 from serving.guards import API_KEY_HEADER, RateLimiter, check_api_key, client_identity
+from serving.image_checks import decode_and_crop
+from serving.openapi import RETRY_AFTER_HEADER, ROUTE_PREFIXES, UPLOAD_ERRORS, errors, openapi_document
 from serving.schemas import (
     API_VERSION,
     ApiError,
@@ -56,62 +57,6 @@ from serving.uploads import read_files
 DETECTOR_TIMEOUT_S = 30.0  # a request waits this long for a detector replica (cold start, scale-up) before 503
 STATUS_TIMEOUT_S = 2.0
 RETRY_AFTER_S = "5"
-
-_ERROR_STATUS = {"empty": 400, "truncated": 400, "corrupt": 400, "too_large": 413, "too_many_pixels": 413}
-
-# Magic bytes of images that are real images but not ones we accept: these get 415, anything else 400.
-_OTHER_IMAGE_TYPES = (
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"8BPS", "PSD"),
-    (b"\xff\x0a", "JPEG XL"),
-    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-)
-
-
-def other_image_type(data: bytes) -> str | None:
-    """The name of an image format we do not accept (GIF, SVG, HEIC, ...), or None when the bytes are no image."""
-    for magic, name in _OTHER_IMAGE_TYPES:
-        if data.startswith(magic):
-            return name
-    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"hevc"):
-        return "HEIF/AVIF"
-    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
-        return "SVG"
-    return None
-
-
-def image_error(err: Exception, data: bytes) -> ApiError:
-    """Map `app.images.ImageError` reasons to the contract: 400 not an image, 413 too large, 415 unsupported type."""
-    reason = getattr(err, "reason", "corrupt")
-    if reason == "unsupported_type":
-        other = other_image_type(data)
-        if other is not None:
-            return ApiError(415, "unsupported_type", f"{other} images are not supported; send a JPEG, PNG or WebP")
-        return ApiError(400, "not_an_image", "the file is not an image (checked by its content, not its name)")
-    return ApiError(_ERROR_STATUS.get(reason, 400), reason, str(err))
-
-
-def decode_and_crop(data: bytes, crop_size: int, limits: ImageLimits) -> np.ndarray:
-    """Validate, decode and center-crop one upload; the only CPU-heavy step of the ingress (runs in a thread)."""
-    from app.images import ImageError, decode_image
-    from app.transforms import eval_preprocess
-
-    try:
-        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-        return eval_preprocess(image, crop_size)
-    except ImageError as err:
-        raise image_error(err, data) from err
-    except MemoryError as err:
-        raise ApiError(413, "too_many_pixels", "the image is too large to decode") from err
-    except Exception as err:  # noqa: BLE001 - no decoder surprise may become a 500
-        raise ApiError(400, "corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})") from err
 
 
 def server_timing(started: float, read: float, decoded: float, called: float, result: dict[str, Any]) -> str:
@@ -147,93 +92,6 @@ def resident_memory_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-ROUTE_PREFIXES = ("", "/v1")  # every route at the root and as its /v1 twin, like the original service
-UPLOADS = {"/predict": "file", "/predict/explain": "file", "/predict/batch": "files"}
-API_KEY_SCHEME = "ApiKeyHeader"
-ACCEPTED_TYPES = "image/jpeg, image/png, image/webp"
-
-_ERROR_TEXT = {
-    400: "not an image, truncated or corrupt, or a malformed upload",
-    401: "missing or wrong X-API-Key (when keys are configured)",
-    413: "file or request too large, too many files, or too many pixels",
-    415: "an image type other than JPEG, PNG or WebP, or not a multipart upload",
-    422: "Grad-CAM is not available for this model",
-    429: "rate limited; see Retry-After",
-    500: "the model failed on this request",
-    503: "the model is loading or unavailable, or the metrics store is restarting; see Retry-After",
-}
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these refusals, all in the one error shape."""
-    return {
-        code: {
-            "model": ErrorResponse,
-            "description": _ERROR_TEXT[code],
-            **({"headers": _RETRY_AFTER} if code in (429, 503) else {}),
-        }
-        for code in codes
-    }
-
-
-_UPLOAD_ERRORS = errors(400, 401, 413, 415, 429, 500, 503)
-
-
-def upload_body(field: str, settings: Settings) -> dict[str, Any]:
-    """The multipart request body of an upload route, with this deployment's limits.
-
-    A single-file route refuses an empty or oversize file (400, 413); a batch answers such a file alone, inside its
-    200, so only the number of files is a limit of the request there.
-    """
-    limits = settings.images
-    what = (
-        f"JPEG, PNG or WebP, up to {limits.max_bytes:,} bytes and {limits.max_pixels:,} pixels; the type is read "
-        "from the bytes, not from the file name or the part's Content-Type"
-    )
-    schema: dict[str, Any]
-    if field == "file":
-        schema = {
-            "type": "string",
-            "format": "binary",
-            "minLength": 1,
-            "maxLength": limits.max_bytes,
-            "description": what,
-        }
-    else:
-        schema = {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": settings.serve.max_batch_files,
-            "items": {"type": "string", "format": "binary"},
-            "description": f"{what}; a file that breaks these limits gets its error in its own result",
-        }
-    return {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": [field], "properties": {field: schema}},
-                "encoding": {field: {"contentType": ACCEPTED_TYPES}},
-            }
-        },
-    }
-
-
-def openapi_document(settings: Settings) -> dict[str, Any]:
-    """FastAPI's document of the routes, with this deployment's upload limits and, when keys are on, the key header."""
-    document = copy.deepcopy(FastAPI.openapi(api))
-    if settings.api_keys:
-        schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes[API_KEY_SCHEME] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-    for path, field in UPLOADS.items():
-        for prefix in ROUTE_PREFIXES:
-            operation = document["paths"][prefix + path]["post"]
-            operation["requestBody"] = upload_body(field, settings)
-            if settings.api_keys:
-                operation["security"] = [{API_KEY_SCHEME: []}]
-    return document
 
 
 PRIVACY = PrivacyResponse(
@@ -356,7 +214,7 @@ class IngressDeployment:
         self._keys = list(self._settings.api_keys)
         self._ready = False
         self._crop_size: int | None = None
-        self.openapi_schema = openapi_document(self._settings)
+        self.openapi_schema = openapi_document(api, self._settings)
         if not self._keys:
             self._log.warning(
                 "API keys are off: anyone who reaches this port may call the prediction routes; "
@@ -403,14 +261,14 @@ class IngressDeployment:
         "GET",
         "/readyz",
         response_model=HealthResponse,
-        responses={503: {"model": HealthResponse, "description": "not ready", "headers": _RETRY_AFTER}},
+        responses={503: {"model": HealthResponse, "description": "not ready", "headers": RETRY_AFTER_HEADER}},
         summary="Readiness probe: the health body, 200 once a model is loaded, else 503",
     )
     @route(
         "GET",
         "/health",
         response_model=HealthResponse,
-        responses={503: {"model": HealthResponse, "description": "not ready", "headers": _RETRY_AFTER}},
+        responses={503: {"model": HealthResponse, "description": "not ready", "headers": RETRY_AFTER_HEADER}},
         summary="Readiness: a model is loaded, which one and how it scored, and this replica's vitals",
     )
     async def health(self) -> JSONResponse:
@@ -456,7 +314,7 @@ class IngressDeployment:
         "POST",
         "/predict",
         response_model=Prediction,
-        responses=_UPLOAD_ERRORS,
+        responses=UPLOAD_ERRORS,
         summary="Is this product photo AI-generated? (multipart field `file`)",
     )
     async def predict(self, request: Request) -> JSONResponse:
@@ -466,7 +324,7 @@ class IngressDeployment:
         "POST",
         "/predict/explain",
         response_model=ExplainResponse,
-        responses={**_UPLOAD_ERRORS, **errors(422)},
+        responses={**UPLOAD_ERRORS, **errors(422)},
         summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies",
     )
     async def explain(self, request: Request) -> JSONResponse:
@@ -484,7 +342,7 @@ class IngressDeployment:
         "POST",
         "/predict/batch",
         response_model=BatchResponse,
-        responses=_UPLOAD_ERRORS,
+        responses=UPLOAD_ERRORS,
         summary="Several photos at once (multipart field `files`); one bad file fails alone",
     )
     async def predict_batch(self, request: Request) -> JSONResponse:

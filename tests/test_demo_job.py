@@ -35,7 +35,8 @@ def test_demo_serves_early_then_switches_live_without_a_failed_request(tmp_path:
         "AIPD_SERVE__PORT": str(serve_port),
         "AIPD_UI__PORT": str(ui_port),
     }
-    env.pop("RAY_ADDRESS", None)
+    for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(inherited, None)
     env.pop("AIPD_LOG_LEVEL", None)
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "demo", "--exit-after-predictions"],
@@ -72,7 +73,8 @@ def test_demo_serves_early_then_switches_live_without_a_failed_request(tmp_path:
     mlflow_url = re.search(r"MLflow\s+│?\s*(http://127\.0\.0\.1:\d+)", done.stdout)
     assert mlflow_url is not None, done.stdout[-3000:]
     assert "Uvicorn running" in (tmp_path / "work" / "logs" / "mlflow.log").read_text()
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # not a registry an earlier test left set
     first = client.get_model_version("aipd-detector", "1")
     first_run = client.get_run(first.run_id)
     assert first_run.data.tags["mlflow.parentRunId"] == client.get_model_version("aipd-detector", "2").run_id

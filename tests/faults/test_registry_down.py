@@ -105,7 +105,7 @@ def test_registry_down_keeps_serving_reports_it_and_picks_up_the_champion_moved_
     port = free_port()
     log_path = tmp_path / "mlflow-server.log"
     log = log_path.open("a")
-    server = start_mlflow_server(store, port, log=log, log_path=log_path)
+    server = start_mlflow_server(store, port, log=log, log_path=log_path).wait_until_up()
     settings = Settings(
         work_dir=work,
         mlflow_tracking_uri=server.url,
@@ -148,7 +148,7 @@ def test_registry_down_keeps_serving_reports_it_and_picks_up_the_champion_moved_
             during_outage = trickle.versions_since(down_at)
 
             restarting = time.monotonic()
-            server = start_mlflow_server(store, port, log=log, log_path=log_path)
+            server = start_mlflow_server(store, port, log=log, log_path=log_path).wait_until_up()
             back_at = time.monotonic()
             wait_until(
                 lambda: _health_if(service, lambda body: body["registry"] == "reachable"),

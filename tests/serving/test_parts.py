@@ -200,7 +200,7 @@ def test_verdict_and_confidence_follow_the_threshold(p: float, t: float, verdict
     ],
 )
 def test_other_image_types_are_told_apart_from_non_images(data: bytes, kind: str | None) -> None:
-    from serving.ingress import other_image_type
+    from serving.image_checks import other_image_type
 
     assert other_image_type(data) == kind
 
