@@ -245,6 +245,7 @@ def run_scan(
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
     model_resources = {"num_gpus": 1} if gpus else {"num_cpus": 2}
+    _show_progress(settings.verbose)  # before the dataset exists: it takes a copy of the context
     dataset = (
         ray.data.from_pandas(blocks)
         .map_batches(
@@ -270,6 +271,18 @@ def run_scan(
     )
     dataset.write_parquet(out, min_rows_per_file=min(len(plan.todo), rows_per_file))
     return summarize(plan, out, skipped, len(plan.todo), time.perf_counter() - started)
+
+
+def _show_progress(verbose: bool) -> None:
+    """A scan is long: the terminal gets Ray Data's bar of the whole dataset even when quiet, its per-step table
+    only with --verbose."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = True
+    context.enable_operator_progress_bars = verbose
+    context.use_ray_tqdm = False
+    context.enable_rich_progress_bars = True
 
 
 def summarize(plan: ScanPlan, out: str, skipped: int, scanned: int, seconds: float) -> ScanSummary:
