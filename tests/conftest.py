@@ -25,7 +25,9 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():  # started the way every `aipd` command starts a local cluster
-        init_ray(Settings(ray_num_cpus=8), include_dashboard=False, log_to_driver=False)
+        # with its dashboard: Ray Train's placement-group cleaner asks the state API (the dashboard) whether a
+        # controller died, and without it the groups of a killed run stay reserved and starve later tests
+        init_ray(Settings(ray_num_cpus=8), include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
