@@ -18,14 +18,7 @@ from app.config import Settings
 from app.errors import UserError
 
 # HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
-HIGH_THROUGHPUT_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # HAProxy may replay a request whose ingress replica died before answering (predictions are idempotent), and
-    # only one that fits its buffer: the default 16 KiB holds no photo. Not every such request: see RESULTS.md.
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "65536",
-}
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # Ports Serve's HAProxy and fallback proxy take on every node; two clusters on one machine must not share them.
 _PER_CLUSTER_PORTS = (
     "RAY_SERVE_HAPROXY_STATS_PORT",

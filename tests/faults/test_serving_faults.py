@@ -180,10 +180,10 @@ def test_an_ingress_replica_killed_under_load(service: ServeApp) -> None:
     """Fault: SIGKILL of one of the two ingress replicas (HAProxy in front of both) during steady load (8 keep-alive
     clients, 20 s).
 
-    May be lost: the requests in flight on that replica at the kill. HAProxy resends some of them (the project sets
-    `retry-on conn-failure empty-response` and a buffer that holds these uploads), not all. The others get their
-    connection closed without an answer, as HAProxy does for a request that is not the first on a keep-alive
-    connection, so that the client retries; never a 500. Every other request answers 200, and
+    May be lost: the requests in flight on that replica at the kill. HAProxy closes their connections without an
+    answer, as it does for a request that is not the first on a keep-alive connection, so that the client retries;
+    never a 500. (Its retry on an empty response resends some of them, but when a resend fails it answers 500
+    instead, so the project keeps Ray's default: retry on connection failures only.) Every other request answers 200, and
     Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md ("Faults") has the counts.
     """
     load, killed_at, recovery_s = _kill_one_replica_under_load(service, "IngressDeployment", clients=8)
