@@ -183,8 +183,8 @@ def test_an_ingress_replica_killed_under_load(service: ServeApp) -> None:
     May be lost: the requests in flight on that replica at the kill. HAProxy closes their connections without an
     answer, as it does for a request that is not the first on a keep-alive connection, so that the client retries;
     never a 500. (Its retry on an empty response resends some of them, but when a resend fails it answers 500
-    instead, so the project keeps Ray's default: retry on connection failures only.) Every other request answers 200, and
-    Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md ("Faults") has the counts.
+    instead, so the project keeps Ray's default: retry on connection failures only.) Every other request answers
+    200, and Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md ("Faults") has the counts.
     """
     load, killed_at, recovery_s = _kill_one_replica_under_load(service, "IngressDeployment", clients=8)
     _report("ingress", load, killed_at, recovery_s)
