@@ -11,13 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import httpx
-
+from app.child_process import wait_for_health
 from app.config import Settings, reachable_url
 from app.errors import UserError
 
@@ -33,19 +31,14 @@ class MlflowServer:
     log_path: Path
 
     def wait_until_up(self, timeout_s: float = 120.0) -> MlflowServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise MlflowServerError(
-                    f"the MLflow server exited with code {self.process.returncode} before answering on {self.url} "
-                    f"(its log: {self.log_path})"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        outcome = wait_for_health(f"{self.url}/health", self.process, timeout_s, interval_s=0.5)
+        if outcome == "up":
+            return self
+        if outcome == "exited":
+            raise MlflowServerError(
+                f"the MLflow server exited with code {self.process.returncode} before answering on {self.url} "
+                f"(its log: {self.log_path})"
+            )
         self.stop()
         raise MlflowServerError(
             f"the MLflow server did not answer on {self.url} within {timeout_s:.0f} s (its log: {self.log_path})"

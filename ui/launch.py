@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import IO
 
-import httpx
-
+from app.child_process import wait_for_health
 from app.config import Settings, reachable_url
 from app.errors import UserError
 
@@ -95,19 +93,15 @@ def wait_until_up(
     Raises `UiStartError` when `process` exits first (a taken port, a broken install) or after `timeout_s`.
     """
     url = reachable_url(host, port)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise UiStartError(
-                f"the Streamlit server exited with code {process.returncode} before answering on {url} "
-                "(is the port taken? its output above, or in the log file, says why)"
-            )
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2.0).status_code == 200:
-                return url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
+    outcome = wait_for_health(f"{url}/_stcore/health", process, timeout_s)
+    if outcome == "up":
+        return url
+    if outcome == "exited":
+        assert process is not None
+        raise UiStartError(
+            f"the Streamlit server exited with code {process.returncode} before answering on {url} "
+            "(is the port taken? its output above, or in the log file, says why)"
+        )
     raise UiStartError(f"the Streamlit server did not answer on {url} within {timeout_s:.0f} s")
 
 
