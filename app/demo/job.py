@@ -241,9 +241,8 @@ class DemoStack:
 
         assert self.training is not None
         key = self.settings.api_keys[0] if self.settings.api_keys else None
-        trickle = Trickle(
-            base_url, self.sample_paths()[0], api_key=key, interval_s=self.settings.demo.trickle_interval_s
-        ).start()
+        photo = self.sample_paths()[0].read_bytes()
+        trickle = Trickle(base_url, [photo], api_key=key, interval_s=self.settings.demo.trickle_interval_s).start()
         try:
             outcome = self.training.wait()
             print_registration(outcome)
@@ -252,15 +251,17 @@ class DemoStack:
                 if switched is None:
                     console.print(f"[yellow]the service did not switch to version {outcome.version} in 5 minutes[/]")
         finally:
-            stats = trickle.stop()
-        if outcome.champion_moved and outcome.version in stats.first_answer:
-            at = time.strftime("%H:%M:%S", time.localtime(stats.first_answer[outcome.version]))
+            trickle.stop()
+        switched_at = trickle.first_answer(outcome.version) if outcome.champion_moved else None
+        if switched_at is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(switched_at))
             console.print(f"[bold]the service switched from version {serving} to {outcome.version} at {at}[/bold]")
             self.predict_samples(base_url, f"version {outcome.version}")
-        style = "green" if stats.failed == 0 else "red"
+        failures = trickle.failures()
         console.print(
-            f"[{style}]{stats.sent} requests while training finished and the champion moved, {stats.failed} failed[/]"
-            + (f" ({'; '.join(stats.failures)})" if stats.failures else "")
+            f"[{'red' if failures else 'green'}]{len(trickle.answers)} requests while training finished and the "
+            f"champion moved, {len(failures)} failed[/]"
+            + (f" ({'; '.join(a.outcome for a in failures[:3])})" if failures else "")
         )
         return outcome
 

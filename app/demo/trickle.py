@@ -1,66 +1,87 @@
-"""A steady trickle of predictions against the demo's service while its champion may move.
+"""A steady trickle of predictions against a running service while its champion may move.
 
-The demo promises that the service switches models without a failed request; this is how it checks: one request
-at a time, every answer and every failure counted, and the time each model version first answered kept.
+The demo promises that the service switches models without a failed request, and the registry fault test that an
+outage costs none; this is how both check: one request at a time on one connection, every answer recorded in order
+with the version that made it, so counts, failures and the moment each version first answered are all read from it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 
-@dataclass
-class TrickleStats:
-    sent: int = 0
-    failed: int = 0
-    first_answer: dict[str, float] = field(default_factory=dict)  # model version -> wall-clock time it first answered
-    failures: list[str] = field(default_factory=list)  # the first few, for the message
+@dataclass(frozen=True)
+class Answer:
+    at: float  # wall-clock time the answer arrived
+    status: int  # HTTP status; 0 when no answer came (a transport error)
+    outcome: str  # the model version that answered (200), else the error and its detail
 
 
 class Trickle:
-    """Send ``image`` to ``base_url``'s /predict every ``interval_s`` on a thread, from ``start`` to ``stop``."""
+    """Post ``images`` in turn to ``base_url``'s /predict every ``interval_s`` on a thread, from start to stop."""
 
-    def __init__(self, base_url: str, image: Path, *, api_key: str | None, interval_s: float) -> None:
-        self._base_url, self._image, self._api_key, self._interval_s = base_url, image, api_key, interval_s
-        self.stats = TrickleStats()
+    def __init__(self, base_url: str, images: list[bytes], *, api_key: str | None = None, interval_s: float) -> None:
+        self._base_url, self._images, self._api_key, self._interval_s = base_url, images, api_key, interval_s
+        self.answers: list[Answer] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-trickle", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="trickle", daemon=True)
 
     def start(self) -> Trickle:
         self._thread.start()
         return self
 
-    def stop(self) -> TrickleStats:
+    def stop(self) -> list[Answer]:
         self._stop.set()
         self._thread.join(timeout=120)
-        return self.stats
+        return self.answers
+
+    def __enter__(self) -> Trickle:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def failures(self) -> list[Answer]:
+        return [a for a in self.answers if a.status != 200]
+
+    def versions_since(self, since: float) -> list[str]:
+        """The versions that answered after ``since`` (wall-clock), in order."""
+        return [a.outcome for a in self.answers if a.status == 200 and a.at >= since]
+
+    def first_answer(self, version: str) -> float | None:
+        """The wall-clock time ``version`` first answered, or None."""
+        return next((a.at for a in self.answers if a.status == 200 and a.outcome == version), None)
 
     def wait_for_version(self, version: str, timeout_s: float) -> float | None:
         """The time ``version`` first answered, waiting up to ``timeout_s`` for it; None if it never did."""
         with self._changed:
-            self._changed.wait_for(lambda: version in self.stats.first_answer, timeout=timeout_s)
-            return self.stats.first_answer.get(version)
+            self._changed.wait_for(lambda: self.first_answer(version) is not None, timeout=timeout_s)
+            return self.first_answer(version)
 
     def _run(self) -> None:
-        from serving.client import ServiceError, predict_files
+        import httpx
 
-        while not self._stop.is_set():
-            try:
-                result = predict_files(self._base_url, [self._image], api_key=self._api_key, timeout_s=30)[0]
-                problem = None if "error" not in result else f"{result['error']}: {result.get('detail', '')}"
-            except ServiceError as err:
-                result, problem = {}, str(err)
-            with self._changed:
-                self.stats.sent += 1
-                if problem is None:
-                    self.stats.first_answer.setdefault(str(result.get("model_version")), time.time())
-                else:
-                    self.stats.failed += 1
-                    if len(self.stats.failures) < 3:
-                        self.stats.failures.append(problem)
-                self._changed.notify_all()
-            self._stop.wait(self._interval_s)
+        headers = {"X-API-Key": self._api_key} if self._api_key else {}
+        with httpx.Client(base_url=self._base_url, headers=headers, timeout=30.0) as client:
+            n = 0
+            while not self._stop.is_set():
+                data = self._images[n % len(self._images)]
+                n += 1
+                try:
+                    response = client.post("/predict", files={"file": ("photo.jpg", data, "image/jpeg")})
+                    body = response.json()
+                    outcome = (
+                        str(body.get("model_version"))
+                        if response.status_code == 200
+                        else f"{body.get('error')}: {body.get('detail', '')}"
+                    )
+                    answer = Answer(time.time(), response.status_code, outcome)
+                except (httpx.HTTPError, ValueError) as err:
+                    answer = Answer(time.time(), 0, repr(err))
+                with self._changed:
+                    self.answers.append(answer)
+                    self._changed.notify_all()
+                self._stop.wait(self._interval_s)
