@@ -36,7 +36,7 @@ def configure_logging(
     """Idempotent; safe to call at the top of every Ray task, actor and replica (which pass no file, and are not
     quiet: their stderr is already a log file)."""
     global _configured
-    key = (log_format, level.upper(), str(log_file), quiet)
+    key = (log_format, level.upper(), log_file, quiet)
     if _configured == key:
         return
     numeric = logging.getLevelName(level.upper())
@@ -87,7 +87,7 @@ def route_library_logs() -> None:
     Only where a log file is configured (a command's own process): in a Serve replica, stderr is itself a logger of
     Ray's, which must keep its own handlers or every record would come back through it.
     """
-    if _configured is None or _configured[2] == "None":
+    if _configured is None or _configured[2] is None:
         return
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
