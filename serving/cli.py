@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from app.cli_common import AddressOpt, ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
+from app.cli_common import AddressOpt, ConfigOpt, console, handle_errors, new_app, settings_from, warn
 from app.config import Settings, reachable_url
 
 cli = new_app()
@@ -289,15 +289,13 @@ def _deploy_and_wait(settings: Settings, args: Any, ray_metrics_port: int | None
 
     from serving.app_builder import build_application
     from serving.config import APP_NAME
+    from serving.deploy import run_app
 
     # Replicas may run in another directory (or on another machine): pin the work directory to an absolute path.
     deployed = settings.model_copy(update={"work_dir": settings.work_dir.resolve()})
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     started = time.perf_counter()
-    try:
-        serve.run(build_application(deployed, args), name=APP_NAME, route_prefix="/")
-    except RuntimeError as err:
-        fail(f"the deployment failed: {str(err).strip().splitlines()[-1]}")
+    run_app(build_application(deployed, args), APP_NAME)
     base = settings.service_url
     console.print(f"serving {settings.default_model_uri} at {base} (ready in {time.perf_counter() - started:.1f} s)")
     console.print(f"  try: curl -F file=@photo.jpg {base}/predict    docs: {base}/docs    metrics: {base}/metrics")

@@ -7,12 +7,15 @@ the end (`tests.helpers.undeploy`), so only one application owns the root at a t
 from __future__ import annotations
 
 import os
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from tests.helpers import ServeApp, free_port
+from tests.helpers import DEPLOY_TIMEOUT_S, ServeApp, free_port
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +33,33 @@ def ray_cluster():
         init_ray(Settings(ray_num_cpus=8), include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_placement_group_outlives_its_module(request: pytest.FixtureRequest):
+    """No test module leaves the session cluster's CPUs reserved for the next: a run whose driver or controller died
+    may leave its placement groups behind, and a later module's tasks or replicas would wait for them without end.
+    They get a minute to go on their own; after that they are removed, with a warning that names the module."""
+    yield
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    def left() -> list[str]:
+        return [pg_id for pg_id, info in placement_group_table().items() if info["state"] != "REMOVED"]
+
+    deadline = time.monotonic() + 60.0
+    while left() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    leaked = left()
+    for pg_id in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    if leaked:
+        warnings.warn(f"{request.module.__name__} left {len(leaked)} placement groups reserved: removed", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +88,11 @@ def serve_port(ray_cluster) -> int:
 @pytest.fixture(scope="session")
 def deploy(serve_port: int) -> Callable[..., ServeApp]:
     """deploy(name, settings, args) -> ServeApp, at "/"; the module that deploys calls undeploy(name) when done."""
-    from ray import serve
-
     from serving.app_builder import build_application
+    from serving.deploy import run_app
 
     def _deploy(name: str, settings: Any, args: Any = None) -> ServeApp:
-        serve.run(build_application(settings, args), name=name, route_prefix="/")
+        run_app(build_application(settings, args), name, timeout_s=DEPLOY_TIMEOUT_S)
         return ServeApp(name, serve_port)
 
     return _deploy

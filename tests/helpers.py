@@ -18,6 +18,8 @@ from PIL import Image
 from app.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# A test's application is running in seconds; past this its replicas wait for resources an earlier test still holds.
+DEPLOY_TIMEOUT_S = 240.0
 TINY_BACKBONE = "mobilenetv3_small_050"
 CROP = 64
 

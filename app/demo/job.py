@@ -140,10 +140,11 @@ class DemoStack:
 
         from serving.app_builder import build_application
         from serving.config import APP_NAME, AppArgs
+        from serving.deploy import run_app
 
         serve.start(http_options={"host": self.settings.serve.host, "port": self.settings.serve.port})
         args = AppArgs(champion_poll_s=self.settings.demo.champion_poll_s)
-        serve.run(build_application(self.settings, args), name=APP_NAME, route_prefix="/")
+        run_app(build_application(self.settings, args), APP_NAME)
         self.deployed = True
         return self.settings.service_url
 

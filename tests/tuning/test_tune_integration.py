@@ -129,13 +129,18 @@ def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, smal
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        experiment = tmp_path / "ray_results" / "tune-cut"
-        deadline = time.time() + 400
-        while first.poll() is None and not _finished_trials(experiment) and time.time() < deadline:
-            time.sleep(0.5)
-        before = _finished_trials(experiment)
-        first.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        code = first.wait(timeout=180)
+        try:
+            experiment = tmp_path / "ray_results" / "tune-cut"
+            deadline = time.time() + 400
+            while first.poll() is None and not _finished_trials(experiment) and time.time() < deadline:
+                time.sleep(0.5)
+            before = _finished_trials(experiment)
+            first.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            code = first.wait(timeout=180)
+        finally:  # a search left running would hold the cluster's CPUs for every later test
+            if first.poll() is None:
+                first.kill()
+                first.wait()
     output = log_path.read_text()
     assert before, "no trial finished before the deadline:\n" + output[-3000:]
     assert code == 130, output[-3000:]

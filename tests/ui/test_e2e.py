@@ -67,7 +67,8 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     from app.config import Settings
     from serving.app_builder import build_application
     from serving.config import AppArgs
-    from tests.helpers import make_checkpoint, undeploy
+    from serving.deploy import run_app
+    from tests.helpers import DEPLOY_TIMEOUT_S, make_checkpoint, undeploy
 
     wanted = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": wanted})
@@ -89,7 +90,7 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
             "grafana_url": "http://127.0.0.1:3000",
         },
     )
-    serve.run(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={})), name=APP, route_prefix="/")
+    run_app(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={})), APP, timeout_s=DEPLOY_TIMEOUT_S)
     yield f"http://127.0.0.1:{port}", settings
     undeploy(APP)
     if port == wanted:
