@@ -197,6 +197,17 @@ def invoke(app: Any, args: list[str]) -> Any:
     return result
 
 
+def failure_text(result: Any, tail: int = 3000) -> str:
+    """What a failed CliRunner invocation printed, and the exception it raised with its traceback (the output alone
+    hides an error that escaped the command)."""
+    import traceback
+
+    text = result.output[-tail:]
+    if result.exc_info and not isinstance(result.exception, SystemExit):
+        text += "\n" + "".join(traceback.format_exception(*result.exc_info))[-tail:]
+    return text
+
+
 # ----------------------------------------------------------------------------------------------------------- ui
 UI_PAGE = ROOT / "ui" / "streamlit_app.py"
 UI_KEY = "ui-test-key"

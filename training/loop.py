@@ -79,7 +79,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     worker = _set_up(LoopConfig(**config))
-    start_epoch, best_auroc = _resume(worker)
+    start_epoch, best_auroc, last_metrics = _resume(worker)
+    if last_metrics is not None and start_epoch >= worker.cfg.epochs:
+        # Restarted after its last checkpoint (a search resumed after Ctrl-C): report the last epoch again, or the
+        # run would end with no result and Tune would refuse the trial for a missing metric.
+        ray.train.report(last_metrics)
+        return
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, worker.cfg.epochs):
@@ -141,13 +146,14 @@ def _set_up(cfg: LoopConfig) -> _Worker:
     return worker
 
 
-def _resume(worker: _Worker) -> tuple[int, float]:
-    """(first epoch to run, best val AUROC so far): from Ray's checkpoint after a worker failure, else (0, -1)."""
+def _resume(worker: _Worker) -> tuple[int, float, dict[str, Any] | None]:
+    """(first epoch to run, best val AUROC so far, the last epoch's metrics): from Ray's checkpoint after a worker
+    failure or a resumed search, else (0, -1, None)."""
     import ray.train
 
     resumed = ray.train.get_checkpoint()
     if resumed is None:
-        return 0, -1.0
+        return 0, -1.0, None
     with resumed.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location=worker.device, weights_only=False)
     _unwrap(worker.model).load_state_dict(state["model"])
@@ -156,7 +162,7 @@ def _resume(worker: _Worker) -> tuple[int, float]:
     worker.log.info("resumed_from_checkpoint", epoch=state["epoch"], best_auroc=state["best_auroc"])
     if worker.mlflow is not None:
         _log_epoch(worker.mlflow, worker.cfg.mlflow_run_id, {"resumed_from_epoch": state["epoch"]}, state["epoch"] + 1)
-    return state["epoch"] + 1, state["best_auroc"]
+    return state["epoch"] + 1, state["best_auroc"], state.get("metrics")
 
 
 def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
@@ -257,6 +263,7 @@ def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: fl
                     "scheduler": worker.scheduler.state_dict(),
                     "epoch": epoch,
                     "best_auroc": best_auroc,
+                    "metrics": metrics,
                 },
                 Path(tmp) / TRAIN_STATE_FILE,
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from ray.train import UserCallback
 from typer.testing import CliRunner
 
 from tests.helpers import tiny_settings
@@ -187,6 +188,37 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_cluster, small_demo
     assert run.info.status == "FINISHED"
     assert client.get_metric_history(outcome.run_id, "resumed_from_epoch"), "the restarted workers loaded a checkpoint"
     assert outcome.epochs_run == 5
+
+
+def test_a_run_restarted_after_its_last_checkpoint_ends_with_its_result(
+    ray_cluster, small_demo: Path, tmp_path: Path
+) -> None:
+    """A resumed search restarts a trial whose Train run had saved its last epoch before Ctrl-C: Ray Train hands
+    the run that checkpoint, nothing is left to train, and the run must still end with its metrics (Tune refuses a
+    trial whose last result lacks the metric it optimises)."""
+    from app.data import index_dataset
+    from training.trainer import build_trainer
+
+    settings = tiny_settings(tmp_path, small_demo, epochs=1, num_workers=1)
+    index = index_dataset(str(small_demo))
+    reports = tmp_path / "reports.jsonl"
+    first = build_trainer(settings, index, use_gpu=False, name="restarted").fit()
+    again = build_trainer(settings, index, use_gpu=False, name="restarted", callbacks=[_ReportLog(str(reports))]).fit()
+    reported = [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
+    assert len(reported) == 1, "the restarted run reported its last epoch once, and trained nothing"
+    assert reported[0]["epoch"] == 0 and reported[0]["val_auroc"] == first.metrics["val_auroc"]
+    assert Path(again.checkpoint.path).name == Path(first.checkpoint.path).name
+
+
+class _ReportLog(UserCallback):
+    """Runs in Ray Train's controller: appends each report's metrics to a file the test reads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as out:
+            out.write(json.dumps(metrics[0]) + "\n")
 
 
 def _train_worker_pids() -> list[int]:

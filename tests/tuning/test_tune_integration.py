@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.helpers import invoke, tiny_tune_settings, tiny_tune_values
+from tests.helpers import failure_text, invoke, tiny_tune_settings, tiny_tune_values
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, smal
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
 
     result = invoke(app, ["tune", "--config", str(config), "--resume"])
-    assert result.exit_code == 0, result.output[-3000:]
+    assert result.exit_code == 0, failure_text(result)
     assert "tuning experiment cut: 4 trials" in result.output
     assert "MLflow: http" in result.output
 
