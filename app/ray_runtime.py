@@ -19,6 +19,7 @@ from app.errors import UserError
 
 # HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's own default, where a user looks first
 # Ports Serve's HAProxy and fallback proxy take on every node; two clusters on one machine must not share them.
 _PER_CLUSTER_PORTS = (
     "RAY_SERVE_HAPROXY_STATS_PORT",
@@ -84,12 +85,15 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, **kwargs)
         else:
+            include_dashboard = kwargs.pop("include_dashboard", None)
+            if include_dashboard is not False:
+                _own_dashboard(runtime_env, kwargs)
             with _environment(node_environment(settings, local=True)):
                 ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
                     address="local",
                     num_cpus=settings.local_num_cpus,
                     runtime_env=runtime_env,
-                    include_dashboard=kwargs.pop("include_dashboard", None),
+                    include_dashboard=include_dashboard,
                     **kwargs,
                 )
     except (ConnectionError, TimeoutError) as err:
@@ -107,6 +111,26 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
     # Ray Data's progress tables belong to a verbose terminal; the commands show their own progress.
     ray.data.DataContext.get_current().enable_progress_bars = settings.verbose
     return ray.cluster_resources()
+
+
+def _own_dashboard(runtime_env: dict[str, Any], init_kwargs: dict[str, Any]) -> None:
+    """Give a local cluster's dashboard a known port (Ray's usual one when free), and tell the cluster's own
+    processes to use it. Without the address, Ray's state API in a worker finds the last cluster `ray start` made on
+    this machine (its address file outlives it), and Ray Train's cleaner, which asks that API whether a run's
+    controller died, never frees a killed run's placement group."""
+    port = init_kwargs.setdefault(
+        "dashboard_port", DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else free_port()
+    )
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _cluster_messages_to_log() -> None:

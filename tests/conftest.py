@@ -49,8 +49,8 @@ def _no_placement_group_outlives_its_module(request: pytest.FixtureRequest):
         return
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    def left() -> list[str]:
-        return [pg_id for pg_id, info in placement_group_table().items() if info["state"] != "REMOVED"]
+    def left() -> dict[str, str]:
+        return {pg_id: info["name"] for pg_id, info in placement_group_table().items() if info["state"] != "REMOVED"}
 
     deadline = time.monotonic() + 60.0
     while left() and time.monotonic() < deadline:
@@ -59,7 +59,8 @@ def _no_placement_group_outlives_its_module(request: pytest.FixtureRequest):
     for pg_id in leaked:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
     if leaked:
-        warnings.warn(f"{request.module.__name__} left {len(leaked)} placement groups reserved: removed", stacklevel=1)
+        names = ", ".join(sorted(name or "unnamed" for name in leaked.values()))
+        warnings.warn(f"{request.module.__name__} left {len(leaked)} placement groups reserved: {names}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
