@@ -53,6 +53,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     """Set variables for the processes started inside, then restore this process's own (Serve's client reads them
@@ -87,7 +96,11 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         else:
             include_dashboard = kwargs.pop("include_dashboard", None)
             if include_dashboard is not False:
-                _own_dashboard(runtime_env, kwargs)
+                # The cluster's own processes use its dashboard: without the address, Ray's state API in a worker
+                # finds the last cluster `ray start` made on this machine (its address file outlives it), and Ray
+                # Train's cleaner, which asks it whether a run's controller died, never frees a killed run's group.
+                port = kwargs.setdefault("dashboard_port", _dashboard_port())
+                runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             with _environment(node_environment(settings, local=True)):
                 ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
                     address="local",
@@ -113,24 +126,8 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
     return ray.cluster_resources()
 
 
-def _own_dashboard(runtime_env: dict[str, Any], init_kwargs: dict[str, Any]) -> None:
-    """Give a local cluster's dashboard a known port (Ray's usual one when free), and tell the cluster's own
-    processes to use it. Without the address, Ray's state API in a worker finds the last cluster `ray start` made on
-    this machine (its address file outlives it), and Ray Train's cleaner, which asks that API whether a run's
-    controller died, never frees a killed run's placement group."""
-    port = init_kwargs.setdefault(
-        "dashboard_port", DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else free_port()
-    )
-    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _dashboard_port() -> int:
+    return DEFAULT_DASHBOARD_PORT if port_free(DEFAULT_DASHBOARD_PORT) else free_port()
 
 
 def _cluster_messages_to_log() -> None:

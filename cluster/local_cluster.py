@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from app.config import Settings
 from app.errors import UserError
 from app.ray_runtime import free_port as _free_port
-from app.ray_runtime import node_environment
+from app.ray_runtime import node_environment, port_free
 
 WORKER_PORT_SPAN = 200
 
@@ -53,15 +52,7 @@ class LocalCluster:
 def _free_range(span: int) -> int:
     """The start of ``span`` consecutive ports that are free now (for a raylet's worker processes)."""
     for base in range(30000, 60000 - span, span):
-        ok = True
-        for port in (base, base + span // 2, base + span - 1):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if all(port_free(port) for port in (base, base + span // 2, base + span - 1)):
             return base
     raise LocalClusterError("no free port range for Ray workers")
 

@@ -31,15 +31,15 @@ def run_app(app: Any, name: str, timeout_s: float = 600.0, poll_s: float = 0.5) 
         if state == ApplicationStatus.RUNNING:
             break
         if state == ApplicationStatus.DEPLOY_FAILED:
-            raise DeployError(f"the deployment of {name} failed: {waiting_on(status)}")
+            raise DeployError(f"the deployment of {name} failed: {_waiting_on(status)}")
         if time.monotonic() > deadline:
-            raise DeployError(f"{name} was not running after {timeout_s:.0f} s: {waiting_on(status)}")
+            raise DeployError(f"{name} was not running after {timeout_s:.0f} s: {_waiting_on(status)}")
         time.sleep(poll_s)
     # serve.run's last step too: the proxies know the new routes before the first request comes
     _get_global_client().wait_for_proxies_serving(wait_for_applications_running=True)
 
 
-def waiting_on(status: Any) -> str:
+def _waiting_on(status: Any) -> str:
     """Serve's words for what holds an application up: each unhealthy deployment's message (its last line: a
     replica's exception, or the resources a replica waits for), else the application's own."""
     if status is None:

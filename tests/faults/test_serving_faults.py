@@ -27,6 +27,7 @@ MAX_BYTES = 2 * 1024 * 1024
 LOAD_S = 20.0
 KILL_AT_S = 8.0
 RECOVERY_S = 30.0
+CLIENTS = 8  # closed-loop clients of the replica-kill tests, one keep-alive connection each
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def test_a_detector_replica_killed_under_load(service: ServeApp) -> None:
     May be lost: the requests in flight on that replica at the kill; each gets 503 with Retry-After (never a 500 or a
     cut connection). Every other request answers 200, and Serve has two detector replicas again within 30 s.
     """
-    load, killed_at, recovery_s = _kill_one_replica_under_load(service, "DetectorDeployment", clients=8)
+    load, killed_at, recovery_s = _kill_one_replica_under_load(service, "DetectorDeployment", clients=CLIENTS)
     _report("detector", load, killed_at, recovery_s)
     failures = load.failures()
     assert len(load.answers) > 100
@@ -187,8 +188,7 @@ def test_an_ingress_replica_killed_under_load(service: ServeApp) -> None:
     the first on its connection gets HAProxy's 502, which Serve's error page turns into a 500. Every other request
     answers 200, and Serve has two ingress replicas again within 30 s. benchmarks/RESULTS.md ("Faults") has the counts.
     """
-    clients = 8
-    load, killed_at, recovery_s = _kill_one_replica_under_load(service, "IngressDeployment", clients=clients)
+    load, killed_at, recovery_s = _kill_one_replica_under_load(service, "IngressDeployment", clients=CLIENTS)
     _report("ingress", load, killed_at, recovery_s)
     failures = load.failures()
     assert len(load.answers) > 100
@@ -196,7 +196,7 @@ def test_an_ingress_replica_killed_under_load(service: ServeApp) -> None:
     assert all((a.status == 0 and a.body.startswith(closed)) or a.status == 500 for a in failures), failures
     assert all(a.ended >= killed_at for a in failures), "nothing fails before the kill"
     assert all(a.started <= killed_at + recovery_s for a in failures), "nothing fails once the replica is back"
-    assert len(failures) <= clients
+    assert len(failures) <= CLIENTS
 
 
 # The contract's bad inputs (tests/serving/test_contract.py) sent as photo uploads, with the status each must get.

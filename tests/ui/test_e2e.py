@@ -52,27 +52,13 @@ def product_photo(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (480, 36
     return buffer.getvalue()
 
 
-def serve_http_port() -> int:
-    """The port of the Serve instance running in this Ray cluster, whoever started it (the serving tests may have)."""
-    from ray.serve.context import _get_global_client
-
-    return int(_get_global_client().http_config.port)
-
-
 @pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+def service(deploy, tmp_path_factory: pytest.TempPathFactory):
     """(API URL, settings) of a real application at "/" that requires the API key KEY."""
-    from ray import serve
-
     from app.config import Settings
-    from serving.app_builder import build_application
     from serving.config import AppArgs
-    from serving.deploy import run_app
-    from tests.helpers import DEPLOY_TIMEOUT_S, make_checkpoint, undeploy
+    from tests.helpers import make_checkpoint, undeploy
 
-    wanted = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": wanted})
-    port = serve_http_port()
     root = tmp_path_factory.mktemp("ui-e2e")
     settings = Settings(
         work_dir=root / "work",
@@ -90,11 +76,9 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
             "grafana_url": "http://127.0.0.1:3000",
         },
     )
-    run_app(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={})), APP, timeout_s=DEPLOY_TIMEOUT_S)
-    yield f"http://127.0.0.1:{port}", settings
+    app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    yield app.url, settings
     undeploy(APP)
-    if port == wanted:
-        serve.shutdown()
 
 
 def test_page_against_the_real_service(service, ui_env) -> None:
