@@ -55,10 +55,12 @@ test: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# The lint gate CI runs before the tests: ruff's checks and its formatter, both configured in pyproject.toml.
+# The lint gate CI runs before the tests: ruff's checks and its formatter, and the layout's import rules
+# (import-linter), all configured in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

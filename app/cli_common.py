@@ -1,6 +1,6 @@
 """What every `aipd` command shares: the consoles, the common options, error handling and the settings loader.
 
-A leaf: stage CLIs (`training/cli.py`, `serving/cli.py`, ...) import this and nothing above it, and `app/cli.py`
+A leaf: stage CLIs (`training/cli.py`, `serving/cli.py`, ...) import this and nothing above it, and `aipd/cli.py`
 attaches their Typer apps, so the wiring runs one way. Exit codes: 0 success, 2 bad usage (Typer), 1 a user error
 printed as one line, 130 interrupted.
 """

@@ -116,12 +116,33 @@ class TuneSettings(BaseModel):
         return value
 
 
-class ServeSettings(BaseModel):
+Precision = Literal["auto", "fp32", "bf16"]
+MAX_BATCH_WAIT_S = 1.0  # a lone request waits this long for company at most; above it is a misconfiguration
+
+
+class DetectorSettings(BaseModel):
+    """What a detector replica runs by: the `user_config` of the deployment that holds the model, so all of it can
+    change live (`serve deploy` with new values, no restart). `ServeSettings` carries these fields, and a detector is
+    handed exactly them (`ServeSettings.detector`)."""
+
+    model_uri: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
+    max_batch_size: int = Field(32, ge=1, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=MAX_BATCH_WAIT_S, description="how long a batch that is not full may wait for more; 0: never"
+    )
+    champion_poll_s: float = Field(
+        10.0, ge=0, description="how often an alias model URI (models:/NAME@ALIAS) is re-resolved; 0 turns it off"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: the cores available")
+    precision: Precision = Field(
+        "auto", description="auto: bf16 where the hardware has it (a GPU, a CPU with AVX512-BF16 or AMX), else fp32"
+    )
+    cuda_graphs: bool = Field(True, description="on a GPU, replay each padded batch size as a captured CUDA graph")
+
+
+class ServeSettings(DetectorSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    model_uri: str | None = Field(None, description="models:/NAME@ALIAS or a checkpoint directory")
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch that is not full may wait; 0: never")
     max_batch_files: int = Field(32, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0, description="0 turns rate limiting off")
     ingress_min_replicas: int = Field(1, ge=0)
@@ -141,12 +162,17 @@ class ServeSettings(BaseModel):
         "(RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED); clusters started elsewhere set them themselves",
     )
 
+    def detector(self, model_uri: str | None = None) -> DetectorSettings:
+        """The detector's share of these settings (its user_config), naming ``model_uri`` when given."""
+        values = self.model_dump(include=set(DetectorSettings.model_fields))
+        return DetectorSettings(**{**values, **({"model_uri": model_uri} if model_uri else {})})
+
 
 class UiSettings(BaseModel):
     """The Streamlit UI: which API it calls, with which key, and the dashboards it links to (hidden when unset)."""
 
     api_url: str | None = Field(None, description="HTTP API the UI calls; None: the serve host and port")
-    api_key: str | None = Field(None, description="X-API-Key the UI sends; None: the first of api_keys, if any")
+    api_key: str | None = Field(None, description="the API key the UI sends; None: the first of api_keys, if any")
     host: str = Field("127.0.0.1", description="address the Streamlit server listens on (0.0.0.0: every interface)")
     port: int = Field(8501, ge=1, le=65535)
     ray_dashboard_url: str | None = Field(None, description="e.g. http://127.0.0.1:8265")
@@ -163,9 +189,6 @@ class DemoSettings(BaseModel):
         ge=1,
         description="after this many epochs of train.epochs the demo registers and serves the checkpoint it has, "
         "then trains on; the finished model takes over live if it beats that one on validation data",
-    )
-    champion_poll_s: float = Field(
-        3.0, gt=0, description="how often the demo's service looks for a new champion (`serve --champion-poll-s`)"
     )
     trickle_interval_s: float = Field(
         1.0, gt=0, description="the pause between the demo's own requests while the champion may move"
@@ -238,6 +261,10 @@ class Settings(BaseSettings):
     def demo_data_dir(self) -> Path:
         d = self.data
         return self.data_dir / f"demo-{d.demo_images_per_class}x{d.demo_size}-s{d.demo_seed}"
+
+    def checkpoint_dir(self, run_id: str) -> Path:
+        """Where the model a run registers is kept, outside Ray's storage; absolute, for processes elsewhere."""
+        return (self.work_dir / "checkpoints" / run_id).resolve()
 
     @property
     def log_file(self) -> Path:

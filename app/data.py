@@ -23,9 +23,10 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from app.errors import UserError
+from app.storage import filesystem_of, is_uri
 
 if TYPE_CHECKING:
-    from app.config import ImageLimits
+    from app.config import ImageLimits, Settings
 
 LABELS: dict[str, int] = {"real": 0, "ai_generated": 1}
 CLASS_NAMES: tuple[str, str] = ("real", "ai_generated")
@@ -64,6 +65,25 @@ class DatasetIndex:
         return out
 
 
+def resolve_data_path(settings: Settings) -> str:
+    """The dataset to use: ``--data`` / settings, else the demo set (built on first use)."""
+    if settings.data.path:
+        return settings.data.path
+    demo_dir = settings.demo_data_dir
+    if not (demo_dir / "summary.json").is_file():
+        from app.demo import build_demo_dataset
+        from app.logging import get_logger
+
+        get_logger("aipd.data").info("building_demo_dataset", out=str(demo_dir))
+        build_demo_dataset(
+            demo_dir,
+            images_per_class=settings.data.demo_images_per_class,
+            size=settings.data.demo_size,
+            seed=settings.data.demo_seed,
+        )
+    return str(demo_dir)
+
+
 def index_dataset(uri: str, *, val_fraction: float = 0.15, test_fraction: float = 0.15) -> DatasetIndex:
     """List a dataset's images and labels; splits missing on disk are carved out by a stable hash of the path."""
     fs, root = _filesystem(uri)
@@ -89,17 +109,15 @@ def index_dataset(uri: str, *, val_fraction: float = 0.15, test_fraction: float 
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except Exception as err:  # pyarrow raises several types for unknown schemes or missing credentials
-            raise DatasetError(f"cannot open {uri}: {err}") from err
-    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+    try:
+        return filesystem_of(uri)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for unknown schemes or missing credentials
+        raise DatasetError(f"cannot open {uri}: {err}") from err
 
 
 def _join(uri_root: str, fs_path: str, fs_root: str) -> str:
     """Give back a path in the same form the user gave (a URI stays a URI) so workers can reopen it."""
-    if "://" not in uri_root:
+    if not is_uri(uri_root):
         return fs_path
     scheme = uri_root.split("://", 1)[0]
     return f"{scheme}://{fs_path}"
@@ -145,7 +163,7 @@ def _read_manifest_table(fs: pafs.FileSystem, root: str, uri: str, required: set
         raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))}; it needs {needs}")
     base = posixpath.dirname(root)
     paths = [
-        p if ("://" in p or posixpath.isabs(p)) else _join(uri, posixpath.normpath(posixpath.join(base, p)), root)
+        p if (is_uri(p) or posixpath.isabs(p)) else _join(uri, posixpath.normpath(posixpath.join(base, p)), root)
         for p in frame["path"].astype(str)
     ]
     return frame, paths

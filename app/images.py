@@ -85,7 +85,7 @@ def decode_image(
 
     try:
         return to_rgb(_upright(image))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - a mode Pillow cannot convert is a corrupt file, not a 500
         raise ImageError("corrupt", f"the {kind.upper()} image cannot be converted to RGB ({err})") from err
 
 
@@ -119,14 +119,16 @@ def read_image_bytes(path: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     The size limit is enforced while reading, so a huge object costs at most max_bytes+1 bytes of
     transfer and memory even when the filesystem cannot report its size up front.
     """
+    from app.storage import filesystem_of, is_uri
+
     path = os.fspath(path)
-    if "://" not in path:
+    if not is_uri(path):
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
     else:
         from pyarrow import fs as pafs
 
-        filesystem, inner = pafs.FileSystem.from_uri(path)
+        filesystem, inner = filesystem_of(path)
         info = filesystem.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no such file: {path}")

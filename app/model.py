@@ -286,7 +286,7 @@ def _load_backbone_file(backbone: nn.Module, name: str, path: Path) -> None:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and zip errors all mean "unreadable"
         raise ValueError(f"pretrained weights file {path} is unreadable: {_first_line(err)}") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -22,6 +22,11 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 
 
+def is_server(tracking_uri: str) -> bool:
+    """Whether the tracking store is an MLflow server (which can be down) rather than a local file or folder."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 class RegistryError(UserError, RuntimeError):
     """MLflow is unreachable or the requested model does not exist; the message says which."""
 
@@ -33,7 +38,7 @@ def setup_mlflow(settings: Settings) -> str:
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif uri.startswith(("http://", "https://")):
+    elif is_server(uri):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -67,7 +72,7 @@ def registry_unreachable(settings: Settings, timeout_s: float = 5.0) -> str | No
     client would retry for minutes first.
     """
     uri = settings.tracking_uri
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     try:
         _check_server(uri, timeout_s)
@@ -230,20 +235,20 @@ def source_run(ref: ModelRef) -> str | None:
 def mlflow_ui_url(settings: Settings) -> str:
     """Where a person looks at the runs: the tracking server itself, or the local MLflow UI over the SQLite store."""
     uri = settings.tracking_uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    return uri.rstrip("/") if is_server(uri) else LOCAL_MLFLOW_UI
 
 
 def mlflow_ui_hint(settings: Settings) -> str:
     """One line that tells how to open the MLflow UI for these settings."""
     uri = settings.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return uri
     return f"mlflow ui --backend-store-uri {uri}  (then open {LOCAL_MLFLOW_UI})"
 
 
 def run_link(settings: Settings, experiment_id: str, run_id: str) -> str:
     link = f"{mlflow_ui_url(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
-    if settings.tracking_uri.startswith(("http://", "https://")):
+    if is_server(settings.tracking_uri):
         return link
     return f"{link}  (after `mlflow ui --backend-store-uri {settings.tracking_uri}`)"
 

@@ -36,7 +36,9 @@ def output_files(out: str) -> list[tuple[str, Any]]:
     """The Parquet files of a scan's output folder (local path or any URI pyarrow reads), with their filesystem."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), out)
+    from app.storage import filesystem_of
+
+    fs, root = filesystem_of(out)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
     from app.config import ImageLimits
 
+# What checkpoints, trials and champions are ranked by: AUROC on the validation split, higher is better.
+SELECTION_METRIC = "val_auroc"
+SELECTION_MODE = "max"
+
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """NaN when only one class is present (a tiny validation shard), instead of an exception."""

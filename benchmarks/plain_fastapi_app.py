@@ -25,10 +25,10 @@ def build_plain_app(checkpoint: str, device: str, precision: str = "auto") -> An
     from fastapi import FastAPI, File, HTTPException, UploadFile
 
     from app.config import Settings
+    from app.contract import confidence_of, verdict_of
     from app.images import ImageError, decode_image
     from app.transforms import eval_preprocess
     from serving.runtime import available_cores, load_active, pick_device, run_batch
-    from serving.schemas import confidence_of, verdict_of
 
     torch_device = pick_device(device == "cuda")
     if torch_device.type == "cpu":

@@ -338,11 +338,12 @@ class ServeTarget:
                 "detector_max_replicas": args.replicas,
                 "use_gpu": args.device == "cuda",
                 "layout": layout,
+                "champion_poll_s": 0,
+                "torch_threads": args.torch_threads,
+                "precision": args.precision,
             },
         )
-        self.app_args = AppArgs(
-            champion_poll_s=0, torch_threads=args.torch_threads, precision=args.precision, autoscaling={}
-        )
+        self.app_args = AppArgs(autoscaling={})
 
     def start(self) -> None:
         from ray import serve

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import typer
 
 from app.cli_common import AddressOpt, ConfigOpt, console, handle_errors, new_app, settings_from, warn
-from app.config import Settings, reachable_url
+from app.config import Precision, Settings, reachable_url
+from app.contract import API_KEY_HEADER
 
 cli = new_app()
 
@@ -42,11 +43,11 @@ def serve_command(
     batch_wait_ms: Optional[float] = typer.Option(
         None, "--batch-wait-ms", help="How long a batch waits to fill, in milliseconds.", min=0
     ),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 on GPU, float32 on CPU), fp32 or bf16 (pays on AMX CPUs)."
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto (bf16 on GPU, float32 on CPU; the default), fp32 or bf16 (pays on AMX CPUs)."
     ),
-    champion_poll_s: float = typer.Option(
-        10.0, "--champion-poll-s", help="How often an alias model URI is re-resolved (0: never).", min=0
+    champion_poll_s: Optional[float] = typer.Option(
+        None, "--champion-poll-s", help="How often an alias model URI is re-resolved (0: never; default 10).", min=0
     ),
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray cluster address; the app is deployed there and the command returns."
@@ -85,11 +86,13 @@ def serve_command(
         "ingress_max_replicas": ingress_replicas,
         "max_batch_size": max_batch_size,
         "batch_wait_timeout_s": None if batch_wait_ms is None else batch_wait_ms / 1000.0,
+        "champion_poll_s": champion_poll_s,
+        "precision": precision,
     }
-    settings = settings_from(config, ray_address=address, serve=serve_overrides)
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in (None, *get_args(Precision)):
         raise typer.BadParameter("choose auto, fp32 or bf16", param_hint="--precision")
-    args = AppArgs(champion_poll_s=champion_poll_s, precision=precision)
+    settings = settings_from(config, ray_address=address, serve=serve_overrides)
+    args = AppArgs()
     gpus = None if dry_run else _connect(settings, ray_metrics_port)
     path = write_serve_config(
         write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args, gpus)
@@ -108,7 +111,7 @@ def predict_command(
     url: Optional[str] = typer.Option(None, "--url", help="Service URL (default: from the serve settings)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per file) instead of a table."),
     api_key: Optional[str] = typer.Option(
-        None, "--api-key", help="X-API-Key to send (default: the first of AIPD_API_KEYS, if any)."
+        None, "--api-key", help=f"{API_KEY_HEADER} to send (default: the first of AIPD_API_KEYS, if any)."
     ),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for an answer.", min=0.1),
     config: Optional[Path] = ConfigOpt,
@@ -122,7 +125,7 @@ def predict_command(
       aipd predict shop/*.jpg --url http://detector.internal:8000 --api-key $KEY
       aipd predict a.png b.webp --json
     """
-    from serving.client import predict_files
+    from app.client import predict_files
 
     settings = settings_from(config)
     target = url or settings.service_url

@@ -53,11 +53,6 @@ class AppArgs(BaseModel):
 
     config_file: str | None = Field(None, description="an aipd settings YAML read where the builder runs")
     settings: dict[str, Any] = Field(default_factory=dict, description="settings overrides, same shape as Settings")
-    champion_poll_s: float = Field(10.0, ge=0, description="how often the detector re-resolves an alias model URI")
-    torch_threads: int | None = Field(None, ge=1, description="CPU inference threads per detector replica")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 where the hardware has it (a GPU, a CPU with AVX512-BF16 or AMX), else float32"
-    )
     autoscaling: dict[str, Any] = Field(
         default_factory=lambda: {"upscale_delay_s": 10.0, "downscale_delay_s": 120.0},
         description="extra AutoscalingConfig fields for both deployments (delays, look_back_period_s, ...)",
@@ -70,16 +65,9 @@ def portable_settings(settings: Settings) -> dict[str, Any]:
     return {key: dumped[key] for key in SERVING_FIELDS}
 
 
-def detector_user_config(settings: Settings, args: AppArgs) -> dict[str, Any]:
-    serve = settings.serve
-    return {
-        "model_uri": settings.default_model_uri,
-        "max_batch_size": serve.max_batch_size,
-        "batch_wait_timeout_s": serve.batch_wait_timeout_s,
-        "champion_poll_s": args.champion_poll_s,
-        "torch_threads": args.torch_threads,
-        "precision": args.precision,
-    }
+def detector_user_config(settings: Settings) -> dict[str, Any]:
+    """The detector's live settings (`ServeSettings.detector`), with the model reference resolved."""
+    return settings.serve.detector(settings.default_model_uri).model_dump(mode="json")
 
 
 def detector_runtime_env() -> dict[str, Any]:
@@ -125,7 +113,7 @@ def detector_options(settings: Settings, args: AppArgs, num_gpus: float | None) 
             max(serve.target_ongoing_requests, float(serve.max_batch_size)),
             args.autoscaling,
         ),
-        "user_config": detector_user_config(settings, args),
+        "user_config": detector_user_config(settings),
     }
     if num_gpus is not None:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": num_gpus, "runtime_env": detector_runtime_env()}

@@ -21,6 +21,7 @@ champion moved meanwhile is picked up once the registry is back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 import time
@@ -28,21 +29,20 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
 from ray import serve
 
-from app.config import Settings
+from app.config import DetectorSettings, Settings
 from app.model_ref import parse_model_ref
 from serving.batcher import Batcher, BatchTiming
+from serving.results import DetectorStatus, Explained, Refused, Scored
 from serving.runtime import (
     ActiveModel,
     ModelNotFoundYet,
-    Precision,
     alias_version,
     available_cores,
-    describe,
     explain_crop,
     load_active,
+    model_facts,
     pick_device,
     run_batch,
     use_bf16,
@@ -50,8 +50,6 @@ from serving.runtime import (
     warmup_sizes,
 )
 
-# A lone request waits this long for company; above a second that is a misconfiguration, not a trade-off.
-MAX_BATCH_WAIT_S = 1.0
 # One ingress-to-detector call carries at most this many crops and bytes (Serve's gRPC messages stop at 4 MiB), and
 # each ingress replica keeps at most this many calls in flight.
 COALESCE_MAX_CROPS = 16
@@ -59,20 +57,6 @@ COALESCE_MAX_BYTES = 3 * 1024 * 1024
 COALESCE_CALLS_IN_FLIGHT = 2
 
 RegistryState = Literal["reachable", "unreachable"]
-
-
-class DetectorConfig(BaseModel):
-    """The detector's `user_config`: all of it can change live (`serve deploy` with a new value, no restart)."""
-
-    model_uri: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, le=MAX_BATCH_WAIT_S, description="how long a batch that is not full may wait for more; 0: never"
-    )
-    champion_poll_s: float = Field(10.0, ge=0, description="how often an alias URI is re-resolved; 0 turns it off")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference; None: the cores available")
-    precision: Precision = Field("auto", description="auto: bf16 autocast on GPU, float32 on CPU")
-    cuda_graphs: bool = Field(True, description="on a GPU, replay each padded batch size as a captured CUDA graph")
 
 
 class DetectorCore:
@@ -85,8 +69,8 @@ class DetectorCore:
         self._log = get_logger("serving.detector")
         self._metrics = metrics
         self._device = pick_device(settings.serve.use_gpu)
-        self._config = DetectorConfig(model_uri=settings.default_model_uri)
-        self._batcher: Batcher[np.ndarray, dict[str, Any]] = Batcher(
+        self._config = settings.serve.detector(settings.default_model_uri)
+        self._batcher: Batcher[np.ndarray, Scored | Refused] = Batcher(
             self._run, max_batch_size=self._config.max_batch_size, on_batch=self._record
         )
         self._active: ActiveModel | None = None
@@ -109,7 +93,7 @@ class DetectorCore:
         """
         import torch
 
-        config = DetectorConfig(**user_config)
+        config = DetectorSettings(**user_config)
         if config.model_uri is None:
             config.model_uri = self._settings.default_model_uri
         self._batcher.max_batch_size = config.max_batch_size
@@ -241,56 +225,54 @@ class DetectorCore:
         return False
 
     # ------------------------------------------------------------------------------------------------- requests
-    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
-        """One uint8 crop in; joins the next batch. The prediction (with its queue and forward time) or an error."""
+    async def predict(self, crop: np.ndarray) -> Scored | Refused:
+        """One uint8 crop in; joins the next batch. Its score (with its queue and forward time), or a refusal."""
         submitted = time.perf_counter()
         try:
             result = await self._batcher.submit(crop)
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
             self._log.error("inference failed", error=str(err))
-            return {"error": "inference_failed", "detail": f"the model failed on this batch: {err}"}
-        if "error" not in result:
+            return Refused("inference_failed", f"the model failed on this batch: {err}")
+        if isinstance(result, Scored):
             waited_ms = (time.perf_counter() - submitted) * 1000.0
-            result = {**result, "queue_ms": max(0.0, waited_ms - result["forward_ms"])}
+            result = dataclasses.replace(result, queue_ms=max(0.0, waited_ms - result.forward_ms))
         return result
 
-    async def predict_many(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def predict_many(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
         """Several crops from one ingress call; each joins the batches like a single one, with other callers' crops."""
         return list(await asyncio.gather(*(self.predict(crop) for crop in crops)))
 
-    def _run(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    def _run(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
         """One batch, on the batcher's worker thread."""
         active = self._active
         if active is None:
-            return [{"error": "not_ready", "detail": self._problem}] * len(crops)
+            return [Refused("not_ready", self._problem)] * len(crops)
         started = time.perf_counter()
         probabilities = run_batch(active, crops)
         forward_ms = (time.perf_counter() - started) * 1000.0
-        info = describe(active)
-        return [
-            {"probability": float(p), "batch_size": len(crops), "forward_ms": forward_ms, **info} for p in probabilities
-        ]
+        facts = model_facts(active)
+        return [Scored(float(p), facts, batch_size=len(crops), forward_ms=forward_ms) for p in probabilities]
 
     def _record(self, timing: BatchTiming) -> None:
         self._metrics.observe("prediction_batch_size", timing.size)
         self._metrics.observe("model_inference_seconds", timing.run_s)
 
-    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+    async def explain(self, crop: np.ndarray) -> Explained | Refused:
         """Grad-CAM for one crop, on the worker thread between two batches."""
         from serving.gradcam import ExplainUnsupportedError
 
         active = self._active
         if active is None:
-            return {"error": "not_ready", "detail": self._problem}
+            return Refused("not_ready", self._problem)
         try:
             return await self._batcher.on_worker(explain_crop, active, crop)
         except ExplainUnsupportedError as err:
-            return {"error": "explain_unsupported", "detail": str(err)}
-        except Exception as err:  # noqa: BLE001
+            return Refused("explain_unsupported", str(err))
+        except Exception as err:  # noqa: BLE001 - a failed heatmap is this request's 500, not the replica's end
             self._log.error("explain failed", error=str(err))
-            return {"error": "inference_failed", "detail": f"Grad-CAM failed: {err}"}
+            return Refused("inference_failed", f"Grad-CAM failed: {err}")
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DetectorStatus:
         """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for /health.
 
         An unreachable registry leaves a loaded model ready: it still answers, only a new champion cannot arrive.
@@ -298,20 +280,20 @@ class DetectorCore:
         active, registry = self._active, self._registry
         state, problem = registry or (None, None)
         if active is None:
-            return {"ready": False, "detail": self._problem, "model_uri": self._config.model_uri, "registry": state}
+            return DetectorStatus(ready=False, detail=self._problem, model_uri=self._config.model_uri, registry=state)
         since = active.answering_since
-        return {
-            "ready": True,
-            "model_uri": active.uri,
-            "device": str(active.device),
-            "metrics": dict(active.evaluation),
-            "registry": state,
-            "detail": None
+        return DetectorStatus(
+            ready=True,
+            model_uri=active.uri,
+            device=str(active.device),
+            metrics=dict(active.evaluation),
+            registry=state,
+            detail=None
             if state != "unreachable"
             else f"model registry unreachable ({problem}); serving version {active.version} until it is back",
-            "model_loaded_at": None if since is None else since.isoformat(timespec="milliseconds"),
-            **describe(active),
-        }
+            model_loaded_at=None if since is None else since.isoformat(timespec="milliseconds"),
+            model=model_facts(active),
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -325,13 +307,13 @@ class LocalDetector:
     def __init__(self, core: DetectorCore) -> None:
         self.core = core
 
-    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+    async def predict(self, crop: np.ndarray) -> Scored | Refused:
         return await self.core.predict(crop)
 
-    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+    async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self.core.explain(crop)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> DetectorStatus:
         return self.core.status()
 
 
@@ -345,21 +327,21 @@ class RemoteDetector:
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self._calls: Batcher[np.ndarray, dict[str, Any]] = Batcher(
+        self._calls: Batcher[np.ndarray, Scored | Refused] = Batcher(
             self._send, max_batch_size=COALESCE_MAX_CROPS, max_in_flight=COALESCE_CALLS_IN_FLIGHT
         )
 
-    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+    async def predict(self, crop: np.ndarray) -> Scored | Refused:
         self._calls.max_batch_size = max(1, min(COALESCE_MAX_CROPS, COALESCE_MAX_BYTES // max(1, crop.nbytes)))
         return await self._calls.submit(crop)
 
-    async def _send(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def _send(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
         return await self.handle.predict_many.remote(crops)
 
-    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+    async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self.handle.explain.remote(crop)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> DetectorStatus:
         return await self.handle.status.remote()
 
 
@@ -383,16 +365,16 @@ class DetectorDeployment:
     def check_health(self) -> None:
         self._core.check_health()
 
-    async def predict(self, crop: np.ndarray) -> dict[str, Any]:
+    async def predict(self, crop: np.ndarray) -> Scored | Refused:
         return await self._core.predict(crop)
 
-    async def predict_many(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    async def predict_many(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
         return await self._core.predict_many(crops)
 
-    async def explain(self, crop: np.ndarray) -> dict[str, Any]:
+    async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self._core.explain(crop)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> DetectorStatus:
         return self._core.status()
 
     def __del__(self) -> None:

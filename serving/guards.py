@@ -18,9 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from serving.schemas import ApiError
-
-API_KEY_HEADER = "x-api-key"
+from app.contract import API_KEY_HEADER, ApiError
 
 
 def check_api_key(keys: list[str], presented: str | None) -> str | None:
@@ -31,13 +29,13 @@ def check_api_key(keys: list[str], presented: str | None) -> str | None:
     if not keys:
         return None
     if not presented:
-        raise ApiError(401, "unauthorized", "missing X-API-Key header; this service requires an API key")
+        raise ApiError(401, "unauthorized", f"missing {API_KEY_HEADER} header; this service requires an API key")
     matched = None
     for key in keys:
         if hmac.compare_digest(key.encode(), presented.encode()):
             matched = key
     if matched is None:
-        raise ApiError(401, "unauthorized", "invalid API key in X-API-Key")
+        raise ApiError(401, "unauthorized", f"invalid API key in {API_KEY_HEADER}")
     return matched
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.config import ImageLimits
-from serving.schemas import ApiError
+from app.contract import ApiError
 
 _ERROR_STATUS = {"empty": 400, "truncated": 400, "corrupt": 400, "too_large": 413, "too_many_pixels": 413}
 

@@ -6,20 +6,18 @@ limit while the upload streams in, type sniffing and the pixel limit (`app.image
 `{"error": ..., "detail": ...}` with its 4xx; decode and crop run in a worker thread so one large photo does not
 stall the other requests of this replica.
 
-It also speaks the contract of the FastAPI service it replaces, so that service's clients work unchanged: every route
-at the root and under /v1 from the same handler, its probes (/healthz, /readyz, /startup), /drift, /privacy and /,
-and its field names beside this service's own (serving/schemas.py). /openapi.json is made by each replica for its own
-settings, so the upload limits and the API key it documents are the ones it enforces.
+It also speaks the contract of the FastAPI service it replaces (serving/compat.py), so that service's clients work
+unchanged: every route at the root and under /v1 from the same handler, its probes (/healthz, /readyz, /startup),
+/drift, /privacy and /, and its field names beside this service's own (app/contract.py). /openapi.json is made by
+each replica for its own settings, so the upload limits and the API key it documents are the ones it enforces.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures that @serve.ingress rewrites, and
 # string annotations there turn `request: Request` into a required query parameter.
 import asyncio
 import base64
-import os
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -32,16 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.config import Settings
-from serving.guards import API_KEY_HEADER, RateLimiter, check_api_key, client_identity
-from serving.image_checks import decode_and_crop
-from serving.openapi import RETRY_AFTER_HEADER, ROUTE_PREFIXES, UPLOAD_ERRORS, errors, openapi_document
-from serving.schemas import (
+from app.contract import (
+    API_KEY_HEADER,
     API_VERSION,
+    RETRY_AFTER_HEADER,
     ApiError,
     BatchItem,
     BatchResponse,
     DriftResponse,
-    DriftStatus,
     ErrorResponse,
     ExplainResponse,
     HealthResponse,
@@ -49,19 +45,39 @@ from serving.schemas import (
     Prediction,
     PrivacyResponse,
     ServiceInfo,
-    confidence_of,
-    verdict_of,
+    batch_of,
+    prediction_of,
 )
-from serving.uploads import read_files
+from serving import compat
+from serving.guards import RateLimiter, check_api_key, client_identity
+from serving.health import health_body
+from serving.image_checks import decode_and_crop
+from serving.openapi import HEALTH_NOT_READY, ROUTE_PREFIXES, UPLOAD_ERRORS, errors, openapi_document, served_openapi
+from serving.results import DetectorStatus, Explained, Refused, Scored
+from serving.uploads import UploadedFile, read_files
 
 DETECTOR_TIMEOUT_S = 30.0  # a request waits this long for a detector replica (cold start, scale-up) before 503
 STATUS_TIMEOUT_S = 2.0
 RETRY_AFTER_S = "5"
 
 
-def server_timing(started: float, read: float, decoded: float, called: float, result: dict[str, Any]) -> str:
+def unavailable(error: str, detail: str) -> ApiError:
+    """The one 503: the service cannot answer now, and says when to try again."""
+    return ApiError(503, error, detail, {RETRY_AFTER_HEADER: RETRY_AFTER_S})
+
+
+def refusal_error(refused: Refused) -> ApiError:
+    """A detector's refusal as the contract's answer."""
+    if refused.kind == "not_ready":
+        return unavailable("not_ready", f"{refused.detail}; retry in a few seconds")
+    if refused.kind == "explain_unsupported":
+        return ApiError(422, refused.kind, refused.detail)
+    return ApiError(500, refused.kind, refused.detail)
+
+
+def server_timing(started: float, read: float, decoded: float, called: float, result: Scored | Explained) -> str:
     """The `Server-Timing` header (W3C): milliseconds per hop of one request inside the service."""
-    queue, forward = float(result.get("queue_ms", 0.0)), float(result.get("forward_ms", 0.0))
+    queue, forward = (result.queue_ms, result.forward_ms) if isinstance(result, Scored) else (0.0, 0.0)
     spans = {
         "read": read - started,
         "decode": decoded - read,
@@ -78,64 +94,7 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 def store_unavailable() -> ApiError:
-    return ApiError(
-        503, "metrics_unavailable", "the metrics store is restarting; retry", {"Retry-After": RETRY_AFTER_S}
-    )
-
-
-def resident_memory_mb() -> float | None:
-    """This process's resident memory (VmRSS), as the original's health reported it; None where /proc has none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024.0, 2)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-PRIVACY = PrivacyResponse(
-    data_retention="none",
-    image_storage=(
-        "Uploads are decoded and scored in memory and never written to disk; only the center crop the model sees "
-        "goes on to the detector (through Ray's object store when it runs in another process) and is dropped once "
-        "answered."
-    ),
-    logging=(
-        "Ray Serve's request log has the method, route, status and latency of each request; server-side failures "
-        "log their error code. No image, file name or API key is logged."
-    ),
-    metrics=(
-        "Prometheus counters and histograms over all requests (verdicts, probabilities, latencies, error codes): "
-        "no per-request record, no client identity."
-    ),
-    tracking="none: no cookies, no analytics, no calls to third parties",
-    gdpr=(
-        "No upload or personal data is kept after its answer, so there is nothing to access or erase. The rate "
-        "limiter counts requests per API key (or client address when keys are off) in each ingress replica's "
-        "memory only."
-    ),
-    details="Each answer is computed from the upload and returned; /docs describes what every route takes.",
-)
-
-
-class ActiveRequests:
-    """Pure ASGI middleware counting the HTTP requests this replica is answering (the original's active_requests)."""
-
-    count = 0
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        ActiveRequests.count += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            ActiveRequests.count -= 1
+    return unavailable("metrics_unavailable", "the metrics store is restarting; retry")
 
 
 api = FastAPI(
@@ -144,18 +103,7 @@ api = FastAPI(
     description="Detects AI-generated product photos. Upload JPEG, PNG or WebP as multipart/form-data. Every route "
     "is served at the root and under /v1.",
 )
-api.add_middleware(ActiveRequests)
-
-
-def served_openapi() -> dict[str, Any]:
-    """What /openapi.json answers: the document the answering replica made for its own settings.
-
-    Serve runs a pickled copy of `api`, made when the class was decorated, so a replica cannot reach the app it
-    serves from its constructor; this function, set on the app before the copy, asks the replica instead.
-    """
-    return serve.get_replica_context().servable_object.openapi_schema
-
-
+api.add_middleware(compat.ActiveRequests)
 api.openapi = served_openapi  # type: ignore[method-assign]
 
 
@@ -212,13 +160,14 @@ class IngressDeployment:
         self._detector = RemoteDetector(detector) if self._core is None else LocalDetector(self._core)
         self._limiter = RateLimiter(self._settings.serve.rate_limit_per_minute)
         self._keys = list(self._settings.api_keys)
-        self._ready = False
+        # The crop size of the model that answered last, so a champion with another crop size is picked up; None
+        # until a detector first said it is ready (the guard waits for that before any upload is decoded).
         self._crop_size: int | None = None
         self.openapi_schema = openapi_document(api, self._settings)
         if not self._keys:
             self._log.warning(
                 "API keys are off: anyone who reaches this port may call the prediction routes; "
-                "set AIPD_API_KEYS=key1,key2 to require the X-API-Key header"
+                f"set AIPD_API_KEYS=key1,key2 to require the {API_KEY_HEADER} header"
             )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -238,7 +187,7 @@ class IngressDeployment:
 
     @route("GET", "/privacy", response_model=PrivacyResponse, summary="What happens to an upload, and what is kept")
     async def privacy(self) -> dict[str, Any]:
-        return PRIVACY.model_dump()
+        return compat.PRIVACY.model_dump()
 
     @route("GET", "/healthz", response_model=LivenessResponse, summary="Liveness: the ingress answers")
     async def healthz(self) -> dict[str, Any]:
@@ -261,21 +210,24 @@ class IngressDeployment:
         "GET",
         "/readyz",
         response_model=HealthResponse,
-        responses={503: {"model": HealthResponse, "description": "not ready", "headers": RETRY_AFTER_HEADER}},
+        responses=HEALTH_NOT_READY,
         summary="Readiness probe: the health body, 200 once a model is loaded, else 503",
     )
     @route(
         "GET",
         "/health",
         response_model=HealthResponse,
-        responses={503: {"model": HealthResponse, "description": "not ready", "headers": RETRY_AFTER_HEADER}},
+        responses=HEALTH_NOT_READY,
         summary="Readiness: a model is loaded, which one and how it scored, and this replica's vitals",
     )
     async def health(self) -> JSONResponse:
-        body = await self._health()
+        status, drift = await asyncio.gather(self._detector_status(), self._drift())
+        if status is not None and status.ready:
+            self._learn(status)
+        body = health_body(status, drift, self._started)
         if body.model_loaded:
             return JSONResponse(body.model_dump())
-        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(body.model_dump(), 503, headers={RETRY_AFTER_HEADER: RETRY_AFTER_S})
 
     @route(
         "GET",
@@ -288,7 +240,7 @@ class IngressDeployment:
         from serving.metrics import CONTENT_TYPE
 
         status = await self._detector_status()
-        gauges = {"aidetect_model_loaded": 1.0 if status is not None and status.get("ready") else 0.0}
+        gauges = {"aidetect_model_loaded": 1.0 if status is not None and status.ready else 0.0}
         try:
             text = await asyncio.to_thread(self._metrics.render, gauges)
         except Exception as err:  # noqa: BLE001 - the store actor restarting is a 503, not a 500
@@ -328,11 +280,11 @@ class IngressDeployment:
         summary="The prediction plus a Grad-CAM heatmap (base64 PNG) of where the evidence lies",
     )
     async def explain(self, request: Request) -> JSONResponse:
-        def answer(result: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        def answer(result: Explained, body: dict[str, Any]) -> dict[str, Any]:
             body.update(
-                heatmap_base64=base64.b64encode(result["heatmap_png"]).decode("ascii"),
+                heatmap_base64=base64.b64encode(result.heatmap_png).decode("ascii"),
                 heatmap_format="png",
-                crop_size=result["crop_size"],
+                crop_size=result.model.crop_size,
             )
             return ExplainResponse(**body).model_dump()
 
@@ -348,79 +300,20 @@ class IngressDeployment:
     async def predict_batch(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         try:
-            await self._guard(request)
-            limits = self._settings.images
-            try:
-                uploads = await read_files(
-                    dict(request.headers),
-                    request.stream(),
-                    field_name="files",
-                    max_files=self._settings.serve.max_batch_files,
-                    max_file_bytes=limits.max_bytes,
-                    fail_fast=False,
-                )
-            except ClientDisconnect as err:
-                raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
-            items = await asyncio.gather(*(self._batch_item(upload, started) for upload in uploads))
-            succeeded = sum(1 for item in items if item.error is None)
-            versions = [item.model_version for item in items if item.model_version is not None]
-            elapsed_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            body = BatchResponse(
-                results=items,
-                total=len(items),
-                succeeded=succeeded,
-                successful=succeeded,
-                failed=len(items) - succeeded,
-                inference_time_ms=elapsed_ms,
-                total_inference_time_ms=elapsed_ms,
-                model_version=versions[-1] if versions else None,
-            )
-            return JSONResponse(body.model_dump())
+            crop_size = await self._guard(request)
+            uploads = await self._uploads(request, "files", self._settings.serve.max_batch_files, fail_fast=False)
+            items = await asyncio.gather(*(self._batch_item(upload, crop_size, started) for upload in uploads))
+            return JSONResponse(batch_of(list(items), (time.perf_counter() - started) * 1000.0).model_dump())
         except ApiError as err:
             return self._refuse(err)
         finally:
             self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": "batch"})
 
     # -------------------------------------------------------------------------------------------------- helpers
-    async def _health(self) -> HealthResponse:
-        """The one health body, of /health and /readyz: the detector's status, the application's totals, this
-        replica's vitals."""
-        status, drift = await asyncio.gather(self._detector_status(), self._drift())
-        ready = status is not None and bool(status.get("ready"))
-        if status is None:
-            state, detail = "unavailable", "no detector replica answered"
-        elif not ready:
-            state, detail = "loading", status.get("detail")
-        else:
-            state, detail = "ok", status.get("detail")  # a loaded model serves even with the registry gone
-            self._learn(status)
-        model = status if ready else {}
-        summary = None if drift is None else DriftStatus(**drift.model_dump(include=set(DriftStatus.model_fields)))
-        return HealthResponse(
-            status="healthy" if ready else "unhealthy",
-            state=state,
-            model_loaded=ready,
-            model_version=model.get("model_version"),
-            model_uri=(status or {}).get("model_uri"),
-            threshold=model.get("threshold"),
-            crop_size=model.get("crop_size"),
-            device=model.get("device"),
-            detail=detail,
-            metrics=model.get("metrics") or {},
-            model_loaded_at=model.get("model_loaded_at"),
-            registry=(status or {}).get("registry"),
-            uptime_seconds=round(time.monotonic() - self._started, 2),
-            active_requests=ActiveRequests.count,
-            predictions_total=None if drift is None else drift.window_size,  # every answer observes its probability
-            drift_detected=drift is not None and drift.drift_detected,
-            drift_status=summary,
-            memory_usage_mb=resident_memory_mb(),
-            pid=os.getpid(),
-        )
-
     async def _drift(self) -> DriftResponse | None:
         """The drift report from the application-wide totals; None while the metrics store cannot be read."""
-        from serving.metrics import DRIFT_METRICS, drift_report, read_baseline
+        from app.drift import read_baseline
+        from serving.metrics import DRIFT_METRICS, drift_report
 
         def report() -> DriftResponse:
             totals = self._metrics.read(DRIFT_METRICS, timeout_s=STATUS_TIMEOUT_S)
@@ -432,29 +325,45 @@ class IngressDeployment:
             self._log.warning("metrics store unavailable", error=str(err))
             return None
 
-    async def _guard(self, request: Request) -> None:
+    async def _guard(self, request: Request) -> int:
+        """Key, rate and readiness; the crop size uploads are cut to."""
         key = check_api_key(self._keys, request.headers.get(API_KEY_HEADER))
         self._limiter.acquire(client_identity(key, request.client.host if request.client else None))
-        if not self._ready:
+        if self._crop_size is None:
             status = await self._detector_status()
             refusal = self._not_ready(status)
             if refusal is not None:
                 raise refusal
             self._learn(status)
+        return self._crop_size
 
     @staticmethod
-    def _not_ready(status: dict[str, Any] | None) -> ApiError | None:
-        if status is not None and status.get("ready"):
+    def _not_ready(status: DetectorStatus | None) -> ApiError | None:
+        if status is not None and status.ready:
             return None
-        detail = (status or {}).get("detail") or "no detector replica answered"
-        return ApiError(503, "not_ready", f"{detail}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S})
+        detail = (status.detail if status is not None else None) or "no detector replica answered"
+        return unavailable("not_ready", f"{detail}; retry in a few seconds")
+
+    async def _uploads(self, request: Request, field: str, max_files: int, *, fail_fast: bool) -> list[UploadedFile]:
+        """The request's files of one multipart field, the byte limit enforced while they stream in."""
+        try:
+            return await read_files(
+                dict(request.headers),
+                request.stream(),
+                field_name=field,
+                max_files=max_files,
+                max_file_bytes=self._settings.images.max_bytes,
+                fail_fast=fail_fast,
+            )
+        except ClientDisconnect as err:
+            raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
 
     async def _answer_one(
         self,
         request: Request,
         label: str,
-        method: Any,
-        answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
+        method: Callable[[np.ndarray], Awaitable[Scored | Explained | Refused]],
+        answer: Callable[[Any, dict[str, Any]], dict[str, Any]],
     ) -> JSONResponse:
         """The frame of the one-photo routes: read and guard the upload, ask the detector, count, refuse, time.
 
@@ -463,9 +372,10 @@ class IngressDeployment:
         """
         started = time.perf_counter()
         try:
-            data = await self._read_one(request)
+            crop_size = await self._guard(request)
+            data = (await self._uploads(request, "file", 1, fail_fast=True))[0].data
             read = time.perf_counter()
-            crop = await self._decode(data)
+            crop = await self._decode(data, crop_size)
             decoded = time.perf_counter()
             result = await self._call(method, crop)
             called = time.perf_counter()
@@ -477,30 +387,14 @@ class IngressDeployment:
         finally:
             self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": label})
 
-    async def _read_one(self, request: Request) -> bytes:
-        await self._guard(request)
-        limits = self._settings.images
-        try:
-            uploads = await read_files(
-                dict(request.headers),
-                request.stream(),
-                field_name="file",
-                max_files=1,
-                max_file_bytes=limits.max_bytes,
-                fail_fast=True,
-            )
-        except ClientDisconnect as err:
-            raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from err
-        return uploads[0].data
+    async def _decode(self, data: bytes, crop_size: int) -> np.ndarray:
+        return await asyncio.to_thread(decode_and_crop, data, crop_size, self._settings.images)
 
-    async def _decode(self, data: bytes) -> np.ndarray:
-        return await asyncio.to_thread(decode_and_crop, data, self._crop_size or 224, self._settings.images)
-
-    async def _batch_item(self, upload: Any, started: float) -> BatchItem:
+    async def _batch_item(self, upload: UploadedFile, crop_size: int, started: float) -> BatchItem:
         try:
             if upload.too_large:
                 raise ApiError(413, "too_large", f"the file has more than {self._settings.images.max_bytes:,} bytes")
-            crop = await self._decode(upload.data)
+            crop = await self._decode(upload.data, crop_size)
             result = await self._call(self._detector.predict, crop)
             body = self._prediction(result, started)
             self._answered(body)
@@ -509,68 +403,44 @@ class IngressDeployment:
             self._refused(err)
             return BatchItem(filename=upload.filename, error=err.error, detail=err.detail)
 
-    async def _call(self, method: Any, crop: np.ndarray) -> dict[str, Any]:
+    async def _call(self, method: Callable[[np.ndarray], Awaitable[Any]], crop: np.ndarray) -> Scored | Explained:
         try:
             result = await asyncio.wait_for(method(crop), timeout=DETECTOR_TIMEOUT_S)
         except asyncio.TimeoutError as err:
-            raise ApiError(
-                503,
-                "model_unavailable",
-                f"no detector answered within {DETECTOR_TIMEOUT_S:.0f} s",
-                {"Retry-After": RETRY_AFTER_S},
-            ) from err
+            raise unavailable("model_unavailable", f"no detector answered within {DETECTOR_TIMEOUT_S:.0f} s") from err
         except Exception as err:  # noqa: BLE001 - a replica dying mid-request is the service's fault, told as 503
             self._log.error("detector call failed", error=f"{type(err).__name__}: {err}")
-            raise ApiError(
-                503, "model_unavailable", "the detector failed to answer; retry", {"Retry-After": RETRY_AFTER_S}
-            ) from err
-        error = result.get("error")
-        if error == "not_ready":
-            raise ApiError(
-                503, "not_ready", f"{result['detail']}; retry in a few seconds", {"Retry-After": RETRY_AFTER_S}
-            )
-        if error == "explain_unsupported":
-            raise ApiError(422, error, result["detail"])
-        if error is not None:
-            raise ApiError(500, error, result["detail"])
-        self._learn(result)
+            raise unavailable("model_unavailable", "the detector failed to answer; retry") from err
+        if isinstance(result, Refused):
+            raise refusal_error(result)
+        self._crop_size = result.model.crop_size
         return result
 
-    async def _detector_status(self) -> dict[str, Any] | None:
+    async def _detector_status(self) -> DetectorStatus | None:
         try:
             return await asyncio.wait_for(self._detector.status(), timeout=STATUS_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - timeout (no replica yet) or a replica restarting
             return None
 
-    def _learn(self, status: dict[str, Any]) -> None:
-        """Crop size follows the model that answered last, so a champion with another crop size is picked up."""
-        self._ready = True
-        self._crop_size = int(status["crop_size"])
+    def _learn(self, status: DetectorStatus) -> None:
+        """A ready detector's status always names its model."""
+        self._crop_size = status.model.crop_size
 
     @staticmethod
-    def _prediction(result: dict[str, Any], started: float) -> dict[str, Any]:
-        probability, threshold = float(result["probability"]), float(result["threshold"])
-        return Prediction(
-            prediction=verdict_of(probability, threshold),
-            probability=round(probability, 6),
-            confidence=confidence_of(probability, threshold),
-            inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
-            model_version=str(result["model_version"]),
-            threshold=threshold,
-        ).model_dump()
+    def _prediction(result: Scored | Explained, started: float) -> dict[str, Any]:
+        facts = result.model
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        return prediction_of(result.probability, facts.threshold, facts.model_version, elapsed_ms).model_dump()
 
     def _answered(self, body: dict[str, Any]) -> None:
         """Count one answered photo, under this service's names and the original's, and record its probability."""
         self._metrics.inc("predictions_total", {"status": "200", "result": body["prediction"]})
-        self._metrics.inc(
-            "aidetect_predictions_total",
-            {"status": "success", "prediction": body["prediction"], "confidence": body["confidence"]},
-        )
+        compat.count_answer(self._metrics, body["prediction"], body["confidence"])
         self._metrics.observe("prediction_probability", body["probability"])
 
     def _refused(self, err: ApiError) -> None:
         self._metrics.inc("predictions_total", {"status": str(err.status), "result": "error"})
-        self._metrics.inc("aidetect_predictions_total", {"status": "error", "prediction": "none", "confidence": "none"})
+        compat.count_refusal(self._metrics)
         self._metrics.inc("prediction_errors_total", {"type": err.error})
 
     def _refuse(self, err: ApiError) -> JSONResponse:

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from cluster.monitoring.baseline import DEFAULT_OUT as BASELINE_RULES
-from serving.schemas import DriftBaseline, DriftResponse
+from app.contract import DriftBaseline, DriftResponse
+from app.drift import AI_SHARE_SHIFT_ALERT, DRIFT_MIN_PREDICTIONS, PROBABILITY_SHIFT_ALERT
 
 STORE_NAMESPACE = "aipd"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -295,40 +292,7 @@ class MetricsRecorder:
 
 
 # ------------------------------------------------------------------------------------------------------- drift
-# The thresholds of the drift alerts (cluster/monitoring/rules/aipd-alerts.rules.yml), so /drift and they agree.
-DRIFT_MIN_PREDICTIONS = 200
-PROBABILITY_SHIFT_ALERT = 0.15
-AI_SHARE_SHIFT_ALERT = 0.2
 DRIFT_METRICS = ("prediction_probability", "aidetect_predictions_total")
-_VECTOR = re.compile(r"^\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*$")
-
-
-def read_baseline(path: Path = BASELINE_RULES) -> tuple[DriftBaseline | None, str]:
-    """The training baseline the drift alerts compare with, and a sentence on where it came from or why there is none.
-
-    It is the recording-rules file `python -m cluster.monitoring.baseline` writes from the champion's evaluation
-    report, read on each call, so regenerating it changes /drift without a redeploy.
-    """
-    how = f"write one with `python -m cluster.monitoring.baseline <evaluation.json>` (to {path})"
-    try:
-        groups = (yaml.safe_load(path.read_text()) or {}).get("groups") or []
-    except (OSError, yaml.YAMLError) as err:
-        return None, f"no drift baseline is configured ({type(err).__name__}: {err}); {how}"
-    values: dict[str, float] = {}
-    for group in groups:
-        for rule in group.get("rules") or []:
-            match = _VECTOR.match(str(rule.get("expr", "")))
-            if rule.get("record") and match:
-                values[rule["record"]] = float(match.group(1))
-    try:
-        baseline = DriftBaseline(
-            probability_mean=values["aipd:baseline:prediction_probability_mean"],
-            ai_generated_ratio=values["aipd:baseline:ai_generated_ratio"],
-            source=str(path),
-        )
-    except KeyError as err:
-        return None, f"the drift baseline {path} has no {err.args[0]} recording rule; {how}"
-    return baseline, f"compared with the training baseline in {path}"
 
 
 def drift_report(totals: Delta, baseline: DriftBaseline | None, about: str) -> DriftResponse:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.config import Settings
-from serving.schemas import ErrorResponse
+from app.contract import API_KEY_HEADER, RETRY_AFTER_HEADER, ErrorResponse, HealthResponse
 
 ROUTE_PREFIXES = ("", "/v1")  # every route at the root and as its /v1 twin, like the original service
 UPLOADS = {"/predict": "file", "/predict/explain": "file", "/predict/batch": "files"}
@@ -23,7 +23,7 @@ ACCEPTED_TYPES = "image/jpeg, image/png, image/webp"
 
 _ERROR_TEXT = {
     400: "not an image, truncated or corrupt, or a malformed upload",
-    401: "missing or wrong X-API-Key (when keys are configured)",
+    401: f"missing or wrong {API_KEY_HEADER} (when keys are configured)",
     413: "file or request too large, too many files, or too many pixels",
     415: "an image type other than JPEG, PNG or WebP, or not a multipart upload",
     422: "Grad-CAM is not available for this model",
@@ -31,7 +31,7 @@ _ERROR_TEXT = {
     500: "the model failed on this request",
     503: "the model is loading or unavailable, or the metrics store is restarting; see Retry-After",
 }
-RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+RETRY_AFTER_DOC = {RETRY_AFTER_HEADER: {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -40,13 +40,15 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         code: {
             "model": ErrorResponse,
             "description": _ERROR_TEXT[code],
-            **({"headers": RETRY_AFTER_HEADER} if code in (429, 503) else {}),
+            **({"headers": RETRY_AFTER_DOC} if code in (429, 503) else {}),
         }
         for code in codes
     }
 
 
 UPLOAD_ERRORS = errors(400, 401, 413, 415, 429, 500, 503)
+# /health and /readyz answer their own body when not ready, not the error shape
+HEALTH_NOT_READY = {503: {"model": HealthResponse, "description": "not ready", "headers": RETRY_AFTER_DOC}}
 
 
 def upload_body(field: str, settings: Settings) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def openapi_document(api: FastAPI, settings: Settings) -> dict[str, Any]:
     document = copy.deepcopy(FastAPI.openapi(api))
     if settings.api_keys:
         schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes[API_KEY_SCHEME] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        schemes[API_KEY_SCHEME] = {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
     for path, field in UPLOADS.items():
         for prefix in ROUTE_PREFIXES:
             operation = document["paths"][prefix + path]["post"]
@@ -102,3 +104,14 @@ def openapi_document(api: FastAPI, settings: Settings) -> dict[str, Any]:
             if settings.api_keys:
                 operation["security"] = [{API_KEY_SCHEME: []}]
     return document
+
+
+def served_openapi() -> dict[str, Any]:
+    """What /openapi.json answers: the document the answering replica made for its own settings.
+
+    Serve runs a pickled copy of the ingress's app, made when the class was decorated, so a replica cannot reach the
+    app it serves from its constructor; this function, set on the app before the copy, asks the replica instead.
+    """
+    from ray import serve
+
+    return serve.get_replica_context().servable_object.openapi_schema

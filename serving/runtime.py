@@ -15,17 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from app.config import Settings
+from app.config import Precision, Settings
 from app.model_ref import ModelRef, parse_model_ref
-
-# "auto": bf16 where the hardware computes it natively (a GPU, a CPU with AVX512-BF16 or AMX), float32 elsewhere,
-# where bf16 would only be emulated. bf16 moves a probability by well under 1e-3 and gives the same answer at any
-# batch size, so the scan and the service still agree (benchmarks/RESULTS.md).
-Precision = Literal["auto", "fp32", "bf16"]
+from serving.results import Explained, ModelFacts
 
 
 @dataclass
@@ -102,7 +98,10 @@ def alias_version(ref: ModelRef) -> str:
         raise
 
 
-def use_bf16(device: Any, precision: str) -> bool:
+def use_bf16(device: Any, precision: Precision) -> bool:
+    """ "auto" means bf16 where the hardware computes it natively (a GPU, a CPU with AVX512-BF16 or AMX), float32
+    where it would only be emulated. bf16 moves a probability by well under 1e-3 and gives the same answer at any
+    batch size, so the scan and the service still agree (benchmarks/RESULTS.md)."""
     return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16()))
 
 
@@ -121,7 +120,7 @@ def load_active(
     uri: str,
     device: Any,
     warmup_sizes: tuple[int, ...] = (1,),
-    precision: str = "auto",
+    precision: Precision = "auto",
     freeze: bool = True,
     warm: bool = True,
     cuda_graphs: bool = True,
@@ -350,15 +349,15 @@ def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
     return torch.sigmoid(logits.float()).cpu().numpy()[:n]
 
 
-def explain_crop(active: ActiveModel, crop: np.ndarray) -> dict[str, Any]:
+def explain_crop(active: ActiveModel, crop: np.ndarray) -> Explained:
     from app.transforms import to_model_input
     from serving.gradcam import grad_cam, heatmap_png
 
     crop = np.array(fit_crop(crop, active.crop_size))  # arrays from Ray's object store are read-only views
     x = to_model_input(crop[None], device=active.device)
     probability, cam = grad_cam(active.model, x)
-    return {"probability": probability, "heatmap_png": heatmap_png(crop, cam), **describe(active)}
+    return Explained(probability=probability, heatmap_png=heatmap_png(crop, cam), model=model_facts(active))
 
 
-def describe(active: ActiveModel) -> dict[str, Any]:
-    return {"model_version": active.version, "threshold": active.threshold, "crop_size": active.crop_size}
+def model_facts(active: ActiveModel) -> ModelFacts:
+    return ModelFacts(model_version=active.version, threshold=active.threshold, crop_size=active.crop_size)

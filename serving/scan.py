@@ -168,8 +168,8 @@ class ScanModel:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         """The rows for a batch: pandas, so that a file that failed has nulls where it has no value."""
+        from app.contract import confidence_of, verdict_of
         from serving.runtime import run_batch
-        from serving.schemas import confidence_of, verdict_of
 
         ok = batch["ok"]
         probability = np.full(len(ok), np.nan)

@@ -11,6 +11,7 @@ import base64
 import html
 
 from app.scan_results import HISTOGRAM_BINS, ScanOverview, read_results, thumbnail_png
+from app.storage import filesystem_of
 
 REPORT_FILE = "report.html"
 
@@ -34,15 +35,9 @@ def write_report(out: str, top: int = 24) -> str:
 
     page = render(overview(read_results(out), top=top), out)
     target = report_path(out)
-    if "://" in target:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(target)
-        with fs.open_output_stream(path) as stream:
-            stream.write(page.encode("utf-8"))
-    else:
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(page)
+    fs, path = filesystem_of(target)
+    with fs.open_output_stream(path) as stream:
+        stream.write(page.encode("utf-8"))
     return target
 
 

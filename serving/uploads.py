@@ -14,7 +14,7 @@ from typing import AsyncIterator
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serving.schemas import ApiError
+from app.contract import ApiError
 
 # Room for the multipart framing around the file bytes (boundaries, part headers, a few small text fields).
 MULTIPART_OVERHEAD = 64 * 1024

@@ -130,6 +130,11 @@ class ServeApp:
         return response.text
 
 
+def with_serve(settings: Settings, **serve: Any) -> Settings:
+    """These settings with some serve settings changed (the detector's champion_poll_s, its model_uri, ...)."""
+    return settings.model_copy(update={"serve": settings.serve.model_copy(update=serve)})
+
+
 def undeploy(name: str) -> None:
     from ray import serve
 

@@ -89,7 +89,7 @@ def register(
       aipd register .aipd/checkpoints/<run_id> --data photos/ --run-id <run_id>
     """
     from app.registry import mlflow_ui_hint
-    from training.trainer import register_kept_checkpoint
+    from training.registration import register_kept_checkpoint
 
     settings = settings_from(config, ray_address=address, data={"path": data})
     registration = register_kept_checkpoint(settings, checkpoint, run_id)

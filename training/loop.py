@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.scoring import SELECTION_METRIC
+
 TRAIN_STATE_FILE = "train_state.pt"
 
 
@@ -91,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _train_epoch(worker, train_shard)
         labels, scores, val_loss = _validate(worker, val_shard)
         metrics = _epoch_metrics(worker, epoch, metrics, labels, scores, val_loss)
-        best_auroc = max(best_auroc, metrics["val_auroc"])
+        best_auroc = max(best_auroc, metrics[SELECTION_METRIC])
         _report(worker, epoch, metrics, best_auroc)
         if worker.rank == 0:  # after the report, which stores the checkpoint: the driver's watcher reads the epoch
             worker.log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
@@ -232,7 +234,7 @@ def _epoch_metrics(
         "time_to_first_batch_s": trained["first_batch_s"],
         "val_loss": float(np.mean(val_loss)) if len(val_loss) else float("nan"),
         "val_accuracy": float((flagged == (labels == 1)).mean()) if len(labels) else float("nan"),
-        "val_auroc": val_auroc if not math.isnan(val_auroc) else 0.0,
+        SELECTION_METRIC: val_auroc if not math.isnan(val_auroc) else 0.0,
         "val_threshold": threshold,
         "lr": worker.scheduler.get_last_lr()[0],
     }
@@ -254,7 +256,7 @@ def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: fl
                 worker.model_cfg,
                 PreprocessSettings(crop_size=worker.cfg.crop_size),
                 threshold=metrics["val_threshold"],
-                metrics={k: metrics[k] for k in ("val_auroc", "val_loss", "epoch")},
+                metrics={k: metrics[k] for k in (SELECTION_METRIC, "val_loss", "epoch")},
             )
             torch.save(
                 {

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from app.logging import get_logger
+from app.scoring import SELECTION_METRIC
 
 log = get_logger("aipd.train")
 
-PROGRESS_METRICS = ("train_loss", "val_auroc", "val_loss", "train_images_per_s")
+PROGRESS_METRICS = ("train_loss", SELECTION_METRIC, "val_loss", "train_images_per_s")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class EpochWatcher:
             log.debug("epoch_poll_skipped", reason=problem)
             return
         history = {m: self._client.get_metric_history(self._run_id, m) for m in PROGRESS_METRICS}
-        epochs = sorted({point.step for point in history["val_auroc"]})
+        epochs = sorted({point.step for point in history[SELECTION_METRIC]})
         for epoch in (e for e in epochs if e > self._seen):
             metrics = {name: p.value for name, points in history.items() for p in points if p.step == epoch}
             self._seen = epoch
@@ -112,7 +113,10 @@ def epoch_progress(console: Any, epochs: int, title: str = "training") -> Iterat
 
 def epoch_line(report: EpochReport) -> str:
     m = report.metrics
-    parts = [f"loss {m['train_loss']:.3f}" if "train_loss" in m else "", f"val AUROC {m.get('val_auroc', 0.0):.3f}"]
+    parts = [
+        f"loss {m['train_loss']:.3f}" if "train_loss" in m else "",
+        f"val AUROC {m.get(SELECTION_METRIC, 0.0):.3f}",
+    ]
     if "train_images_per_s" in m:
         parts.append(f"{m['train_images_per_s']:.0f} img/s")
     return "  ".join(p for p in parts if p)

@@ -15,12 +15,11 @@ def evaluate_command(
 ) -> EvaluationReport:
     import mlflow
 
-    from app.data import index_dataset
+    from app.data import index_dataset, resolve_data_path
     from app.model import load_checkpoint
     from app.model_ref import parse_model_ref
     from app.ray_runtime import init_ray
     from app.registry import resolve_model, setup_mlflow, source_run
-    from training.trainer import resolve_data_path
 
     ref = parse_model_ref(model_uri or settings.default_model_uri)
     resolved = resolve_model(settings, ref.uri)

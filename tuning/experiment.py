@@ -73,7 +73,7 @@ def load_state(storage: Path, name: str | None) -> ExperimentState:
 
 def fresh_settings(settings: Settings) -> Settings:
     """Settings the trials can use from any working directory (Tune runs each trial in its own folder)."""
-    from training.trainer import resolve_data_path
+    from app.data import resolve_data_path
 
     name = settings.tune.name or time.strftime("%Y%m%d-%H%M%S")
     storage = settings.ray_storage

@@ -15,8 +15,6 @@ from app.logging import get_logger
 
 log = get_logger("aipd.tune")
 
-METRIC = "val_auroc"
-MODE = "max"
 TIME_ATTR = "epochs_done"
 SEARCH_KEYS = ("lr", "weight_decay", "dropout", "batch_size", "crop_size", "augment_prob")
 

@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from app.config import Settings
 from app.logging import get_logger
+from app.scoring import SELECTION_METRIC, SELECTION_MODE
 from tuning import tracking
 from tuning.experiment import (
     ExperimentState,
@@ -34,8 +35,6 @@ from tuning.experiment import (
     saved_settings,
 )
 from tuning.search_space import (
-    METRIC,
-    MODE,
     SEARCH_KEYS,
     TIME_ATTR,
     build_scheduler,
@@ -304,8 +303,8 @@ def _tuner(
         trainable,
         param_space=space,
         tune_config=ray.tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
+            metric=SELECTION_METRIC,
+            mode=SELECTION_MODE,
             search_alg=build_search_alg(state.search_alg, settings.train.seed, settings.tune.max_concurrent),
             scheduler=build_scheduler(settings.tune),
             num_samples=settings.tune.num_samples,
@@ -329,8 +328,8 @@ def summarize(grid: Any, epochs: int, runs: dict[str, str]) -> list[TrialSummary
         trial_id = Path(result.path).name.removeprefix("trial_")
         frame = result.metrics_dataframe
         best_auroc, epochs_run, checkpoint = None, 0, None
-        if frame is not None and METRIC in frame and frame[METRIC].notna().any():
-            best_auroc = float(frame[METRIC].max())
+        if frame is not None and SELECTION_METRIC in frame and frame[SELECTION_METRIC].notna().any():
+            best_auroc = float(frame[SELECTION_METRIC].max())
             epochs_run = int(frame[TIME_ATTR].max()) if TIME_ATTR in frame else len(frame)
             checkpoint = _best_checkpoint(frame)
         status = "finished" if epochs_run >= epochs else "stopped early"
@@ -360,7 +359,7 @@ def _best_checkpoint(frame: Any) -> str | None:
 
     if "checkpoint_path" not in frame:
         return None
-    for _, row in frame.sort_values(METRIC, ascending=False).iterrows():
+    for _, row in frame.sort_values(SELECTION_METRIC, ascending=False).iterrows():
         path = row["checkpoint_path"]
         if isinstance(path, str) and is_checkpoint(path):
             return path
@@ -370,10 +369,10 @@ def _best_checkpoint(frame: Any) -> str | None:
 def _register_best(settings: Settings, index: Any, best: TrialSummary, state: ExperimentState):
     """Register the best trial's best checkpoint under its child run; the champion rule decides the alias."""
     from app.model import copy_checkpoint
-    from training.trainer import register_checkpoint
+    from training.registration import register_checkpoint
 
     assert best.checkpoint_path is not None and best.run_id is not None
-    checkpoint_dir = copy_checkpoint(best.checkpoint_path, settings.work_dir / "checkpoints" / best.run_id)
+    checkpoint_dir = copy_checkpoint(best.checkpoint_path, settings.checkpoint_dir(best.run_id))
     version, val_auroc, moved, message = register_checkpoint(
         settings,
         checkpoint_dir,

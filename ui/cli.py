@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from app.cli_common import ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
+from app.contract import API_KEY_HEADER
 
 cli = new_app()
 
@@ -24,7 +25,9 @@ def ui_command(
         None, "--api-url", help="The detector API (default: AIPD_UI__API_URL, else the `aipd serve` address)."
     ),
     api_key: Optional[str] = typer.Option(
-        None, "--api-key", help="X-API-Key to send (default: AIPD_UI__API_KEY, else the first of AIPD_API_KEYS)."
+        None,
+        "--api-key",
+        help=f"{API_KEY_HEADER} to send (default: AIPD_UI__API_KEY, else the first of AIPD_API_KEYS).",
     ),
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port of the page (default 8501).", min=1, max=65535),
@@ -41,8 +44,9 @@ def ui_command(
       aipd ui --port 8600 --api-url http://detector.internal:8000 --api-key $KEY
       AIPD_UI__GRAFANA_URL=http://127.0.0.1:3000 aipd ui --host 0.0.0.0
     """
-    from ui.api import ApiClient, ServiceError, api_url_of
+    from app.client import ApiClient, ServiceError, api_url_of
     from ui.launch import start_ui, stop_ui, wait_until_up
+    from ui.results import failure_text
 
     settings = settings_from(config, ui={"api_url": api_url, "api_key": api_key, "host": host, "port": port})
     target = api_url_of(settings)
@@ -51,7 +55,7 @@ def ui_command(
         if not health.ready:
             console.print(f"[yellow]the model is {health.status}[/yellow]: {health.detail or ''}", highlight=False)
     except ServiceError as err:
-        warn(f"{err} The page will say so until it answers.")
+        warn(f"{failure_text(err)} The page will say so until it answers.")
     process = start_ui(settings, target, settings.ui.port)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a `kill` must not orphan the Streamlit server
     try:

@@ -27,7 +27,7 @@ class UiStartError(UserError, RuntimeError):
 
 def ui_environment(settings: Settings, api_url: str) -> dict[str, str]:
     """The AIPD_* variables that carry the resolved settings the page needs into its process."""
-    from ui.api import api_key_of
+    from app.client import api_key_of
 
     values = {
         "API_URL": api_url,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ui.api import FileResult
+from app.client import FileResult, ServiceError
 
 VERDICT_LABELS = {"ai_generated": "AI-generated", "real": "Real photo"}
 
@@ -20,6 +20,26 @@ COLUMNS = [
     "error",
     "detail",
 ]
+
+
+def failure_text(err: ServiceError) -> str:
+    """A whole-request failure in the page's words: what happened, and what to change on the page's side."""
+    if err.kind == "down":
+        return (
+            f"Cannot reach the detector API at {err.url} ({err.detail}). Start it with `aipd serve` (or `aipd demo`), "
+            "or point the UI at it with AIPD_UI__API_URL / `aipd ui --api-url`."
+        )
+    if err.kind == "unauthorized":
+        return (
+            f"The API refused the API key: {err.detail} (enter the right key in the sidebar, or set "
+            "AIPD_UI__API_KEY / `aipd ui --api-key`)."
+        )
+    if err.kind == "rate_limited":
+        after = f"; retry in {err.retry_after} s" if err.retry_after else ""
+        return f"The API is rate limiting this client: {err.detail}{after}."
+    if err.kind == "not_ready":
+        return f"The model is not ready: {err.detail}"
+    return str(err)
 
 
 def verdict_label(prediction: str | None) -> str:

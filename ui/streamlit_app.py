@@ -12,21 +12,23 @@ import hashlib
 
 import streamlit as st
 
+from app.client import ApiClient, FileResult, Health, ServiceError, api_key_of, api_url_of
 from app.config import Settings, load_settings
-from ui.api import ApiClient, FileResult, Health, ServiceError, api_key_of, api_url_of
-from ui.results import results_csv, results_table, summary_line, verdict_label
+from app.contract import API_KEY_HEADER
+from ui.results import failure_text, results_csv, results_table, summary_line, verdict_label
 
 ACCEPTED_TYPES = ["jpg", "jpeg", "png", "webp"]
 ANSWERS = "aipd_answers"
 
 
 def show_failure(err: ServiceError) -> None:
+    text = failure_text(err)
     if err.kind in ("rate_limited", "not_ready"):
-        st.warning(str(err), icon=":material/hourglass_top:")
+        st.warning(text, icon=":material/hourglass_top:")
     elif err.kind == "unauthorized":
-        st.error(str(err), icon=":material/key_off:")
+        st.error(text, icon=":material/key_off:")
     else:
-        st.error(str(err), icon=":material/cloud_off:")
+        st.error(text, icon=":material/cloud_off:")
 
 
 def serving_since(health: Health) -> str | None:
@@ -91,7 +93,7 @@ def sidebar(settings: Settings) -> tuple[ApiClient, bool]:
         url = api_url_of(settings)
         st.caption(f"API: {url}")
         key = st.text_input(
-            "API key (X-API-Key)",
+            f"API key ({API_KEY_HEADER})",
             value=api_key_of(settings) or "",
             type="password",
             help="Sent with every prediction; leave empty when the service has no keys.",

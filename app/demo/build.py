@@ -20,22 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
+from app.demo.recipe import (
+    CHUNK,
+    DECODER_HOLDOUT_SCENES,
+    DECODER_STEPS,
+    DECODER_TRAIN_SCENES,
+    DECODER_WEIGHTS,
+    LABELS,
+    RECIPE_VERSION,
+    SPLIT_FRACTIONS,
+    STREAM_SPLIT,
+)
 from app.demo.sources import SPLITS
-
-RECIPE_VERSION = 3
-LABELS = ("real", "ai_generated")
-SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
-JPEG_QUALITY = (80, 95)  # both classes, drawn once per pair
-SOFTEN_PROB = 0.22  # share of reals softened after capture (blur sigma below)
-SOFTEN_SIGMA = (0.5, 1.3)
-FAKE_WHITE_NOISE_PROB = 0.2  # share of fakes whose noise is plain white noise instead of decoder-shaped
-DECODER_WEIGHTS = {"autoencoder": 0.4, "transposed_conv": 0.2, "nearest_conv": 0.2, "bilinear_conv": 0.2}
-DECODER_TRAIN_SCENES = 128
-DECODER_HOLDOUT_SCENES = 16
-DECODER_STEPS = 200
-CHUNK = 24
-
-_STREAM_DATASET, _STREAM_DECODER_TRAIN, _STREAM_SPLIT = 1, 2, 0
 
 
 @dataclass
@@ -83,7 +79,7 @@ def _plan(images_per_class: int, seed: int) -> list[_ScenePlan]:
     n = images_per_class
     n_train = round(n * SPLIT_FRACTIONS["train"])
     n_val = round(n * SPLIT_FRACTIONS["val"])
-    order = np.random.default_rng([seed, _STREAM_SPLIT]).permutation(n)
+    order = np.random.default_rng([seed, STREAM_SPLIT]).permutation(n)
     split_of = {}
     for rank, index in enumerate(order):
         split_of[int(index)] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"

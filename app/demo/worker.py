@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.demo import build as plan
+from app.demo import recipe
 from app.demo.camera import CameraSettings, blur_per_image, capture, sample_camera
 from app.demo.decoders import Decoder, fit_decoder, regenerate
 from app.demo.matching import hf_energy, match_to_twin, noise_level
@@ -46,8 +46,8 @@ def render_decoder_training(args: tuple[int, int, int, int]) -> np.ndarray:
     seed, size, start, stop = args
     scenes, settings = [], []
     for i in range(start, stop):
-        rng = np.random.default_rng([seed, plan._STREAM_DECODER_TRAIN, i])
-        split = "train" if i < plan.DECODER_TRAIN_SCENES else "val"
+        rng = np.random.default_rng([seed, recipe.STREAM_DECODER_TRAIN, i])
+        split = "train" if i < recipe.DECODER_TRAIN_SCENES else "val"
         scenes.append(render_scene(rng, split, 2 * size).image)
         settings.append(sample_camera(rng, denoise_prob=0.0))
     with torch.no_grad():
@@ -57,7 +57,7 @@ def render_decoder_training(args: tuple[int, int, int, int]) -> np.ndarray:
 def fit(args: tuple[str, np.ndarray, int, int, int]) -> tuple[dict, float, float]:
     kind, images, n_train, seed, steps = args
     images_t = torch.from_numpy(images)
-    kind_seed = seed * 1000 + sorted(plan.DECODER_WEIGHTS).index(kind)
+    kind_seed = seed * 1000 + sorted(recipe.DECODER_WEIGHTS).index(kind)
     fitted = fit_decoder(kind, images_t[:n_train], images_t[n_train:], seed=kind_seed, steps=steps)
     return fitted.model.state_dict(), fitted.psnr_db, fitted.seconds
 
@@ -80,25 +80,25 @@ def render_pairs(args: tuple[int, int, str, list, dict[str, dict]]) -> list[dict
     """Render a chunk of scenes through the camera and through a decoder; write both JPEGs; return manifest rows."""
     seed, size, out_dir, plans, decoder_states = args
     decoders = _load_decoders(decoder_states)
-    kinds = list(plan.DECODER_WEIGHTS)
-    weights = np.array([plan.DECODER_WEIGHTS[k] for k in kinds])
+    kinds = list(recipe.DECODER_WEIGHTS)
+    weights = np.array([recipe.DECODER_WEIGHTS[k] for k in kinds])
     scenes, settings, cam_noise, draws = [], [], [], []
     for p in plans:
-        rng = np.random.default_rng([seed, plan._STREAM_DATASET, p.index])
+        rng = np.random.default_rng([seed, recipe.STREAM_DATASET, p.index])
         scene = render_scene(rng, p.split, 2 * size)
         settings.append(sample_camera(rng))
         cam_noise.append(rng.standard_normal((1, size, size), dtype=np.float32))
-        soften = rng.random() < plan.SOFTEN_PROB
+        soften = rng.random() < recipe.SOFTEN_PROB
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         draws.append(
             {
                 "scene": scene,
-                "soften_sigma": float(rng.uniform(*plan.SOFTEN_SIGMA)) if soften else 0.0,
-                "quality": int(rng.integers(plan.JPEG_QUALITY[0], plan.JPEG_QUALITY[1] + 1)),
+                "soften_sigma": float(rng.uniform(*recipe.SOFTEN_SIGMA)) if soften else 0.0,
+                "quality": int(rng.integers(recipe.JPEG_QUALITY[0], recipe.JPEG_QUALITY[1] + 1)),
                 "kind": kind,
                 "decoder_noise": rng.standard_normal((1, size, size), dtype=np.float32),
                 "white_noise": rng.standard_normal((3, size, size), dtype=np.float32)
-                if rng.random() < plan.FAKE_WHITE_NOISE_PROB
+                if rng.random() < recipe.FAKE_WHITE_NOISE_PROB
                 else None,
             }
         )

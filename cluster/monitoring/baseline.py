@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "rules" / "aipd-baseline.rules.yml"
+from app.drift import AI_SHARE_RULE, BASELINE_RULES, MEAN_RULE
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,8 @@ def rules_text(baseline: Baseline) -> str:
             {
                 "name": "aipd-baseline",
                 "rules": [
-                    {
-                        "record": "aipd:baseline:prediction_probability_mean",
-                        "expr": f"vector({baseline.probability_mean:.6g})",
-                    },
-                    {
-                        "record": "aipd:baseline:ai_generated_ratio",
-                        "expr": f"vector({baseline.ai_generated_ratio:.6g})",
-                    },
+                    {"record": MEAN_RULE, "expr": f"vector({baseline.probability_mean:.6g})"},
+                    {"record": AI_SHARE_RULE, "expr": f"vector({baseline.ai_generated_ratio:.6g})"},
                 ],
             }
         ]
@@ -91,7 +85,7 @@ def rules_text(baseline: Baseline) -> str:
     return header + yaml.safe_dump(rules, sort_keys=False)
 
 
-def write_baseline(report_path: Path, out: Path = DEFAULT_OUT) -> Baseline:
+def write_baseline(report_path: Path, out: Path = BASELINE_RULES) -> Baseline:
     baseline = baseline_from_report(json.loads(Path(report_path).read_text()), str(report_path))
     out.write_text(rules_text(baseline))
     return baseline
@@ -100,7 +94,9 @@ def write_baseline(report_path: Path, out: Path = DEFAULT_OUT) -> Baseline:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path, help="evaluation.json of the champion's training run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"rules file to write (default: {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=BASELINE_RULES, help=f"rules file to write (default: {BASELINE_RULES})"
+    )
     args = parser.parse_args(argv)
     try:
         baseline = write_baseline(args.report, args.out)

@@ -14,7 +14,7 @@ from app.images import (
     sniff_type,
     to_rgb,
 )
-from tests.app import hostile_images as h
+from tests import hostile_images as h
 
 
 def _mode_png(mode: str, color) -> bytes:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _aipd(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "aipd.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -113,7 +113,7 @@ def test_mlflow_down_when_training_ends_keeps_the_model_for_aipd_register(
     that command, run once MLflow is back, evaluates and registers the model under its training run and applies the
     champion rule against the champion registered before the training.
     """
-    from app.cli import app
+    from aipd.cli import app
     from app.config import Settings
     from app.model import is_checkpoint
 
@@ -170,7 +170,7 @@ def test_mlflow_down_when_training_ends_keeps_the_model_for_aipd_register(
 
 
 def test_aipd_register_refuses_what_is_no_checkpoint_in_one_line(tmp_path: Path) -> None:
-    from app.cli import app
+    from aipd.cli import app
 
     result = invoke(app, ["register", str(tmp_path)])
     assert result.exit_code == 1

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _aipd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "aipd.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -60,7 +60,7 @@ def test_a_node_killed_during_training_resumes_on_the_other_node(small_demo: Pat
         "AIPD_TRAIN__CPUS_PER_WORKER": "1",
         "AIPD_TRAIN__MAX_FAILURES": "2",
     }
-    command = [sys.executable, "-m", "app.cli", "train", "--address", cluster.address, "--data", str(small_demo),
+    command = [sys.executable, "-m", "aipd.cli", "train", "--address", cluster.address, "--data", str(small_demo),
                "--workers", "2", "--no-gpu", "--epochs", "2", "--batch-size", "8", "--image-size", "48"]  # fmt: skip
     store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store, registry_uri=store)

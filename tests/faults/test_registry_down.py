@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.demo.trickle import Trickle
-from tests.helpers import ServeApp, free_port, jpeg, make_checkpoint, undeploy, wait_until
+from aipd.trickle import Trickle
+from tests.helpers import ServeApp, free_port, jpeg, make_checkpoint, undeploy, wait_until, with_serve
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_registry_down_keeps_serving_reports_it_and_picks_up_the_champion_moved_
     service: ServeApp | None = None
     try:
         old = publish(settings, tmp_path, seed=1)
-        service = deploy(APP, settings, AppArgs(champion_poll_s=POLL_S, autoscaling={}))
+        service = deploy(APP, with_serve(settings, champion_poll_s=POLL_S), AppArgs(autoscaling={}))
         health = service.http.get("/health").json()
         assert health["model_version"] == old and health["registry"] == "reachable", health
         assert health["detail"] is None and health["model_loaded_at"] is not None

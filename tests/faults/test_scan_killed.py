@@ -59,7 +59,7 @@ def test_a_killed_scan_resumes_without_scoring_a_file_twice(ray_cluster, tmp_pat
     checkpoint = make_checkpoint(tmp_path / "ckpt", seed=2)
     out = tmp_path / "out"
     address = ray_cluster.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "app.cli", "scan", str(tmp_path / "catalog"), "--out", str(out),
+    command = [sys.executable, "-m", "aipd.cli", "scan", str(tmp_path / "catalog"), "--out", str(out),
                "--model", str(checkpoint), "--address", address]  # fmt: skip
     env = {**os.environ, "AIPD_WORK_DIR": str(tmp_path / "work"), "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "first.log", "wb") as log:

@@ -17,8 +17,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app import hostile_images as hostile
-from tests.helpers import ServeApp, jpeg, make_checkpoint, replica_pids, running_replicas, undeploy, wait_until
+from tests import hostile_images as hostile
+from tests.helpers import (
+    ServeApp,
+    jpeg,
+    make_checkpoint,
+    replica_pids,
+    running_replicas,
+    undeploy,
+    wait_until,
+    with_serve,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +60,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
             "detector_max_replicas": 2,
         },
     )
-    app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    app = deploy(APP, with_serve(settings, champion_poll_s=0), AppArgs(autoscaling={}))
     wait_until(lambda: app.http.get("/health").status_code == 200, 60, what="the service to be ready")
     yield app
     undeploy(APP)

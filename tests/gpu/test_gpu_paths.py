@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CROP, jpeg, make_checkpoint, tiny_settings, undeploy
+from tests.helpers import CROP, jpeg, make_checkpoint, tiny_settings, undeploy, with_serve
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,7 +58,7 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
             "detector_max_replicas": 1,
         },
     )
-    app = deploy("gpu", settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    app = deploy("gpu", with_serve(settings, champion_poll_s=0), AppArgs(autoscaling={}))
     try:
         health = app.http.get("/health").json()
         assert health["device"].startswith("cuda"), health

@@ -64,8 +64,8 @@ def resolved_compose() -> dict:
 
 @cache
 def aipd_commands() -> dict[str, typer.core.TyperCommand]:
-    """The `aipd` commands, as app/cli.py attaches every stage's."""
-    from app.cli import app
+    """The `aipd` commands, as aipd/cli.py attaches every stage's."""
+    from aipd.cli import app
 
     return typer.main.get_command(app).commands
 

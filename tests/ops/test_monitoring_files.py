@@ -176,3 +176,19 @@ def test_baseline_refuses_a_file_that_is_no_evaluation_report(tmp_path) -> None:
         main([str(tmp_path / "other.json"), "--out", str(tmp_path / "x.yml")])
     assert exit_info.value.code == 1
     assert not (tmp_path / "x.yml").exists()
+
+
+def test_the_drift_alerts_use_the_thresholds_drift_reports_use() -> None:
+    """/drift (app/drift.py) and Prometheus's drift alerts judge the same shift over the same number of answers, and
+    the shifts they alert on are taken from the baseline under the names the baseline writer gives its rules."""
+    from app import drift
+
+    rules = yaml.safe_load(drift.ALERT_RULES.read_text())
+    alerts = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    probability, share = alerts["AipdPredictionDrift"], alerts["AipdVerdictShareDrift"]
+    assert f"> {drift.PROBABILITY_SHIFT_ALERT}" in probability and f"> {drift.AI_SHARE_SHIFT_ALERT}" in share
+    assert all(f">= {drift.DRIFT_MIN_PREDICTIONS}" in expr for expr in (probability, share))
+    assert {drift.MEAN_RULE, drift.AI_SHARE_RULE} <= recording_rule_names()
+    shifts = {q.name: q.expr for q in rule_queries() if q.kind == "record" and q.name.endswith("_shift_1h")}
+    assert drift.MEAN_RULE in shifts["aipd:prediction_probability:mean_shift_1h"]
+    assert drift.AI_SHARE_RULE in shifts["aipd:prediction_ai_generated:ratio_shift_1h"]

@@ -54,8 +54,9 @@ ray.init(address=address, log_to_driver=False, logging_level="ERROR")
 serve.start(http_options={"host": "127.0.0.1", "port": int(port)})
 settings = Settings(work_dir=work_dir, api_keys=[key], serve={
     "model_uri": checkpoint, "port": int(port), "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
-    "ingress_min_replicas": 1, "ingress_max_replicas": 1, "detector_min_replicas": 1, "detector_max_replicas": 1})
-run_app(build_application(settings, AppArgs(champion_poll_s=0, autoscaling={}), num_gpus=0), app_name, timeout_s=240)
+    "ingress_min_replicas": 1, "ingress_max_replicas": 1, "detector_min_replicas": 1, "detector_max_replicas": 1,
+    "champion_poll_s": 0})
+run_app(build_application(settings, AppArgs(autoscaling={}), num_gpus=0), app_name, timeout_s=240)
 print("SESSION_DIR=" + ray._private.worker._global_node.get_session_dir_path())
 """
 

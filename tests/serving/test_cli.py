@@ -14,7 +14,7 @@ from tests.helpers import free_port, jpeg
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
-    from app.cli import app
+    from aipd.cli import app
 
     return app
 
@@ -60,6 +60,7 @@ def test_serve_dry_run_writes_a_valid_config(cli: typer.Typer, tmp_path: Path) -
         "champion_poll_s": 10.0,
         "torch_threads": None,
         "precision": "auto",
+        "cuda_graphs": True,
     }
     assert config["http_options"]["port"] == 9100
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ServeApp, jpeg, make_checkpoint, metric_value, undeploy, wait_until
+from tests.helpers import ServeApp, jpeg, make_checkpoint, metric_value, undeploy, wait_until, with_serve
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> Compat:
             "detector_max_replicas": 1,
         },
     )
-    app = deploy(APP, settings, AppArgs(champion_poll_s=0.5, autoscaling={}))
+    app = deploy(APP, with_serve(settings, champion_poll_s=0.5), AppArgs(autoscaling={}))
     before = {prefix + path: app.http.get(prefix + path) for prefix in PREFIXES for path in PROBES}
     version = publish(settings, root)
     wait_until(lambda: app.http.get("/health").status_code == 200, 60, what="the champion to load")
@@ -221,7 +221,7 @@ def test_the_original_routes_and_fields_are_there(service: Compat, prefix: str) 
 
 
 def test_health_and_the_ui_panel_show_the_registry_metrics(service: Compat) -> None:
-    from ui.api import ApiClient
+    from app.client import ApiClient
 
     expected = {**RUN_METRICS, **VERSION_TAGS}
     assert service.app.http.get("/health").json()["metrics"] == pytest.approx(expected)
@@ -240,8 +240,8 @@ def test_the_cd_smoke_test_passes(service: Compat) -> None:
 # ----------------------------------------------------------------------------------------------------- drift
 def _answers(*groups: tuple[float, int]) -> dict:
     """Application totals after these answers (probability, how many), recorded the way the ingress records them."""
+    from app.contract import confidence_of, verdict_of
     from serving.metrics import add_counter, add_observation
-    from serving.schemas import confidence_of, verdict_of
 
     totals: dict = {}
     for probability, n in groups:
@@ -257,7 +257,8 @@ def _answers(*groups: tuple[float, int]) -> dict:
 
 
 def test_drift_without_a_baseline_is_not_judged(tmp_path: Path) -> None:
-    from serving.metrics import drift_report, read_baseline
+    from app.drift import read_baseline
+    from serving.metrics import drift_report
 
     baseline, about = read_baseline(tmp_path / "absent.rules.yml")
     report = drift_report(_answers((0.9, 300)), baseline, about)
@@ -268,8 +269,9 @@ def test_drift_without_a_baseline_is_not_judged(tmp_path: Path) -> None:
 
 
 def test_drift_against_the_alerts_baseline(tmp_path: Path) -> None:
+    from app.drift import read_baseline
     from cluster.monitoring.baseline import Baseline, rules_text
-    from serving.metrics import drift_report, read_baseline
+    from serving.metrics import drift_report
 
     rules = tmp_path / "aipd-baseline.rules.yml"
     rules.write_text(rules_text(Baseline(0.5, 0.5, 0.02, 400, 0.5, "evaluation.json")))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app import hostile_images as hostile
+from tests import hostile_images as hostile
 from tests.helpers import (
     CROP,
     ServeApp,
@@ -32,6 +32,7 @@ from tests.helpers import (
     running_replicas,
     undeploy,
     wait_until,
+    with_serve,
 )
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def service(request: pytest.FixtureRequest, deploy, tmp_path_factory: pytest.Tem
             **LAYOUTS[request.param],
         },
     )
-    app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    app = deploy(APP, with_serve(settings, champion_poll_s=0), AppArgs(autoscaling={}))
     yield app
     undeploy(APP)
 
@@ -409,7 +410,7 @@ def test_aipd_predict_prints_verdicts_and_fails_on_a_bad_file(service: ServeApp,
 
     from typer.testing import CliRunner
 
-    from app.cli import app as cli
+    from aipd.cli import app as cli
 
     good, bad = tmp_path / "shoe.jpg", tmp_path / "notes.jpg"
     good.write_bytes(jpeg(seed=11))

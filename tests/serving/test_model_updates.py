@@ -15,7 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServeApp, jpeg, make_checkpoint, model_deployment, running_replicas, undeploy, wait_until
+from tests.helpers import (
+    ServeApp,
+    jpeg,
+    make_checkpoint,
+    model_deployment,
+    running_replicas,
+    undeploy,
+    wait_until,
+    with_serve,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +79,6 @@ def service(deploy, registry: Registry) -> ServeApp:
     from serving.config import AppArgs
 
     args = AppArgs(
-        champion_poll_s=0.5,
         autoscaling={
             "upscale_delay_s": 0.5,
             "downscale_delay_s": 2.0,
@@ -78,7 +86,7 @@ def service(deploy, registry: Registry) -> ServeApp:
             "metrics_interval_s": 0.25,
         },
     )
-    app = deploy(APP, registry.settings, args)
+    app = deploy(APP, with_serve(registry.settings, champion_poll_s=0.5), args)
     yield app
     undeploy(APP)
 

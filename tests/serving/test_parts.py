@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serving.schemas import ApiError
+from app.contract import ApiError
 from tests.helpers import CROP, jpeg, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def test_metrics_from_several_replicas_add_up() -> None:
     ],
 )
 def test_verdict_and_confidence_follow_the_threshold(p: float, t: float, verdict: str, confidence: str) -> None:
-    from serving.schemas import confidence_of, verdict_of
+    from app.contract import confidence_of, verdict_of
 
     assert (verdict_of(p, t), confidence_of(p, t)) == (verdict, confidence)
 
@@ -210,8 +210,8 @@ def test_generated_config_is_a_valid_serve_config() -> None:
     from app.config import Settings
     from serving.config import AppArgs, serve_config, validate_serve_config
 
-    settings = Settings(serve={"max_batch_size": 48, "use_gpu": True, "detector_max_replicas": 4})
-    config = serve_config(settings, AppArgs(champion_poll_s=3))
+    settings = Settings(serve={"max_batch_size": 48, "use_gpu": True, "detector_max_replicas": 4, "champion_poll_s": 3})
+    config = serve_config(settings, AppArgs())
     schema = validate_serve_config(config)
     app = schema.applications[0]
     assert app.import_path == "serving.app_builder:build_app" and app.route_prefix == "/"
@@ -322,6 +322,6 @@ def test_gradcam_gives_a_heatmap_png_and_the_same_probability(active) -> None:
     crop = np.asarray(Image.open(io.BytesIO(jpeg(CROP, CROP, seed=2))).convert("RGB"))
     crop.setflags(write=False)  # as it arrives from Ray's object store
     result = explain_crop(active, crop)
-    assert result["probability"] == pytest.approx(float(run_batch(active, [crop])[0]), abs=1e-4)
-    heatmap = Image.open(io.BytesIO(result["heatmap_png"]))
+    assert result.probability == pytest.approx(float(run_batch(active, [crop])[0]), abs=1e-4)
+    heatmap = Image.open(io.BytesIO(result.heatmap_png))
     assert heatmap.format == "PNG" and heatmap.size == (CROP, CROP)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.app import hostile_images as hostile
-from tests.helpers import jpeg, make_checkpoint, undeploy
+from tests import hostile_images as hostile
+from tests.helpers import jpeg, make_checkpoint, undeploy, with_serve
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,8 @@ def test_the_scan_gives_the_services_probabilities(registered, catalog: Path, tm
 
     settings, checkpoint, _ = registered
     _, rows = _scan(settings, [catalog], tmp_path / "out", model_uri=str(checkpoint))
-    served = settings.model_copy(update={"serve": settings.serve.model_copy(update={"model_uri": str(checkpoint)})})
-    app = deploy("scan-vs-predict", served, AppArgs(champion_poll_s=0, autoscaling={}))
+    served = with_serve(settings, model_uri=str(checkpoint), champion_poll_s=0)
+    app = deploy("scan-vs-predict", served, AppArgs(autoscaling={}))
     try:
         for name in VALID:
             path = catalog / name
@@ -157,7 +157,7 @@ def test_the_report_shows_the_most_suspicious_photos(registered, catalog: Path, 
 def test_aipd_scan_prints_the_summary(registered, catalog: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from app.cli import app
+    from aipd.cli import app
 
     settings, checkpoint, _ = registered
     out = tmp_path / "cli-out"
@@ -198,7 +198,7 @@ def test_the_overview_scores_a_labelled_scan() -> None:
 def test_a_missing_model_is_one_clear_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from app.cli import app
+    from aipd.cli import app
 
     (tmp_path / "p.jpg").write_bytes(jpeg())
     result = CliRunner().invoke(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ServeApp, make_checkpoint, undeploy
+from tests.helpers import ServeApp, make_checkpoint, undeploy, with_serve
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
             "ingress_max_replicas": 1,
         },
     )
-    app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    app = deploy(APP, with_serve(settings, champion_poll_s=0), AppArgs(autoscaling={}))
     yield app
     undeploy(APP)
 

@@ -124,7 +124,7 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
 
 
 def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.cli import app
+    from aipd.cli import app
 
     settings, outcome = trained
     monkeypatch.setenv("AIPD_WORK_DIR", str(settings.work_dir))
@@ -146,7 +146,7 @@ def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pyt
 def test_evaluate_says_when_there_is_no_model(
     tmp_path: Path, small_demo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.cli import app
+    from aipd.cli import app
 
     monkeypatch.setenv("AIPD_WORK_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["evaluate", "--data", str(small_demo), "--json"])

@@ -104,7 +104,7 @@ def test_summary_table_lists_every_trial(searched) -> None:
 
 
 def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
-    from app.cli import app
+    from aipd.cli import app
 
     config = tmp_path / "tune.yaml"
     config.write_text(
@@ -123,7 +123,7 @@ def test_interrupted_experiment_resumes_without_redoing_trials(ray_cluster, smal
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
         first = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "tune", "--config", str(config), "--name", "cut", "--address", address],
+            [sys.executable, "-m", "aipd.cli", "tune", "--config", str(config), "--name", "cut", "--address", address],
             cwd=ROOT,
             env=env,
             stdout=log,

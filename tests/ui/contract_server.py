@@ -1,7 +1,10 @@
 """A tiny real HTTP server that answers the detector's contract, for the UI's fast tests (no Ray, no model).
 
-Shapes come from `serving.schemas`, so a change of the contract breaks these tests too. The "model" is a rule a
-test can predict: the brighter the image, the more AI-generated. Every request's path is logged in `state.paths`.
+Its answers are made by the service's own pieces: the bodies by `app.contract` (`prediction_of`, `batch_of`, the
+response models), the refusals by the ingress's key check (`serving.guards`) and image checks (`app.images` through
+`serving.image_checks`), so a change of the contract or of a refusal's words breaks these tests too. Only the "model"
+is its own, a rule a test can predict: the brighter the image, the more AI-generated. Every request's path is logged
+in `state.paths`.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from serving.schemas import (
+from app.contract import (
+    API_KEY_HEADER,
+    ApiError,
     BatchItem,
-    BatchResponse,
     ErrorResponse,
     ExplainResponse,
     HealthResponse,
-    Prediction,
-    confidence_of,
-    verdict_of,
+    batch_of,
+    prediction_of,
 )
+from app.images import ImageError, decode_image
+from serving.guards import check_api_key
+from serving.image_checks import image_error
 from tests.helpers import free_port
 
 MODEL_VERSION = "7"
@@ -50,19 +56,17 @@ class ContractState:
     predictions: int = 0
 
 
-class Refusal(Exception):
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        self.body = ErrorResponse(error=error, detail=detail).model_dump()
-        self.response = JSONResponse(self.body, status, headers=headers)
+def refusal(err: ApiError) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=err.error, detail=err.detail).model_dump(), err.status, headers=err.headers)
 
 
 def _probability(data: bytes) -> tuple[float, np.ndarray]:
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        raise Refusal(415, "unsupported_type", "GIF images are not supported; send a JPEG, PNG or WebP")
-    if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n" or data[8:12] == b"WEBP"):
-        raise Refusal(400, "not_an_image", "the file is not an image (checked by its content, not its name)")
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((CROP, CROP)))
-    return float(image.mean() / 255.0), image
+    try:
+        image = decode_image(data)
+    except ImageError as err:
+        raise image_error(err, data) from err
+    crop = np.asarray(image.resize((CROP, CROP)))
+    return float(crop.mean() / 255.0), crop
 
 
 def _heatmap(crop: np.ndarray) -> str:
@@ -74,14 +78,8 @@ def _heatmap(crop: np.ndarray) -> str:
 
 
 def _prediction(probability: float, started: float) -> dict:
-    return Prediction(
-        prediction=verdict_of(probability, THRESHOLD),
-        probability=round(probability, 6),
-        confidence=confidence_of(probability, THRESHOLD),
-        inference_time_ms=round((time.perf_counter() - started) * 1000.0, 3),
-        model_version=MODEL_VERSION,
-        threshold=THRESHOLD,
-    ).model_dump()
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    return prediction_of(probability, THRESHOLD, MODEL_VERSION, elapsed_ms).model_dump()
 
 
 def build_contract_api(state: ContractState) -> FastAPI:
@@ -93,23 +91,15 @@ def build_contract_api(state: ContractState) -> FastAPI:
         state.paths.append(request.url.path)
         try:
             if request.url.path.startswith("/predict"):
-                if state.api_key and request.headers.get("x-api-key") != state.api_key:
-                    missing = not request.headers.get("x-api-key")
-                    raise Refusal(
-                        401,
-                        "unauthorized",
-                        "missing X-API-Key header; this service requires an API key"
-                        if missing
-                        else "invalid API key in X-API-Key",
-                    )
+                check_api_key([state.api_key] if state.api_key else [], request.headers.get(API_KEY_HEADER))
                 if state.rate_limited:
-                    raise Refusal(429, "rate_limited", "more than 600 requests a minute", {"Retry-After": "7"})
+                    raise ApiError(429, "rate_limited", "more than 600 requests a minute", {"Retry-After": "7"})
                 if not state.ready:
-                    raise Refusal(
+                    raise ApiError(
                         503, "not_ready", "the model is loading; retry in a few seconds", {"Retry-After": "5"}
                     )
-        except Refusal as refusal:
-            return refusal.response
+        except ApiError as err:
+            return refusal(err)
         return await call_next(request)
 
     @api.get("/health")
@@ -150,8 +140,8 @@ def build_contract_api(state: ContractState) -> FastAPI:
         started = time.perf_counter()
         try:
             probability, crop = _probability(await file.read())
-        except Refusal as refusal:
-            return refusal.response
+        except ApiError as err:
+            return refusal(err)
         body = ExplainResponse(**_prediction(probability, started), heatmap_base64=_heatmap(crop), crop_size=CROP)
         state.predictions += 1
         return JSONResponse(body.model_dump())
@@ -164,21 +154,10 @@ def build_contract_api(state: ContractState) -> FastAPI:
             try:
                 probability, _ = _probability(await upload.read())
                 items.append(BatchItem(filename=upload.filename, **_prediction(probability, started)))
-            except Refusal as refusal:
-                items.append(BatchItem(filename=upload.filename, **refusal.body))
-        ok = sum(item.error is None for item in items)
-        state.predictions += ok
-        elapsed_ms = round((time.perf_counter() - started) * 1000.0, 3)
-        body = BatchResponse(
-            results=items,
-            total=len(items),
-            succeeded=ok,
-            successful=ok,
-            failed=len(items) - ok,
-            inference_time_ms=elapsed_ms,
-            total_inference_time_ms=elapsed_ms,
-            model_version=MODEL_VERSION if ok else None,
-        )
+            except ApiError as err:
+                items.append(BatchItem(filename=upload.filename, error=err.error, detail=err.detail))
+        body = batch_of(items, (time.perf_counter() - started) * 1000.0)
+        state.predictions += body.succeeded
         return JSONResponse(body.model_dump())
 
     return api

@@ -1,4 +1,5 @@
-"""The UI's HTTP client against a real server speaking the contract: answers parsed, failures told apart."""
+"""The one HTTP client (app/client.py) against a real server speaking the contract: answers parsed, failures told
+apart, and the page's words for them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from datetime import datetime
 import pytest
 from PIL import Image
 
+from app.client import ApiClient, ServiceError, api_key_of, api_url_of
 from app.config import Settings
 from tests.helpers import UI_KEY as KEY
 from tests.helpers import free_port, photo
 from tests.ui.contract_server import LOADED_AT, METRICS, MODEL_VERSION, ContractServer
-from ui.api import ApiClient, ServiceError, api_key_of, api_url_of
-from ui.results import COLUMNS, results_csv, results_table, summary_line
+from ui.results import COLUMNS, failure_text, results_csv, results_table, summary_line
 
 
 def test_health_reports_model_and_metrics(contract: ContractServer) -> None:
@@ -52,7 +53,7 @@ def test_a_missing_or_wrong_key_fails_the_request_with_a_hint(contract: Contract
     with pytest.raises(ServiceError) as caught:
         ApiClient(contract.url, key).explain("a.jpg", photo(0.5))
     assert caught.value.kind == "unauthorized"
-    assert words in str(caught.value) and "AIPD_UI__API_KEY" in str(caught.value)
+    assert words in str(caught.value) and "AIPD_UI__API_KEY" in failure_text(caught.value)
 
 
 def test_rate_limit_and_not_ready_are_whole_request_failures(contract: ContractServer) -> None:
@@ -74,6 +75,7 @@ def test_nothing_listening_says_where_and_how_to_start_it() -> None:
             call(ApiClient(url, KEY))
         assert caught.value.kind == "down"
         assert url in str(caught.value) and "aipd serve" in str(caught.value)
+        assert failure_text(caught.value).startswith(f"Cannot reach the detector API at {url}")
 
 
 def test_a_server_that_is_not_the_detector_is_named_as_such(contract: ContractServer) -> None:

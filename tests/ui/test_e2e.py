@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, with_serve
 from tests.helpers import UI_PAGE as PAGE
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory):
             "grafana_url": "http://127.0.0.1:3000",
         },
     )
-    app = deploy(APP, settings, AppArgs(champion_poll_s=0, autoscaling={}))
+    app = deploy(APP, with_serve(settings, champion_poll_s=0), AppArgs(autoscaling={}))
     yield app.url, settings
     undeploy(APP)
 

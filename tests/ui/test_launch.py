@@ -50,7 +50,7 @@ def test_start_serve_the_page_and_stop(contract: ContractServer, tmp_path) -> No
 
 
 def test_ui_command_is_registered_with_help() -> None:
-    from app.cli import app
+    from aipd.cli import app
 
     result = CliRunner().invoke(app, ["ui", "--help"])
     assert result.exit_code == 0, result.output
@@ -70,7 +70,7 @@ def test_ui_command_serves_the_page_and_a_kill_stops_its_server(contract: Contra
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     with log_path.open("w") as log:
         command = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "ui", "--port", str(port), "--api-url", contract.url],
+            [sys.executable, "-m", "aipd.cli", "ui", "--port", str(port), "--api-url", contract.url],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -1,9 +1,11 @@
-"""The HTTP contract: response bodies, the one error shape, and how a probability becomes a verdict.
+"""The HTTP contract, one owner for every floor: response bodies, the one error shape, the header names, and how a
+probability becomes a verdict.
 
-Field names follow the original FastAPI service (`prediction`, `probability`, `confidence`, `inference_time_ms`,
-`model_version`) so its clients keep working; everything new is an added field, never a renamed one. The one value
-that changed is `/health`'s `status`: the original's `healthy`/`unhealthy`, with this service's finer `ok`/`loading`/
-`unavailable` kept in `state`.
+Serving answers with these models, the one client (`app.client`) and the UI read them, and the tests' contract server
+builds its answers from them. Field names follow the original FastAPI service (`prediction`, `probability`,
+`confidence`, `inference_time_ms`, `model_version`) so its clients keep working; everything new is an added field,
+never a renamed one. The one value that changed is `/health`'s `status`: the original's `healthy`/`unhealthy`, with
+this service's finer `ok`/`loading`/`unavailable` kept in `state`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 API_VERSION = "1.0.0"
+API_KEY_HEADER = "X-API-Key"  # HTTP header names compare case-insensitively
+RETRY_AFTER_HEADER = "Retry-After"
 
 Verdict = Literal["real", "ai_generated"]
 Confidence = Literal["low", "medium", "high"]
@@ -194,3 +198,32 @@ def confidence_of(probability: float, threshold: float) -> Confidence:
 
 def verdict_of(probability: float, threshold: float) -> Verdict:
     return "ai_generated" if probability >= threshold else "real"
+
+
+def prediction_of(probability: float, threshold: float, model_version: str, inference_time_ms: float) -> Prediction:
+    """The answer for one photo, from the model's probability and its threshold."""
+    return Prediction(
+        prediction=verdict_of(probability, threshold),
+        probability=round(probability, 6),
+        confidence=confidence_of(probability, threshold),
+        inference_time_ms=round(inference_time_ms, 3),
+        model_version=str(model_version),
+        threshold=threshold,
+    )
+
+
+def batch_of(items: list[BatchItem], elapsed_ms: float) -> BatchResponse:
+    """The answer for a batch: its items in order, the counts under both names, the version that answered last."""
+    succeeded = sum(1 for item in items if item.error is None)
+    versions = [item.model_version for item in items if item.model_version is not None]
+    elapsed_ms = round(elapsed_ms, 3)
+    return BatchResponse(
+        results=items,
+        total=len(items),
+        succeeded=succeeded,
+        successful=succeeded,
+        failed=len(items) - succeeded,
+        inference_time_ms=elapsed_ms,
+        total_inference_time_ms=elapsed_ms,
+        model_version=versions[-1] if versions else None,
+    )

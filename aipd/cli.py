@@ -1,8 +1,8 @@
 """The ``aipd`` command: the top floor, which attaches every stage's commands.
 
-Each stage defines its commands in its own ``cli.py`` on the shared leaf ``app.cli_common`` and never imports this
-module, so the wiring runs one way. Heavy libraries load inside the commands: ``aipd --help`` loads neither Ray nor
-torch. Exit codes: 0 success, 2 bad usage (Typer), 1 failure with one clear line on stderr.
+Each stage defines its commands in its own ``cli.py`` on the core's shared leaf ``app.cli_common`` and never imports
+this package, so the wiring runs one way. Heavy libraries load inside the commands: ``aipd --help`` loads neither Ray
+nor torch. Exit codes: 0 success, 2 bad usage (Typer), 1 failure with one clear line on stderr.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def demo(
       aipd demo --retrain
       aipd demo --exit-after-predictions --no-ui
     """
-    from app.demo.job import run_demo
+    from aipd.demo import run_demo
 
     settings = settings_from(config, ray_address=address)
     run_demo(settings, retrain=retrain, exit_after_predictions=exit_after_predictions, no_ui=no_ui)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU machine's measurements for serving at GPU speed and the catalog scan, one mode per device call (each fits
 # in one call's 10 minutes); every log and JSON lands in $OUT. Run from the repository root with .gpu-wheels carried:
-#   bash benchmarks/gpu_run_4.sh serving   # load benchmark on one GPU: noop, plain, unbatched, batched, default
-#   bash benchmarks/gpu_run_4.sh scan      # scan vs model-only, decode ceiling and DataLoader; then the GPU tests
-#   bash benchmarks/gpu_run_4.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
-#   bash benchmarks/gpu_run_4.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
+#   bash benchmarks/gpu_serving_and_scan.sh serving   # load benchmark on one GPU: noop, plain, unbatched, batched, default
+#   bash benchmarks/gpu_serving_and_scan.sh scan      # scan vs model-only, decode ceiling and DataLoader; then the GPU tests
+#   bash benchmarks/gpu_serving_and_scan.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
+#   bash benchmarks/gpu_serving_and_scan.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 set -uo pipefail
 mode=${1:?serving, scan or scaling}
 out=${OUT:-/tmp/out}

@@ -39,7 +39,7 @@ def test_demo_serves_early_then_switches_live_without_a_failed_request(tmp_path:
         env.pop(inherited, None)
     env.pop("AIPD_LOG_LEVEL", None)
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--exit-after-predictions"],
+        [sys.executable, "-m", "aipd.cli", "demo", "--exit-after-predictions"],
         env=env,
         capture_output=True,
         text=True,

@@ -62,24 +62,20 @@ class Trickle:
             return self.first_answer(version)
 
     def _run(self) -> None:
-        import httpx
+        from app.client import ApiClient, ServiceError
 
-        headers = {"X-API-Key": self._api_key} if self._api_key else {}
-        with httpx.Client(base_url=self._base_url, headers=headers, timeout=30.0) as client:
+        with ApiClient(self._base_url, self._api_key, timeout_s=30.0).session() as client:
             n = 0
             while not self._stop.is_set():
                 data = self._images[n % len(self._images)]
                 n += 1
                 try:
-                    response = client.post("/predict", files={"file": ("photo.jpg", data, "image/jpeg")})
-                    body = response.json()
-                    outcome = (
-                        str(body.get("model_version"))
-                        if response.status_code == 200
-                        else f"{body.get('error')}: {body.get('detail', '')}"
-                    )
-                    answer = Answer(time.time(), response.status_code, outcome)
-                except (httpx.HTTPError, ValueError) as err:
+                    result = client.predict("photo.jpg", data)
+                    outcome = str(result.model_version) if result.ok else f"{result.error}: {result.detail}"
+                    answer = Answer(time.time(), result.status or 0, outcome)
+                except ServiceError as err:  # a refusal of the whole request, or no answer at all (status 0)
+                    answer = Answer(time.time(), err.status or 0, f"{err.kind}: {err.detail}")
+                except (ValueError, KeyError) as err:  # a 200 whose body is not the contract's
                     answer = Answer(time.time(), 0, repr(err))
                 with self._changed:
                     self.answers.append(answer)

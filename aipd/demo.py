@@ -6,8 +6,8 @@ cluster while the service answers. When the finished model beats the first on va
 moves, the running service switches to it (a steady trickle of requests counts any that fail) and the demo prints the
 new verdicts. Everything it started (Ray, the MLflow server, Serve, the UI) stops with Ctrl-C.
 
-Like `app/cli.py`, this is the top floor: it drives training, serving and the UI, importing each inside the step that
-needs it, so the data build and `aipd --help` never load Ray or torch.
+The top floor, like `aipd/cli.py`: it drives training, serving and the UI, importing each inside the step that needs
+it, so the data build and `aipd --help` never load Ray or torch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from typing import Any
 
 from app.cli_common import console
 from app.config import Settings
+
+# The demo's service looks for a new champion this often unless serve.champion_poll_s is set: the finished model
+# should be seen switching in soon after it is registered.
+DEMO_CHAMPION_POLL_S = 3.0
 
 
 def run_demo(settings: Settings, *, retrain: bool, exit_after_predictions: bool, no_ui: bool) -> None:
@@ -135,7 +139,7 @@ class DemoStack:
 
     def deploy(self) -> str:
         """Deploy the Serve application on the champion alias; until the alias exists it answers 503 and looks
-        for it every `demo.champion_poll_s`."""
+        for it every `DEMO_CHAMPION_POLL_S` (or `serve.champion_poll_s`, when set)."""
         from ray import serve
 
         from serving.app_builder import build_application
@@ -143,8 +147,12 @@ class DemoStack:
         from serving.deploy import run_app
 
         serve.start(http_options={"host": self.settings.serve.host, "port": self.settings.serve.port})
-        args = AppArgs(champion_poll_s=self.settings.demo.champion_poll_s)
-        run_app(build_application(self.settings, args), APP_NAME)
+        settings = self.settings
+        if "champion_poll_s" not in settings.serve.model_fields_set:
+            settings = settings.model_copy(
+                update={"serve": settings.serve.model_copy(update={"champion_poll_s": DEMO_CHAMPION_POLL_S})}
+            )
+        run_app(build_application(settings, AppArgs()), APP_NAME)
         self.deployed = True
         return self.settings.service_url
 
@@ -212,7 +220,7 @@ class DemoStack:
         from mlflow import MlflowClient
 
         from app.model import copy_checkpoint
-        from training.trainer import register_checkpoint
+        from training.registration import register_checkpoint
 
         epoch = report.epoch + 1
         client = MlflowClient()
@@ -224,7 +232,7 @@ class DemoStack:
         ).info.run_id
         for name, value in report.metrics.items():
             client.log_metric(run_id, name, value, step=report.epoch)
-        kept = copy_checkpoint(report.checkpoint_dir, self.settings.work_dir / "checkpoints" / run_id)
+        kept = copy_checkpoint(report.checkpoint_dir, self.settings.checkpoint_dir(run_id))
         version, val_auroc, _, message = register_checkpoint(
             self.settings, kept, run_id, self.index().split("val"), tags={"epoch": epoch, "demo_stage": "first"}
         )
@@ -238,7 +246,7 @@ class DemoStack:
 
     def switch_live(self, base_url: str, serving: str) -> Any:
         """Wait for the finished training with a trickle of requests going; report the switch and its failures."""
-        from app.demo.trickle import Trickle
+        from aipd.trickle import Trickle
 
         assert self.training is not None
         key = self.settings.api_keys[0] if self.settings.api_keys else None
@@ -299,8 +307,7 @@ class DemoStack:
     def index(self) -> Any:
         """The data the demo trains on (the demo set unless data.path says otherwise), indexed once."""
         if self._index is None:
-            from app.data import index_dataset
-            from training.trainer import resolve_data_path
+            from app.data import index_dataset, resolve_data_path
 
             self._index = index_dataset(resolve_data_path(self.settings))
         return self._index
@@ -311,7 +318,7 @@ class DemoStack:
     def predict_samples(self, base_url: str, model: str) -> None:
         from rich.table import Table
 
-        from serving.client import predict_files
+        from app.client import predict_files
 
         samples = sample_per_class(self.index().split("test"), per_class=3)
         key = self.settings.api_keys[0] if self.settings.api_keys else None

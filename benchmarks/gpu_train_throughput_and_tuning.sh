@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU machine, second call: training throughput with the steady-state metric (1 GPU, then all GPUs), then the
+# GPU machine: training throughput with the steady-state metric (1 GPU, then all GPUs), then the
 # tuning benchmark on ONE GPU (CUDA_VISIBLE_DEVICES=0). Logs and JSON under $1.
 set -uo pipefail
 out=${1:-/tmp/out}; mkdir -p "$out"

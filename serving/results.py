@@ -1,0 +1,65 @@
+"""What the detector answers the ingress: typed results instead of dicts with string error codes.
+
+They cross the call between deployments (pickled over gRPC) in the split layout and stay in the process in the
+colocated one. A `Refused` is not an exception on purpose: the batch that produced it answered the other crops, and
+the ingress turns each refusal into its HTTP status in one place (`serving/ingress.py::refusal_error`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RefusalKind = Literal["not_ready", "explain_unsupported", "inference_failed"]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Which model answered, and how it decides: in every answer, so a switch of champion shows per request."""
+
+    model_version: str
+    threshold: float
+    crop_size: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One crop's probability of ai_generated, with where the time went (for `Server-Timing`)."""
+
+    probability: float
+    model: ModelFacts
+    batch_size: int = 1
+    forward_ms: float = 0.0
+    queue_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One crop's probability and its Grad-CAM heatmap (PNG bytes)."""
+
+    probability: float
+    heatmap_png: bytes
+    model: ModelFacts
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The detector could not answer this crop: it has no model yet, Grad-CAM does not fit the model, or the
+    forward pass failed."""
+
+    kind: RefusalKind
+    detail: str
+
+
+@dataclass(frozen=True)
+class DetectorStatus:
+    """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for `/health`."""
+
+    ready: bool
+    detail: str | None = None
+    model_uri: str | None = None
+    registry: Literal["reachable", "unreachable"] | None = None
+    model: ModelFacts | None = None
+    device: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_loaded_at: str | None = None  # ISO-8601 UTC
