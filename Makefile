@@ -40,14 +40,16 @@ install: $(STAMP)
 demo: $(if $(wildcard $(STAMP)),$(STAMP),$(DEMO_STAMP))
 	$(VENV)/bin/aipd demo $(DEMO_ARGS)
 
-# Real peers for the integration tests: a browser for the UI, a Prometheus server for the metrics.
-# Where they cannot be installed, the tests that need them skip and say why.
+# Real peers for the integration tests: a browser for the UI, Prometheus and Alertmanager for the metrics and alerts,
+# Redis for the shared answer cache. Where they cannot be installed, the tests that need them skip and say why.
+SYSTEM_DEPS := chromium prometheus prometheus-alertmanager redis-server
 system-deps:
-	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+		&& command -v redis-server >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			chromium prometheus >/dev/null) || echo "warning: could not install chromium/prometheus; their tests will skip"; \
-	else echo "warning: not root or no apt-get: chromium/prometheus tests will skip"; fi
+			$(SYSTEM_DEPS) >/dev/null) || echo "warning: could not install $(SYSTEM_DEPS); their tests will skip"; \
+	else echo "warning: not root or no apt-get: the tests of $(SYSTEM_DEPS) will skip"; fi
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q --durations=15

@@ -16,6 +16,7 @@ from app import data_cli
 from app.cli_common import AddressOpt, ConfigOpt, handle_errors, invocation, new_app, settings_from
 from cluster import cli as cluster_cli
 from serving import cli as serving_cli
+from serving import rollout_cli
 from training import cli as training_cli
 from tuning import cli as tuning_cli
 from ui import cli as ui_cli
@@ -39,6 +40,7 @@ app.add_typer(tuning_cli.cli)
 app.add_typer(serving_cli.cli)
 app.add_typer(ui_cli.cli)
 app.add_typer(cluster_cli.cli, name="cluster")
+app.add_typer(rollout_cli.cli, name="rollout")
 
 
 @app.command("demo")
@@ -70,6 +72,9 @@ def demo(
 
 
 def main() -> None:
+    from app.ray_nodes import use_token_auth
+
+    use_token_auth()
     app()
 
 

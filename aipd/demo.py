@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.cli_common import console
+from app.cli_common import catch_stop_signals, console, ignore_stop_signals, warn
 from app.config import Settings
 
 # The demo's service looks for a new champion this often unless serve.champion_poll_s is set: the finished model
@@ -57,8 +57,9 @@ def run_demo(settings: Settings, *, retrain: bool, exit_after_predictions: bool,
             console.print("running; press Ctrl-C to stop everything this demo started")
             while True:
                 time.sleep(3600)
-    except KeyboardInterrupt:
-        console.print("stopping")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP (Stopped): the exit code says which
+        console.print("stopping: draining the service, then the UI, Ray and the MLflow server")
+        raise
     finally:
         stack.stop()
 
@@ -68,7 +69,7 @@ class DemoStack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.model_copy(update={"work_dir": settings.work_dir.resolve()})
-        self.started_ray = False
+        self.cluster: Any = None  # the local cluster this demo owns (app/ray_nodes.py), if it started one
         self.deployed = False
         self.mlflow_server: Any = None
         self.ui_process: Any = None
@@ -83,7 +84,8 @@ class DemoStack:
         import ray
 
         from app.mlflow_server import start_mlflow_server
-        from app.ray_runtime import free_port, init_ray
+        from app.ray_runtime import free_port, init_ray, sized_for_cluster, start_local_cluster
+        from serving.lifecycle import clear_leftovers, require_free_port
 
         logs_dir = self.settings.log_file.parent
         console.print(
@@ -91,12 +93,20 @@ class DemoStack:
             "/tmp/ray/session_latest/logs; `aipd --verbose demo` shows them here too",
             soft_wrap=True,
         )
+        if not self.settings.ray_address:
+            for line in clear_leftovers():
+                warn(line)
+            require_free_port(self.settings.serve.host, self.settings.serve.port)
         if self.settings.mlflow_tracking_uri is None and not self.settings.ray_address:
             log_path = logs_dir / "mlflow.log"
             log = self._log_file(log_path)
             self.mlflow_server = start_mlflow_server(self.settings, free_port(), log=log, log_path=log_path)
-        self.started_ray = not ray.is_initialized() and not self.settings.ray_address
-        init_ray(self.settings, include_dashboard=True)  # while the MLflow server starts
+        if self.settings.ray_address or ray.is_initialized():
+            init_ray(self.settings, include_dashboard=True)
+        else:  # while the MLflow server starts
+            self.cluster = start_local_cluster(self.settings, include_dashboard=True)
+        catch_stop_signals()  # once Ray is up: its native SIGTERM handler would end the process with a stack dump
+        self.settings = sized_for_cluster(self.settings)
         if self.mlflow_server is not None:
             self.mlflow_server.wait_until_up()
             self.settings = self.settings.model_copy(update={"mlflow_tracking_uri": self.mlflow_server.url})
@@ -111,20 +121,25 @@ class DemoStack:
         return handle
 
     def stop(self) -> None:
+        """Everything the demo started, in the order that loses nothing: the page, the service (drained first),
+        Ray, the training it ran, then the MLflow server the others wrote to."""
+        ignore_stop_signals()
         if self.ui_process is not None:
             from ui.launch import stop_ui
 
             stop_ui(self.ui_process)
         if self.deployed:
-            from ray import serve
+            from serving.config import APP_NAME
+            from serving.lifecycle import drain_and_stop
 
-            serve.shutdown()
-        if self.started_ray:
+            drain_and_stop(APP_NAME)
+        if self.cluster is not None:
             import ray
 
             ray.shutdown()
+            self.cluster.stop()
         if self.training is not None:
-            self.training.join(timeout_s=30)  # a training cut short marks its run FAILED while MLflow still answers
+            self.training.join(timeout_s=5)  # a training cut short marks its run FAILED while MLflow still answers
         if self.mlflow_server is not None:
             self.mlflow_server.stop()
         for handle in self.logs:
@@ -342,9 +357,8 @@ class DemoStack:
         thresholds = [item["threshold"] for item in results if item.get("threshold") is not None]
         if thresholds:
             table.caption = (
-                f"ai_generated when the probability is at least {thresholds[0]:.2f}: the threshold set on "
-                f"validation data for {self.settings.train.target_fpr:.0%} false positives, so a real photo "
-                "is rarely flagged and an AI photo the model is unsure of passes as real"
+                f"ai_generated at a calibrated probability of {thresholds[0]:.2f} or more: the operating point set "
+                f"on the validation photos for {self.settings.train.target_fpr:.0%} false positives"
             )
         console.print(table)
 
@@ -440,7 +454,12 @@ def print_registration(outcome: Any) -> None:
         f"{outcome.champion_message}",
         soft_wrap=True,
     )
-    console.print(f"its test report: {outcome.report.files.get('markdown')}", soft_wrap=True)
+    m = outcome.report.metrics
+    console.print(
+        f"at its threshold on the test split: {m['fpr_at_threshold']:.1%} of the real photos flagged, "
+        f"{m['tpr_at_threshold']:.1%} of the AI photos caught; its test report: {outcome.report.files.get('markdown')}",
+        soft_wrap=True,
+    )
 
 
 def _wait(event: threading.Event) -> None:

@@ -2,12 +2,13 @@
 
 A leaf: stage CLIs (`training/cli.py`, `serving/cli.py`, ...) import this and nothing above it, and `aipd/cli.py`
 attaches their Typer apps, so the wiring runs one way. Exit codes: 0 success, 2 bad usage (Typer), 1 a user error
-printed as one line, 130 interrupted.
+printed as one line, 130 interrupted (143 on SIGTERM, 129 on SIGHUP).
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, TypeVar
 
@@ -48,16 +49,46 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) as the interrupt it asks for: the command stops what it started, like after
+    Ctrl-C, and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def catch_stop_signals() -> None:
+    """SIGTERM (docker, Kubernetes, a supervisor) and SIGHUP (a closed terminal) stop the command the way Ctrl-C
+    does. Installed once the command has started Ray, whose native handlers would otherwise print a stack dump and
+    end the process on SIGTERM; main thread only."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
+
+
+def ignore_stop_signals() -> None:
+    """While a command stops what it started, a second signal (a supervisor that repeats itself, Ctrl-C held down)
+    must not cut the stop short and leave half of it running."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def handle_errors(func: F) -> F:
-    """A user's error becomes one line and exit code 1, Ctrl-C exit code 130; a bug keeps its traceback."""
+    """A user's error becomes one line and exit code 1, Ctrl-C exit code 130 (SIGTERM 143, SIGHUP 129); a bug keeps
+    its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:
+            signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+            err_console.print("interrupted" if signum == signal.SIGINT else f"stopped ({signal.Signals(signum).name})")
+            raise typer.Exit(128 + signum) from None
         except ValidationError as err:
             fail(f"invalid settings: {err}")
         except (UserError, *_USER_OS_ERRORS) as err:

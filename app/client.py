@@ -237,6 +237,22 @@ class ApiClient:
             registry=body.get("registry"),
         )
 
+    def rollout(self) -> dict[str, Any]:
+        """`GET /rollout`: the challenger on trial and each version's figures, as the service reports them."""
+        with self._connection(HEALTH_TIMEOUT_S) as client:
+            try:
+                response = client.get("/rollout", timeout=HEALTH_TIMEOUT_S)
+            except httpx.TransportError as err:
+                raise self._down(err) from err
+        failure = self._whole_request_failure(response)
+        if failure is not None:
+            raise failure
+        if response.status_code != 200:
+            raise ServiceError(
+                "unexpected", f"{self.base_url}/rollout answered HTTP {response.status_code}", url=self.base_url
+            )
+        return response.json()
+
     def predict(self, filename: str, data: bytes) -> FileResult:
         """One file's verdict (`POST /predict`)."""
         return self._one("/predict", filename, data)

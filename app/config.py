@@ -33,7 +33,7 @@ class ConfigError(UserError, ValueError):
 
 class DataSettings(BaseModel):
     path: str | None = Field(None, description="Dataset folder, manifest (CSV/Parquet) or URI; default: the demo set")
-    demo_images_per_class: int = Field(1200, ge=8)
+    demo_images_per_class: int = Field(1400, ge=8)
     demo_size: int = Field(128, ge=32, le=1024)
     demo_seed: int = 0
 
@@ -52,16 +52,31 @@ class ModelSettings(BaseModel):
 
 
 class AugmentSettings(BaseModel):
-    blur_prob: float = Field(0.3, ge=0.0, le=1.0)
+    """The degradations training draws for each image, for both classes alike, in a random order
+    (app/degradations.py): each on its own probability, at a random strength."""
+
+    blur_prob: float = Field(0.15, ge=0.0, le=1.0)
     blur_sigma_max: float = Field(2.0, gt=0.0)
-    jpeg_prob: float = Field(0.3, ge=0.0, le=1.0)
-    jpeg_quality_min: int = Field(40, ge=1, le=100)
+    downscale_prob: float = Field(0.15, ge=0.0, le=1.0)
+    downscale_min: float = Field(0.4, gt=0.0, lt=1.0, description="the smallest resize factor drawn (up to 0.9)")
+    upscale_back_prob: float = Field(0.5, ge=0.0, le=1.0, description="share of downscales resized back up")
+    jpeg_prob: float = Field(0.4, ge=0.0, le=1.0)
+    jpeg_quality_min: int = Field(30, ge=1, le=100, description="the lowest JPEG quality drawn (up to 95)")
+
+
+class GpuSizing(BaseModel):
+    """What a training on GPUs runs with for each of epochs, batch_size and crop_size that is not set: an epoch of the
+    demo set takes a GPU seconds, so it affords the longer schedule that the GPU's targets need."""
+
+    epochs: int = Field(24, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    crop_size: int = Field(112, ge=32)
 
 
 class TrainSettings(BaseModel):
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(64, ge=1, description="per worker")
-    crop_size: int = Field(112, ge=32)
+    epochs: int = Field(12, ge=1, description="on CPUs; on GPUs `gpu.epochs` unless set")
+    batch_size: int = Field(64, ge=1, description="per worker; on GPUs `gpu.batch_size` unless set")
+    crop_size: int = Field(112, ge=32, description="on GPUs `gpu.crop_size` unless set")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
@@ -72,7 +87,25 @@ class TrainSettings(BaseModel):
     target_fpr: float = Field(0.01, gt=0, lt=1)
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
+    challenger_percent: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="register the trained model as the challenger on a canary of this share of the photos, "
+        "instead of the champion rule (retraining; it becomes champion only when there is none yet)",
+    )
     augment: AugmentSettings = AugmentSettings()
+    gpu: GpuSizing = GpuSizing()
+
+    def sized_for(self, use_gpu: bool) -> TrainSettings:
+        """These settings for the device the run trains on: on GPUs, `gpu`'s values for what was not set."""
+        if not use_gpu:
+            return self
+        return self.model_copy(
+            update={
+                name: getattr(self.gpu, name) for name in GpuSizing.model_fields if name not in self.model_fields_set
+            }
+        )
 
 
 class TuneSettings(BaseModel):
@@ -138,13 +171,37 @@ class DetectorSettings(BaseModel):
         "auto", description="auto: bf16 where the hardware has it (a GPU, a CPU with AVX512-BF16 or AMX), else fp32"
     )
     cuda_graphs: bool = Field(True, description="on a GPU, replay each padded batch size as a captured CUDA graph")
+    rollout_min_requests: int = Field(50, ge=1, description="a challenger is judged once it has scored this many")
+    rollout_error_margin: float = Field(
+        0.05, ge=0, description="a challenger whose error rate exceeds the champion's by more is rolled back"
+    )
+    rollout_latency_margin: float = Field(
+        0.5, ge=0, description="... or whose p99 latency exceeds the champion's by more than this share of it"
+    )
+    rollout_max_disagreement: float = Field(
+        0.2, ge=0, le=1, description="shadow: ... or whose verdicts differ from the champion's on more of the photos"
+    )
 
 
 class ServeSettings(DetectorSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_batch_files: int = Field(32, ge=1)
-    rate_limit_per_minute: int = Field(600, ge=0, description="0 turns rate limiting off")
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="per API key (or client address where the data path carries one); 0: off"
+    )
+    cache_url: str | None = Field(
+        None, description="redis://host:port/db: one answer cache every ingress replica shares; None: one per replica"
+    )
+    cache_max_entries: int = Field(10_000, ge=0, description="answers an in-process cache keeps; 0 turns it off")
+    cache_max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="bytes of answers an in-process cache keeps")
+    cache_ttl_s: int = Field(86_400, gt=0, description="how long Redis keeps an answer")
+    retrain_data: str | None = Field(
+        None,
+        description="labelled photos (a folder or manifest, e.g. recent moderated uploads) that a drift alert retrains "
+        "on, the result starting as a canary; None: drift only alerts",
+    )
+    retrain_percent: float = Field(10.0, gt=0, le=100, description="the canary share a retrained model starts on")
     ingress_min_replicas: int = Field(1, ge=0)
     ingress_max_replicas: int = Field(2, ge=1)
     detector_min_replicas: int = Field(1, ge=0)
@@ -218,6 +275,7 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "aipd"
     registered_model: str = "aipd-detector"
     champion_alias: str = "champion"
+    challenger_alias: str = Field("challenger", description="the version on trial beside the champion (aipd rollout)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="AIPD_API_KEYS=k1,k2; empty turns keys off"
     )

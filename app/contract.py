@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 API_VERSION = "1.0.0"
 API_KEY_HEADER = "X-API-Key"  # HTTP header names compare case-insensitively
@@ -38,6 +38,68 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what went wrong and what to do about it")
 
 
+C2paState = Literal["absent", "valid", "invalid", "unreadable", "remote", "too_large", "timeout", "unavailable"]
+
+
+class C2paEvidence(BaseModel):
+    """What the C2PA manifest says and whether it still holds for these bytes.
+
+    `valid` is the manifest's integrity (its claim signature verifies and its hashes match the file), not whether the
+    signer is known: c2pa reports an unknown signing certificate as `signingCredential.untrusted` (kept in `errors`)
+    yet still calls the manifest valid, and a service without a curated trust list would otherwise call every
+    honest manifest invalid. Whether the signer chains to a trust anchor is `trusted`, kept apart on purpose.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    present: bool = Field(False, description="A manifest store is in the file (or referenced by it, state 'remote').")
+    state: C2paState = "absent"
+    valid: bool | None = Field(None, description="Signature and hash binding verify; None when not checked.")
+    trusted: bool | None = Field(None, description="The signer chains to a configured trust anchor; None when unknown.")
+    claim_generator: str | None = None
+    actions: list[str] = Field(default_factory=list, description="The active manifest's actions, e.g. c2pa.created.")
+    digital_source_type: str | None = Field(
+        None, description="IPTC term of the creating action, e.g. trainedAlgorithmicMedia."
+    )
+    signer: str | None = Field(None, description="The signing certificate's organization (or common name).")
+    errors: list[str] = Field(
+        default_factory=list, description="c2pa's failure codes, e.g. assertion.dataHash.mismatch."
+    )
+    error: str | None = Field(None, description="Why the manifest could not be read, when it could not.")
+
+
+class UnsignedMetadata(BaseModel):
+    """What the file's unsigned metadata claims. Anyone can write it, so it is reported, never trusted alone."""
+
+    model_config = ConfigDict(frozen=True)
+
+    signed: Literal[False] = False
+    digital_source_type: str | None = Field(None, description="XMP Iptc4xmpExt:DigitalSourceType, last path segment.")
+    make: str | None = None
+    model: str | None = None
+    software: str | None = Field(None, description="EXIF Software, else XMP CreatorTool.")
+
+
+class Provenance(BaseModel):
+    """Provenance evidence for one photo, ready to be put into an HTTP JSON answer as it is."""
+
+    model_config = ConfigDict(frozen=True)
+
+    media_type: str | None = Field(None, description="image/jpeg, image/png or image/webp by magic bytes; else None.")
+    c2pa: C2paEvidence = Field(default_factory=C2paEvidence)
+    metadata: UnsignedMetadata = Field(default_factory=UnsignedMetadata)
+    ai_declared: bool = Field(
+        False,
+        description="A manifest whose integrity verifies declares generative media. Trust in the signer is not "
+        "required: nobody forges a signed confession that their own photo is synthetic.",
+    )
+    ai_hinted_unsigned: bool = Field(
+        False,
+        description="Only unverified evidence (unsigned metadata, or a manifest that fails or was not verified) "
+        "says generative media; a hint for a human, never a verdict.",
+    )
+
+
 class Prediction(BaseModel):
     prediction: Verdict
     probability: float = Field(ge=0.0, le=1.0, description="probability that the photo is AI-generated")
@@ -45,6 +107,15 @@ class Prediction(BaseModel):
     inference_time_ms: float = Field(description="server-side time for this image: decode, queueing, batched forward")
     model_version: str = Field(description="model registry version (or local:<dir> for a checkpoint path)")
     threshold: float = Field(description="the model's decision threshold on probability")
+    cached: bool = Field(False, description="answered from the cache of this exact file and model version")
+    source_scores: dict[str, float] | None = Field(
+        None,
+        description="probability of each generator family the model knows, and of none (a camera); null for a model "
+        "trained without generator labels",
+    )
+    provenance: Provenance | None = Field(
+        None, description="what the file's C2PA manifest and unsigned metadata say, beside the pixels' verdict"
+    )
 
 
 class BatchItem(BaseModel):
@@ -57,6 +128,9 @@ class BatchItem(BaseModel):
     inference_time_ms: float | None = None
     model_version: str | None = None
     threshold: float | None = None
+    cached: bool | None = None
+    source_scores: dict[str, float] | None = None
+    provenance: Provenance | None = None
     error: str | None = None
     detail: str | None = None
 
@@ -93,7 +167,9 @@ class HealthResponse(BaseModel):
     """Readiness, for probes (the status code) and people (the fields); `/health` and `/readyz` answer it."""
 
     status: Literal["healthy", "unhealthy"] = Field(description="the original service's readiness values")
-    state: Literal["ok", "loading", "unavailable"] = Field(description="why unhealthy: loading, or no detector")
+    state: Literal["ok", "loading", "unavailable", "draining"] = Field(
+        description="why unhealthy: loading, no detector, or the service is stopping"
+    )
     model_loaded: bool
     model_version: str | None = None
     model_uri: str | None = None
@@ -154,6 +230,60 @@ class DriftResponse(BaseModel):
     detail: str = Field(description="what was compared with what, or why nothing was")
 
 
+class VersionFigures(BaseModel):
+    """One model version's photos since the application started (all replicas)."""
+
+    requests: int
+    errors: int
+    error_rate: float
+    ai_share: float | None
+    p50_ms: float | None = Field(description="upper bound of the forward-time bucket that holds the median")
+    p99_ms: float | None
+    compared: int = Field(0, description="photos it scored as a shadow beside the champion")
+    agreement: float | None = Field(None, description="share of those whose verdict matched the champion's")
+
+
+class RolloutState(BaseModel):
+    version: str
+    mode: Literal["canary", "shadow"]
+    percent: float
+    started_at: float = Field(description="Unix time")
+    started_by: str
+
+
+class RolloutEnded(BaseModel):
+    version: str
+    outcome: Literal["promoted", "aborted", "rolled_back"]
+    reason: str
+    at: float = Field(description="Unix time")
+
+
+class Retraining(BaseModel):
+    job: str = Field(description="the Ray job's submission id (Ray dashboard, Jobs)")
+    state: str = Field(description="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, or unknown")
+    reason: str
+    submitted_at: float = Field(description="Unix time")
+
+
+class RolloutResponse(BaseModel):
+    """A challenger beside the champion: what is on trial, how each version does, how the last trial ended, and the
+    last retraining a drift alert started."""
+
+    champion: str | None
+    rollout: RolloutState | None
+    last_ended: RolloutEnded | None
+    versions: dict[str, VersionFigures]
+    retraining: Retraining | None = None
+
+
+class AlertsResponse(BaseModel):
+    """What the service did with an Alertmanager notification."""
+
+    accepted: bool = Field(description="a retraining job was submitted")
+    job: str | None = None
+    detail: str
+
+
 class ServiceInfo(BaseModel):
     name: str = "AI Product Photo Detector"
     version: str = API_VERSION
@@ -165,6 +295,7 @@ class ServiceInfo(BaseModel):
     startup: str = "/startup"
     metrics: str = "/metrics"
     drift: str = "/drift"
+    rollout: str = "/rollout"
     privacy: str = "/privacy"
 
 

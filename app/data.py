@@ -44,8 +44,16 @@ class DatasetIndex:
     """Every labelled file of a dataset with its split; built on the driver from file names only."""
 
     source: str
-    records: pd.DataFrame  # columns: path (str), label (int 0/1), split (train/val/test)
+    # columns: path (str), label (int 0/1), split (train/val/test), generator (the family of an AI photo, "none" for
+    # a real one, None when the dataset does not say)
+    records: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_generators(self) -> bool:
+        """Whether every AI photo's generator family is known (a manifest's `generator` column)."""
+        ai = self.records[self.records["label"] == 1]
+        return bool(len(ai)) and bool(ai["generator"].notna().all())
 
     def split(self, name: str) -> pd.DataFrame:
         return self.records[self.records["split"] == name].reset_index(drop=True)
@@ -95,7 +103,7 @@ def index_dataset(uri: str, *, val_fraction: float = 0.15, test_fraction: float 
             raise DatasetError(f"{uri} is a file but not a CSV or Parquet manifest")
         records = _read_manifest(fs, root, uri)
     else:
-        records = _walk_folder(fs, root, uri)
+        records = _with_folder_generators(_walk_folder(fs, root, uri), fs, root, uri)
     if records.empty:
         raise DatasetError(
             f"no images found in {uri}: expected real/ and ai_generated/ folders (optionally under train/ val/ test/) "
@@ -138,7 +146,36 @@ def _walk_folder(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
         split = next((p for p in parts[:-1] if p in SPLITS), None)
         rows.append((_join(uri, info.path, root), label, split))
     rows.sort()
-    return pd.DataFrame(rows, columns=["path", "label", "split"])
+    frame = pd.DataFrame(rows, columns=["path", "label", "split"])
+    frame["generator"] = None
+    return frame
+
+
+FOLDER_MANIFEST = "manifest.csv"
+
+
+def _with_folder_generators(records: pd.DataFrame, fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
+    """A folder that carries a manifest.csv with a `generator` column (the demo set does) names each AI photo's
+    generator family; the folders still decide the labels and splits."""
+    manifest = posixpath.join(root, FOLDER_MANIFEST)
+    if records.empty or fs.get_file_info(manifest).type != pafs.FileType.File:
+        return records
+    frame, paths = _read_manifest_table(fs, manifest, _join(uri, manifest, root), {"path"})
+    if "generator" not in frame.columns:
+        return records
+    family = dict(zip(paths, frame["generator"], strict=True))
+    out = records.copy()
+    out["generator"] = _generators(out["label"], [family.get(path) for path in out["path"]])
+    return out
+
+
+def _generators(labels: Iterable[int], families: Iterable[Any]) -> list[str | None]:
+    """ "none" for every real photo; an AI photo's family as given, None when it has none."""
+    out: list[str | None] = []
+    for label, family in zip(labels, families, strict=True):
+        known = isinstance(family, str) and family.strip() != ""
+        out.append("none" if label == 0 else (family.strip() if known else None))
+    return out
 
 
 def _read_manifest_table(fs: pafs.FileSystem, root: str, uri: str, required: set[str]) -> tuple[pd.DataFrame, list]:
@@ -174,7 +211,10 @@ def _read_manifest(fs: pafs.FileSystem, root: str, uri: str) -> pd.DataFrame:
     labels = [_parse_label(v, uri) for v in frame["label"]]
     splits: Iterable[Any] = frame["split"] if "split" in frame.columns else [None] * len(frame)
     clean_splits = [s if isinstance(s, str) and s in SPLITS else None for s in splits]
-    return pd.DataFrame({"path": paths, "label": labels, "split": clean_splits})
+    families = frame["generator"] if "generator" in frame.columns else [None] * len(frame)
+    return pd.DataFrame(
+        {"path": paths, "label": labels, "split": clean_splits, "generator": _generators(labels, families)}
+    )
 
 
 def index_catalog(sources: Iterable[str]) -> pd.DataFrame:
@@ -249,14 +289,16 @@ def _fill_missing_splits(
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What a Ray Data worker needs to turn a path into a model-ready uint8 crop."""
+    """What a Ray Data worker needs to turn a path into model-ready uint8 crops."""
 
     crop_size: int
     train: bool
     limits: ImageLimits
     augment: Any = None  # app.transforms.AugmentConfig when train is True
     log_format: str = "console"
-    corrupt: Callable[[Any], Any] | None = None  # evaluation only: a picklable change applied after decoding
+    # Evaluation only: named, picklable changes to the decoded photo (None: the photo as it is); each file is read
+    # and decoded once and gives one crop per variant, tagged in the `variant` column.
+    variants: tuple[tuple[str, Callable[[Any], Any] | None], ...] = ()
     seed: int | None = None  # training: the data order and the augmentations follow it, so a rerun repeats them
 
 
@@ -268,28 +310,32 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
 
     configure_logging(options.log_format)
     rng = np.random.default_rng(_batch_seed(batch["path"], options.seed))
+    variants = options.variants or (("", None),)
     crops: list[np.ndarray] = []
     labels: list[int] = []
     paths: list[str] = []
+    names: list[str] = []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
             image = read_and_decode(str(path), options.limits)
         except (ImageError, OSError) as err:
             get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
             continue
-        if options.corrupt is not None:
-            image = options.corrupt(image)
         if options.train:
             crops.append(train_augment(image, options.crop_size, options.augment, rng))
+            names.append("")
         else:
-            crops.append(eval_preprocess(image, options.crop_size))
-        labels.append(int(label))
-        paths.append(str(path))
+            for name, change in variants:
+                crops.append(eval_preprocess(change(image) if change is not None else image, options.crop_size))
+                names.append(name)
+        labels += [int(label)] * (len(crops) - len(labels))
+        paths += [str(path)] * (len(crops) - len(paths))
     size = options.crop_size
     return {
         "image": np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
         "label": np.asarray(labels, dtype=np.float32),
         "path": np.asarray(paths, dtype=object),
+        "variant": np.asarray(names, dtype=object),
     }
 
 

@@ -20,6 +20,8 @@ ALERT_RULES = RULES_DIR / "aipd-alerts.rules.yml"
 MEAN_RULE = "aipd:baseline:prediction_probability_mean"
 AI_SHARE_RULE = "aipd:baseline:ai_generated_ratio"
 
+DRIFT_ALERTS = ("AipdPredictionDrift", "AipdVerdictShareDrift")  # the alert rules' names, which start a retraining
+
 DRIFT_MIN_PREDICTIONS = 200  # drift is judged over at least this many answers
 PROBABILITY_SHIFT_ALERT = 0.15  # the mean predicted probability moved this far from the baseline's
 AI_SHARE_SHIFT_ALERT = 0.2  # the share flagged ai_generated moved this far from the baseline's

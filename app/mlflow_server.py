@@ -18,6 +18,7 @@ from typing import IO
 from app.child_process import wait_for_health
 from app.config import Settings, reachable_url
 from app.errors import UserError
+from app.processes import OWNER_ENV, owner_marker
 
 
 class MlflowServerError(UserError, RuntimeError):
@@ -90,7 +91,8 @@ def start_mlflow_server(settings: Settings, port: int, *, log: IO[str], log_path
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # its job runner: processes we never use
+        # no job runner (processes we never use); the owner's mark, so a killed demo's server is found later
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", OWNER_ENV: owner_marker()},
         start_new_session=True,  # its own process group, stopped as one; and Ctrl-C in the terminal is ours to handle
     )
     return MlflowServer(process, reachable_url("127.0.0.1", port), log_path)

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.errors import UserError
+from app.operating_point import Calibration, OperatingPoint
 
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
+VAL_SCORES_FILE = "val_scores.npz"  # the validation split's labels and raw logits, as the training scored them
 CHECKPOINT_FORMAT = 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,8 +98,26 @@ class ImageNetNormalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+class Calibrate(nn.Module):
+    """The model's calibration (Platt scaling of its logit), inside the model like the stem, so every caller's
+    sigmoid gives the calibrated probability. Training runs it as the identity; a checkpoint's config.json says
+    what it is, and the buffers are not in the state_dict, so checkpoints of either kind load into either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.register_buffer("bias", torch.zeros(()), persistent=False)
+
+    def set(self, calibration: Calibration) -> None:
+        self.scale.fill_(calibration.scale)
+        self.bias.fill_(calibration.bias)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.scale.to(logits.dtype) + self.bias.to(logits.dtype)
+
+
 class Detector(nn.Module):
-    """Float NCHW in [0, 1] -> one logit per image (positive = ai_generated)."""
+    """Float NCHW in [0, 1] -> one calibrated logit per image (positive = ai_generated)."""
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
         super().__init__()
@@ -112,9 +132,10 @@ class Detector(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, 1),
         )
+        self.calibrate = Calibrate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.stem(x))).squeeze(1)
+        return self.calibrate(self.head(self.backbone(self.stem(x))).squeeze(1))
 
 
 def build_model(cfg: ModelConfig) -> Detector:
@@ -136,6 +157,8 @@ class LoadedModel:
     preprocess: PreprocessSettings
     threshold: float
     metrics: dict = field(default_factory=dict)
+    calibration: Calibration = field(default_factory=Calibration)
+    operating_point: dict = field(default_factory=dict)  # how the threshold was set (OperatingPoint.tags)
 
 
 def save_checkpoint(
@@ -161,11 +184,15 @@ def save_checkpoint(
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
     }
+    _write_config(directory, config)  # config.json last and atomic: its presence means complete
+    return directory
+
+
+def _write_config(directory: Path, config: dict[str, Any]) -> None:
     text = json.dumps(config, indent=2, sort_keys=True, default=_json_scalar)
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(text + "\n")
-    tmp.replace(directory / CONFIG_FILE)  # config.json last and atomic: its presence means complete
-    return directory
+    tmp.replace(directory / CONFIG_FILE)
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -175,14 +202,39 @@ def is_checkpoint(directory: str | Path) -> bool:
 
 
 def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
-    """Copy a checkpoint's model files (and nothing else a training checkpoint holds, such as optimizer state)."""
+    """Copy a checkpoint's model files and its validation scores (and nothing else a training checkpoint holds,
+    such as optimizer state)."""
     import shutil
 
-    target = Path(target)
+    source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
+    if (source / VAL_SCORES_FILE).is_file():
+        shutil.copy2(source / VAL_SCORES_FILE, target / VAL_SCORES_FILE)
     for name in (WEIGHTS_FILE, CONFIG_FILE):  # config.json last: its presence means complete
-        shutil.copy2(Path(source) / name, target / name)
+        shutil.copy2(source / name, target / name)
     return target
+
+
+def save_val_scores(directory: str | Path, labels: Any, logits: Any) -> None:
+    """The validation scores a training computed for this checkpoint, so its operating point is fitted on them
+    instead of scoring the split again."""
+    import numpy as np
+
+    np.savez(Path(directory) / VAL_SCORES_FILE, labels=np.asarray(labels), logits=np.asarray(logits))
+
+
+def read_val_scores(directory: str | Path) -> tuple[Any, Any] | None:
+    """(labels, raw logits) saved with the checkpoint, or None when it has none (or they cannot be read)."""
+    import numpy as np
+
+    path = Path(directory) / VAL_SCORES_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as saved:
+            return saved["labels"].astype(int), saved["logits"].astype(np.float64)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
@@ -206,6 +258,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
         preprocess = _dataclass_from(PreprocessSettings, config["preprocess"])
         threshold = float(config.get("threshold", 0.5))
         metrics = dict(config.get("metrics") or {})
+        calibration = Calibration(**(config.get("calibration") or {}))
+        operating_point = dict(config.get("operating_point") or {})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"checkpoint config {directory / CONFIG_FILE} is invalid: {err}") from err
 
@@ -223,8 +277,27 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
             f"{timm.__version__}): {problem}"
         )
     model.load_state_dict(state)
+    model.calibrate.set(calibration)
     model.to(device).eval()
-    return LoadedModel(model=model, model_cfg=model_cfg, preprocess=preprocess, threshold=threshold, metrics=metrics)
+    return LoadedModel(
+        model=model,
+        model_cfg=model_cfg,
+        preprocess=preprocess,
+        threshold=threshold,
+        metrics=metrics,
+        calibration=calibration,
+        operating_point=operating_point,
+    )
+
+
+def set_operating_point(directory: str | Path, point: OperatingPoint) -> None:
+    """Write a fitted operating point (calibration and threshold) into a checkpoint's config.json, atomically."""
+    path = Path(directory) / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["threshold"] = float(point.threshold)
+    config["calibration"] = point.calibration.to_dict()
+    config["operating_point"] = point.tags()
+    _write_config(Path(directory), config)
 
 
 def _create_backbone(name: str) -> nn.Module:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from app.config import Settings
 from app.errors import UserError
+from app.ray_nodes import OwnedCluster, free_port, port_free, start_owned_cluster
 
 # HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -33,33 +34,27 @@ class ClusterUnavailableError(UserError, RuntimeError):
     """The named Ray cluster cannot be reached; the message says which address was tried."""
 
 
-def node_environment(settings: Settings, *, local: bool) -> dict[str, str]:
+def node_environment(settings: Settings, *, local: bool, owned: bool = False) -> dict[str, str]:
     """The environment of a Ray node for these settings; ``local`` for clusters on this machine (laptop, tests).
 
-    A local cluster also gets ports of its own for Serve's per-node proxies (so that a second cluster on the machine
-    starts), HAProxy threads no more than the cores, and a short drain, so that stopping it takes seconds.
+    Every node trusts no client's X-Forwarded-For (uvicorn's `FORWARDED_ALLOW_IPS`): a rate limit per address must
+    count the peer the proxy saw, not an address the client wrote (serving/guards.py). A local cluster also gets
+    ports of its own for Serve's per-node proxies (so that a second cluster on the machine starts), HAProxy threads
+    no more than the cores, and a short drain, so that stopping it takes seconds. An ``owned`` cluster (one that
+    lives and dies with this command) carries this command's mark, so that what a `kill -9` of it leaves behind is
+    found and stopped by the next start (app/processes.py).
     """
     env = dict(HIGH_THROUGHPUT_ENV) if settings.serve.high_throughput else {}
+    env["FORWARDED_ALLOW_IPS"] = ""
     if local:
         env.update({name: str(free_port()) for name in _PER_CLUSTER_PORTS})
         env["RAY_SERVE_HAPROXY_NBTHREAD"] = str(min(4, os.cpu_count() or 1))
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    if owned:
+        from app.processes import OWNER_ENV, owner_marker
+
+        env[OWNER_ENV] = owner_marker()
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @contextlib.contextmanager
@@ -78,8 +73,35 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
-    """Start or join Ray once per process; returns the cluster's resources so callers can size their work."""
+def start_local_cluster(
+    settings: Settings, *, include_dashboard: bool, metrics_port: int | None = None
+) -> OwnedCluster:
+    """A local cluster that lives in a process session of its own and dies with this command (`OwnedCluster.stop`),
+    with this process connected to it: what `aipd serve` and `aipd demo` run on, so that a supervisor's signal to
+    their process group reaches them alone and they can drain before anything ends (app/ray_nodes.py)."""
+    env = node_environment(settings, local=True, owned=True)
+    cluster = start_owned_cluster(settings, env, include_dashboard=include_dashboard, metrics_port=metrics_port)
+    api_server = f"http://127.0.0.1:{cluster.dashboard_port}" if cluster.dashboard_port else None
+    joined = settings.model_copy(update={"ray_address": cluster.address})
+    deadline = time.monotonic() + 60.0
+    try:
+        while True:
+            try:
+                init_ray(joined, api_server=api_server)
+                return cluster
+            except ClusterUnavailableError:  # its GCS listens before its raylet has registered
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+    except BaseException:
+        cluster.stop(grace_s=2.0)
+        raise
+
+
+def init_ray(settings: Settings, api_server: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Start or join Ray once per process; returns the cluster's resources so callers can size their work.
+
+    ``api_server``: the dashboard of the cluster joined, for the state API of its processes (see below)."""
     import ray
 
     from app.logging import route_library_logs
@@ -89,6 +111,8 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
     route_library_logs()  # ray.init's own messages ("Started a local Ray instance") go where the settings say
     address = settings.ray_address
     runtime_env = {"env_vars": {"AIPD_LOG_FORMAT": settings.log_format, "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if api_server:
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api_server
     kwargs.setdefault("log_to_driver", settings.verbose)  # workers' output stays in Ray's log files unless verbose
     try:
         if address:
@@ -101,7 +125,7 @@ def init_ray(settings: Settings, **kwargs: Any) -> dict[str, Any]:
                 # Train's cleaner, which asks it whether a run's controller died, never frees a killed run's group.
                 port = kwargs.setdefault("dashboard_port", _dashboard_port())
                 runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            with _environment(node_environment(settings, local=True)):
+            with _environment(node_environment(settings, local=True, owned=True)):
                 ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
                     address="local",
                     num_cpus=settings.local_num_cpus,
@@ -155,6 +179,15 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def sized_for_cluster(settings: Settings) -> Settings:
+    """The settings with training sized for the device it will run on: `train.use_gpu`, or GPUs when the connected
+    cluster has them (`TrainSettings.sized_for`)."""
+    use_gpu = settings.train.use_gpu if settings.train.use_gpu is not None else cluster_has_gpus()
+    return settings.model_copy(
+        update={"train": settings.train.sized_for(use_gpu).model_copy(update={"use_gpu": use_gpu})}
+    )
 
 
 def dashboard_url() -> str | None:

@@ -6,6 +6,8 @@ Images stream through Ray Data with the same decode and eval preprocessing as se
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -31,6 +33,69 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+@dataclass
+class Scores:
+    """A model's answers on a split: one row per readable file, in no particular order (pair them by path)."""
+
+    paths: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray  # the model's calibrated logits, float64
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        from app.operating_point import sigmoid
+
+        return sigmoid(self.logits)
+
+    def where(self, mask: np.ndarray) -> Scores:
+        return Scores(self.paths[mask], self.labels[mask], self.logits[mask])
+
+
+def score_variants(
+    loaded: Any,
+    records: pd.DataFrame,
+    limits: ImageLimits,
+    variants: Mapping[str, Callable[[Image.Image], Image.Image] | None],
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> dict[str, Scores]:
+    """Scores of every readable file of ``records`` under each named change (None: the photo as it is), in one
+    pass: each file is read and decoded once, and every variant is cropped from it. Unreadable files are skipped
+    and logged."""
+    import torch
+
+    from app.data import DecodeOptions, to_ray_dataset
+    from app.transforms import to_model_input
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device, memory_format=torch.channels_last).eval()
+    options = DecodeOptions(
+        crop_size=loaded.preprocess.crop_size, train=False, limits=limits, variants=tuple(variants.items())
+    )
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {name: [] for name in variants}
+    dataset = to_ray_dataset(records, options, batch_size=batch_size)
+    with torch.inference_mode():
+        for batch in dataset.iter_batches(batch_size=batch_size * len(variants), batch_format="numpy"):
+            if len(batch["label"]) == 0:
+                continue
+            x = to_model_input(batch["image"], device=device, channels_last=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                logits = model(x)
+            # float64: float32 sigmoid rounds nearby logits into ties, which blunts AUROC and the threshold.
+            values = logits.double().cpu().numpy()
+            for name in variants:
+                mine = batch["variant"] == name
+                parts[name].append((batch["path"][mine], batch["label"][mine].astype(int), values[mine]))
+    return {name: _joined(rows) for name, rows in parts.items()}
+
+
+def _joined(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Scores:
+    if not rows:
+        return Scores(np.zeros(0, dtype=object), np.zeros(0, dtype=int), np.zeros(0))
+    return Scores(*(np.concatenate([row[i] for row in rows]) for i in range(3)))
+
+
 def score_split(
     loaded: Any,
     records: pd.DataFrame,
@@ -40,30 +105,9 @@ def score_split(
     batch_size: int = 64,
     device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """AI probabilities for every readable file of ``records`` (unreadable ones are skipped and logged)."""
-    import torch
-
-    from app.data import DecodeOptions, to_ray_dataset
-    from app.transforms import to_model_input
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device, memory_format=torch.channels_last).eval()
-    options = DecodeOptions(crop_size=loaded.preprocess.crop_size, train=False, limits=limits, corrupt=corrupt)
-    labels, scores = [], []
-    dataset = to_ray_dataset(records, options, batch_size=batch_size)
-    with torch.inference_mode():
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            if len(batch["label"]) == 0:
-                continue
-            x = to_model_input(batch["image"], device=device, channels_last=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                logits = model(x)
-            # float64: float32 sigmoid rounds nearby logits into ties, which blunts AUROC and the threshold.
-            scores.append(torch.sigmoid(logits.double()).cpu().numpy())
-            labels.append(batch["label"])
-    if not labels:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(labels).astype(int), np.concatenate(scores).astype(np.float64)
+    """(labels, AI probabilities) of every readable file of ``records``, after ``corrupt`` when given."""
+    scores = score_variants(loaded, records, limits, {"": corrupt}, batch_size=batch_size, device=device)[""]
+    return scores.labels, scores.probabilities
 
 
 def validation_auroc(loaded: Any, records: pd.DataFrame, limits: ImageLimits) -> float:

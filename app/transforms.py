@@ -1,38 +1,36 @@
 """Eval preprocessing and train augmentation, defined once for training, evaluation, scans and serving.
 
-Following Wang et al. 2020 (CNNDetection): crops are taken at native resolution, never by resizing,
-because resampling erases the high-frequency traces generators leave; blur and JPEG re-compression
-are applied at moderate probability and identically to both classes, so the detector cannot learn
-"compressed" or "soft" as a class cue. Everything is Pillow C code: this runs inside Ray Data
-map_batches over thousands of images on a couple of cores.
+Following Wang et al. 2020 (CNNDetection) and B-Free (Guillaro et al. 2025): crops are taken at native resolution,
+never by resizing, because resampling erases the high-frequency traces generators leave; the degradations of
+``app.degradations`` (blur, downscaling with and without the upscale back, JPEG) are drawn per image for both
+classes alike, so the detector learns traces that survive them and cannot learn "compressed" or "soft" as a class
+cue. Everything is Pillow C code: this runs inside Ray Data map_batches over thousands of images on a few cores.
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
+
+from app.degradations import DegradationConfig, sample_chain
 
 if TYPE_CHECKING:
     import torch
 
-# Context kept around the crop while blurring and re-compressing (see train_augment): wider than the
-# Gaussian's reach at the largest sigma (~3 sigma). The context window starts on the photo's 16-px
-# JPEG MCU grid, so the 8x8 block grid falls on the crop exactly where a whole-photo re-compression
-# would put it (a random phase), not always aligned with the crop's corner.
+# Context kept around the crop while a large photo is degraded (see train_augment): wider than the Gaussian's reach
+# at the largest sigma (~3 sigma). The window starts on the photo's 16-px JPEG MCU grid, so the 8x8 block grid falls
+# on the crop exactly where a whole-photo re-compression would put it (a random phase), not always at its corner.
 _CONTEXT = 32
 _MCU = 16
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    blur_prob: float = 0.3
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    jpeg_prob: float = 0.3
-    jpeg_quality: tuple[int, int] = (40, 95)
+    degradations: DegradationConfig = field(default_factory=DegradationConfig)
     flip_prob: float = 0.5
 
 
@@ -45,36 +43,37 @@ def eval_preprocess(image: Image.Image, crop_size: int) -> np.ndarray:
 
 
 def train_augment(image: Image.Image, crop_size: int, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Blur (prob) -> JPEG re-compress (prob) -> random crop at native resolution -> random h-flip.
+    """A random chain of degradations -> random crop at native resolution -> random h-flip.
 
-    Every random number is drawn on every call, in a fixed order, so the crop position for a given
-    rng state does not depend on whether blur or JPEG fired. Blur and JPEG run on the crop plus a
-    32-px context rather than the whole photo: the same pixels inside the crop as processing the
-    whole photo (neither the blur nor JPEG's blocks reach further), at a fraction of the cost.
+    Every random number is drawn on every call, in a fixed order, so the crop position for a given rng state does
+    not depend on which degradations fired. A photo much larger than the crop is degraded only in a window around
+    the crop: the same pixels inside the crop as degrading the whole photo (no blur, JPEG block or resampling filter
+    reaches further), at a fraction of the cost.
     """
-    image = _at_least(_rgb(image), crop_size)
-    blur = rng.random() < aug.blur_prob
-    sigma = float(rng.uniform(*aug.blur_sigma))
-    jpeg = rng.random() < aug.jpeg_prob
-    quality = int(rng.integers(aug.jpeg_quality[0], aug.jpeg_quality[1] + 1))
-    left = int(rng.integers(0, image.width - crop_size + 1))
-    top = int(rng.integers(0, image.height - crop_size + 1))
+    image = _rgb(image)
+    chain = sample_chain(rng, aug.degradations)
+    at = rng.random(2)
     flip = rng.random() < aug.flip_prob
 
-    if blur or jpeg:
-        box = (
-            max(0, (left - _CONTEXT) // _MCU * _MCU),
-            max(0, (top - _CONTEXT) // _MCU * _MCU),
-            min(image.width, left + crop_size + _CONTEXT),
-            min(image.height, top + crop_size + _CONTEXT),
-        )
-        image = image.crop(box)
-        left, top = left - box[0], top - box[1]
-        if blur:
-            image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        if jpeg:
-            image = _jpeg_roundtrip(image, quality)
-
+    # half the window's side: the crop and its context, as wide as they are before the chain shrinks the photo
+    half = math.ceil((crop_size / 2 + _CONTEXT) / chain.scale)
+    if chain.steps and image.width > 2 * half + _MCU and image.height > 2 * half + _MCU:
+        cx, cy = half + at[0] * (image.width - 2 * half), half + at[1] * (image.height - 2 * half)
+        # on the MCU grid, and a whole number of MCUs wide, so a resize keeps the photo's own scale and phase
+        left, top = int(cx - half) // _MCU * _MCU, int(cy - half) // _MCU * _MCU
+        side = math.ceil((2 * half + _MCU) / _MCU) * _MCU
+        box = (left, top, min(image.width, left + side), min(image.height, top + side))
+        window = image.crop(box)
+        image = _at_least(chain(window), crop_size)
+        # the crop's center where it lands in the degraded window
+        left = round((cx - box[0]) * image.width / window.width - crop_size / 2)
+        top = round((cy - box[1]) * image.height / window.height - crop_size / 2)
+        left = min(max(0, left), image.width - crop_size)
+        top = min(max(0, top), image.height - crop_size)
+    else:
+        image = _at_least(chain(image), crop_size)
+        left = int(at[0] * (image.width - crop_size + 1))
+        top = int(at[1] * (image.height - crop_size + 1))
     crop = image.crop((left, top, left + crop_size, top + crop_size))
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -112,11 +111,3 @@ def _at_least(image: Image.Image, crop_size: int) -> Image.Image:
     scale = crop_size / short
     size = (max(crop_size, round(image.width * scale)), max(crop_size, round(image.height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC)
-
-
-def _jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    with Image.open(buffer) as reloaded:
-        return reloaded.convert("RGB")

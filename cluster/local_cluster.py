@@ -8,10 +8,7 @@ token from ``~/.ray/auth_token`` with ``RAY_AUTH_MODE=token``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +17,8 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import UserError
-from app.ray_runtime import free_port as _free_port
-from app.ray_runtime import node_environment, port_free
-
-WORKER_PORT_SPAN = 200
+from app.ray_nodes import ensure_auth_token, free_port, node_ports, ray_env, start_node, stop_groups
+from app.ray_runtime import node_environment
 
 
 class LocalClusterError(UserError, RuntimeError):
@@ -49,71 +44,11 @@ class LocalCluster:
         return asdict(self)
 
 
-def _free_range(span: int) -> int:
-    """The start of ``span`` consecutive ports that are free now (for a raylet's worker processes)."""
-    for base in range(30000, 60000 - span, span):
-        if all(port_free(port) for port in (base, base + span // 2, base + span - 1)):
-            return base
-    raise LocalClusterError("no free port range for Ray workers")
-
-
-def _ray_binary() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **(extra or {})}
-    env.setdefault("RAY_AUTH_MODE", "token")
-    return env
-
-
 def _node_env(settings: Settings) -> dict[str, str]:
     """What each node of the cluster starts with: the project's node environment, with ports of its own, and the
-    HTTP port shared by the nodes' proxies (they all run on this one machine)."""
+    HTTP port shared by the nodes' proxies (they all run on this one machine). Not owned: the cluster outlives the
+    `aipd cluster up` that started it."""
     return {**node_environment(settings, local=True), "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
-
-
-def _ensure_auth_token() -> None:
-    """`ray start` refuses to run with token auth and no token (`ray.init` makes one on a fresh machine)."""
-    subprocess.run(
-        [_ray_binary(), "get-auth-token", "--generate"],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-        timeout=60,
-    )
-
-
-def _node_ports(used_bases: list[int]) -> dict[str, int]:
-    base = _free_range(WORKER_PORT_SPAN)
-    while base in used_bases:
-        base += WORKER_PORT_SPAN
-    used_bases.append(base)
-    names = (
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-    )
-    ports = {name: _free_port() for name in names}
-    ports["min-worker-port"] = base
-    ports["max-worker-port"] = base + WORKER_PORT_SPAN - 1
-    return ports
-
-
-def _start_node(args: list[str], log_path: Path, env: dict[str, str]) -> int:
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, which outlives this function
-    process = subprocess.Popen(
-        [_ray_binary(), "start", "--block", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=_env(env),
-        start_new_session=True,
-    )
-    return process.pid
 
 
 def cluster_up(
@@ -130,10 +65,10 @@ def cluster_up(
     state_file = state_dir / "state.json"
     if state_file.exists():
         raise LocalClusterError(f"a local cluster is already recorded in {state_file}; run `aipd cluster down` first")
-    _ensure_auth_token()
+    ensure_auth_token()
     used: list[int] = []
-    head_ports = _node_ports(used)
-    gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
+    head_ports = node_ports(used)
+    gcs_port, dashboard_port, client_port = free_port(), free_port(), free_port()
     head_args = [
         "--head",
         f"--port={gcs_port}",
@@ -146,7 +81,7 @@ def cluster_up(
     nodes = [
         NodeProcess(
             "head",
-            _start_node(head_args, state_dir / "head.log", _node_env(settings)),
+            start_node(head_args, state_dir / "head.log", _node_env(settings)),
             str(state_dir / "head.log"),
             {**head_ports, "gcs": gcs_port, "dashboard": dashboard_port, "client": client_port},
         )
@@ -157,10 +92,10 @@ def cluster_up(
     try:
         _wait_for_nodes(address, 1, timeout_s, state_dir / "head.log")
         for i in range(workers):
-            ports = _node_ports(used)
+            ports = node_ports(used)
             log = state_dir / f"worker-{i}.log"
             args = [f"--address={address}", f"--num-cpus={cpus_per_node}"] + [f"--{k}={v}" for k, v in ports.items()]
-            pid = _start_node(args, log, _node_env(settings))
+            pid = start_node(args, log, _node_env(settings))
             cluster.nodes.append(NodeProcess(f"worker-{i}", pid, str(log), ports))
             _save(cluster)
         _wait_for_nodes(address, 1 + workers, timeout_s, state_dir / "worker-0.log")
@@ -188,7 +123,7 @@ def alive_node_count(address: str) -> int:
     )
     try:
         out = subprocess.run(
-            [sys.executable, "-c", code, address], capture_output=True, text=True, env=_env(), timeout=60
+            [sys.executable, "-c", code, address], capture_output=True, text=True, env=ray_env(), timeout=60
         )
     except subprocess.TimeoutExpired:
         return 0
@@ -215,36 +150,6 @@ def cluster_down(work_dir: Path, grace_s: float = 15.0) -> list[int]:
     if cluster is None:
         return []
     groups = [n.pid for n in reversed(cluster.nodes)]
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(group_members(g) for g in groups):
-        time.sleep(0.5)
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGKILL)
-    deadline = time.time() + 10
-    while time.time() < deadline and any(group_members(g) for g in groups):
-        time.sleep(0.2)
+    stop_groups(groups, grace_s)
     Path(cluster.state_file).unlink(missing_ok=True)
     return groups
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group, read from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members

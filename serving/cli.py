@@ -5,14 +5,26 @@ Ray, torch and the deployments are imported inside the commands, so `aipd --help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, get_args
 
 import typer
 
-from app.cli_common import AddressOpt, ConfigOpt, console, handle_errors, new_app, settings_from, warn
+from app.cli_common import (
+    AddressOpt,
+    ConfigOpt,
+    catch_stop_signals,
+    console,
+    handle_errors,
+    ignore_stop_signals,
+    new_app,
+    settings_from,
+    warn,
+)
 from app.config import Precision, Settings, reachable_url
 from app.contract import API_KEY_HEADER
 
@@ -56,6 +68,7 @@ def serve_command(
         None, "--write-config", help="Where to write the Serve config YAML (default: <work_dir>/serve_config.yaml)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the config file and exit without serving."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Default: a GPU when the cluster has one."),
     ray_metrics_port: Optional[int] = typer.Option(
         None, "--ray-metrics-port", help="Port of Ray's own Prometheus metrics (ray_serve_*), local cluster only."
     ),
@@ -88,20 +101,22 @@ def serve_command(
         "batch_wait_timeout_s": None if batch_wait_ms is None else batch_wait_ms / 1000.0,
         "champion_poll_s": champion_poll_s,
         "precision": precision,
+        "use_gpu": gpu,
     }
     if precision not in (None, *get_args(Precision)):
         raise typer.BadParameter("choose auto, fp32 or bf16", param_hint="--precision")
     settings = settings_from(config, ray_address=address, serve=serve_overrides)
     args = AppArgs()
-    gpus = None if dry_run else _connect(settings, ray_metrics_port)
-    path = write_serve_config(
-        write_config or settings.work_dir / "serve_config.yaml", serve_config(settings, args, gpus)
-    )
-    console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
+    target = write_config or settings.work_dir / "serve_config.yaml"
     if dry_run:
+        path = write_serve_config(target, serve_config(settings, args))
+        console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
         return
     _check_model(settings)
-    _deploy_and_wait(settings, args, ray_metrics_port)
+    with _cluster(settings, ray_metrics_port) as gpus:
+        path = write_serve_config(target, serve_config(settings, args, gpus))
+        console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
+        _deploy_and_wait(settings, args, ray_metrics_port)
 
 
 @cli.command("predict")
@@ -253,21 +268,27 @@ def _table(results: list[dict[str, Any]], url: str) -> Any:
 
 
 def _check_model(settings: Settings) -> None:
-    """Fail before deploying on a wrong checkpoint path; only warn when the alias has no model yet (503 until then)."""
+    """Fail in one line before anything starts on a wrong checkpoint path, a registered version that does not exist
+    or a registry that does not answer; only warn when the alias has no model yet (503 until one is registered)."""
     from app.model_ref import parse_model_ref
-    from app.registry import RegistryError, get_alias_version, resolve_model, setup_mlflow
+    from app.registry import RegistryError, get_alias_version, registry_version, resolve_model, setup_mlflow
 
     ref = parse_model_ref(settings.default_model_uri)
-    if ref.kind != "alias":
-        if ref.kind == "path":
-            resolve_model(settings, ref.uri)
+    if ref.kind == "path":
+        resolve_model(settings, ref.uri)
+    if not ref.in_registry:
         return
-    try:
-        setup_mlflow(settings)
-        found = get_alias_version(settings.model_copy(update={"registered_model": ref.name}), ref.alias)
-    except RegistryError as err:
-        warn(str(err))
+    setup_mlflow(settings)  # an unreachable MLflow server fails here, in seconds
+    if ref.kind == "version":
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient().get_model_version(ref.name, registry_version(ref))
+        except MlflowException as err:
+            raise RegistryError(f"{ref.uri} is not a registered model version ({err.error_code})") from err
         return
+    found = get_alias_version(settings.model_copy(update={"registered_model": ref.name}), ref.alias)
     if found is None:
         warn(
             f"no model under {ref.uri} yet: the service answers 503 until one is registered (`aipd train`), "
@@ -275,15 +296,58 @@ def _check_model(settings: Settings) -> None:
         )
 
 
-def _connect(settings: Settings, ray_metrics_port: int | None) -> float:
-    """Start or join Ray; returns the GPUs a detector replica gets there (they decide the layout)."""
-    from app.ray_runtime import init_ray
+@contextlib.contextmanager
+def _cluster(settings: Settings, ray_metrics_port: int | None) -> Iterator[float]:
+    """The cluster the service runs on; yields the GPUs a detector replica gets there (they decide the layout).
+
+    A cluster named by --address keeps the application after this command. Otherwise the command owns a local
+    cluster in a session of its own: before it starts, what killed runs left behind is stopped and a port that is
+    taken is named; on Ctrl-C, SIGTERM or SIGHUP the service drains, then Serve, Ray and everything of the cluster
+    stop, and the command exits 130, 143 or 129.
+    """
+    from app.ray_runtime import init_ray, start_local_cluster
+    from serving.config import APP_NAME
+    from serving.lifecycle import clear_leftovers, drain_and_stop, require_free_port
+
+    if settings.ray_address:
+        init_ray(settings, include_dashboard=False)
+        yield _gpus(settings)
+        return
+    for line in clear_leftovers():
+        warn(line)
+    require_free_port(settings.serve.host, settings.serve.port)
+    # a retraining job is submitted through the dashboard's job API, so a service that retrains on drift runs one
+    retrains = bool(settings.serve.retrain_data)
+    owned = start_local_cluster(settings, include_dashboard=retrains, metrics_port=ray_metrics_port)
+    catch_stop_signals()  # once Ray is up: its native SIGTERM handler would end the process with a stack dump
+    try:
+        yield _gpus(settings)
+    finally:
+        import ray
+
+        ignore_stop_signals()
+        console.print("stopping: draining the service, then Serve and the local Ray cluster")
+        started = time.perf_counter()
+        try:
+            drain_and_stop(APP_NAME)
+        finally:
+            ray.shutdown()
+            owned.stop()
+        console.print(f"stopped in {time.perf_counter() - started:.1f} s")
+
+
+def _gpus(settings: Settings) -> float:
+    """The GPUs a detector replica gets; a GPU asked for (`serve.use_gpu`) on a cluster without one is an error now,
+    not a replica that waits for ever."""
+    from app.errors import UserError
+    from app.ray_runtime import cluster_has_gpus
     from serving.config import detector_gpus
 
-    init_kwargs: dict[str, Any] = {"include_dashboard": False}
-    if ray_metrics_port and not settings.ray_address:
-        init_kwargs["_metrics_export_port"] = ray_metrics_port
-    init_ray(settings, **init_kwargs)
+    if settings.serve.use_gpu and not cluster_has_gpus():
+        raise UserError(
+            "a GPU was asked for (--gpu, serve.use_gpu) but the Ray cluster has none; serve without it or on a "
+            "cluster with GPUs (--address)"
+        )
     return detector_gpus(settings)
 
 
@@ -304,13 +368,13 @@ def _deploy_and_wait(settings: Settings, args: Any, ray_metrics_port: int | None
     console.print(f"  try: curl -F file=@photo.jpg {base}/predict    docs: {base}/docs    metrics: {base}/metrics")
     if ray_metrics_port and not settings.ray_address:
         console.print(f"  Ray Serve's own metrics: {reachable_url(settings.serve.host, ray_metrics_port)}/metrics")
+    if not settings.api_keys and settings.serve.rate_limit_per_minute and settings.serve.high_throughput:
+        from serving.ingress import LIMIT_NEEDS_KEYS
+
+        warn(LIMIT_NEEDS_KEYS)
     if settings.ray_address:
         console.print("deployed to the cluster; it keeps serving after this command exits (`serve status` to check)")
         return
     console.print("press Ctrl-C to stop")
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        console.print("stopping")
-        serve.shutdown()
+    while True:
+        time.sleep(1.0)

@@ -54,6 +54,10 @@ class ActiveRequests:
             ActiveRequests.count -= 1
 
 
+def active_requests() -> int:
+    return ActiveRequests.count
+
+
 def resident_memory_mb() -> float | None:
     """This process's resident memory (VmRSS), as the original's health reported it; None where /proc has none."""
     try:

@@ -40,6 +40,7 @@ SERVING_FIELDS = (
     "mlflow_experiment",
     "registered_model",
     "champion_alias",
+    "challenger_alias",
     "images",
     "serve",
 )

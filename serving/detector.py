@@ -33,6 +33,7 @@ from ray import serve
 
 from app.config import DetectorSettings, Settings
 from app.model_ref import parse_model_ref
+from app.rollout import Arm, Ended, Rollout
 from serving.batcher import Batcher, BatchTiming
 from serving.results import DetectorStatus, Explained, Refused, Scored
 from serving.runtime import (
@@ -70,10 +71,14 @@ class DetectorCore:
         self._metrics = metrics
         self._device = pick_device(settings.serve.use_gpu)
         self._config = settings.serve.detector(settings.default_model_uri)
-        self._batcher: Batcher[np.ndarray, Scored | Refused] = Batcher(
+        self._batcher: Batcher[tuple[np.ndarray, Arm], Scored | Refused] = Batcher(
             self._run, max_batch_size=self._config.max_batch_size, on_batch=self._record
         )
         self._active: ActiveModel | None = None
+        # The version on trial beside the champion, and the registry's rollout it is tried under (app/rollout.py).
+        self._challenger: ActiveModel | None = None
+        self._rollout: Rollout | None = None
+        self._ended: Ended | None = None
         self._problem = "the model is loading"
         self._load_lock = threading.Lock()
         self._wake = threading.Event()
@@ -134,6 +139,7 @@ class DetectorCore:
             if self._stop.is_set():
                 return
             self._reconcile()
+            self._reconcile_challenger()
 
     def _reconcile(self, first: bool = False) -> None:
         """Load the wanted model if it differs from the active one; errors leave the active model serving."""
@@ -162,19 +168,12 @@ class DetectorCore:
                 if (uri, target) == self._failed:
                     return  # this exact model failed to load already; wait for the alias or the config to move
                 started = time.perf_counter()
-                sizes = warmup_sizes(config.max_batch_size, self._device.type)
-                on_gpu = self._device.type == "cuda"
-                loaded = load_active(  # on a CPU, traced and warm before it answers: every answer from one graph
-                    self._settings,
-                    uri,
-                    self._device,
-                    warmup_sizes=sizes,
-                    precision=config.precision,
-                    warm=not on_gpu,
-                    cuda_graphs=config.cuda_graphs,
-                )
-                if on_gpu:  # cuDNN plans and CUDA graphs belong to the thread that runs the batches
-                    self._batcher.call_on_worker(functools.partial(warm_up, loaded, sizes, explain=True))
+                promoted = self._challenger
+                if promoted is not None and target == promoted.version and same_precision:
+                    # the challenger was promoted: it is loaded and warm already, so it answers from the next batch
+                    self._swap_in(dataclasses.replace(promoted, uri=uri), active, started)
+                    return
+                loaded = self._load(uri)  # on a CPU, traced and warm before it answers: every answer from one graph
             except ModelNotFoundYet as err:
                 if active is None:
                     if self._problem != str(err):  # once, not at every poll
@@ -192,19 +191,87 @@ class DetectorCore:
                     self._problem = f"cannot load {uri}: {err}"
                 self._log.error("model load failed; keeping the current model", uri=uri, error=str(err))
                 return
-            loaded.answering_since = datetime.now(timezone.utc)
-            self._active = loaded
-            self._problem = ""
-            self._metrics.inc("model_loads_total", {"version": loaded.version, "result": "ok"})
-            self._log.info(
-                "model ready",
-                uri=uri,
-                version=loaded.version,
-                previous=active.version if active else None,
-                device=str(self._device),
-                graphs=sorted(loaded.graphs),
-                seconds=round(time.perf_counter() - started, 2),
-            )
+            self._swap_in(loaded, active, started)
+
+    def _swap_in(self, loaded: ActiveModel, previous: ActiveModel | None, started: float) -> None:
+        """One assignment: batches in flight finish on the model they started with."""
+        loaded.answering_since = datetime.now(timezone.utc)
+        self._active = loaded
+        self._problem = ""
+        self._metrics.inc("model_loads_total", {"version": loaded.version, "result": "ok"})
+        self._log.info(
+            "model ready",
+            uri=loaded.uri,
+            version=loaded.version,
+            previous=previous.version if previous else None,
+            device=str(self._device),
+            graphs=sorted(loaded.graphs),
+            seconds=round(time.perf_counter() - started, 2),
+        )
+
+    def _load(self, uri: str) -> ActiveModel:
+        """A model warm for this replica's batches: traced on a CPU, its CUDA graphs on the batcher's thread."""
+        config = self._config
+        sizes = warmup_sizes(config.max_batch_size, self._device.type)
+        on_gpu = self._device.type == "cuda"
+        loaded = load_active(
+            self._settings,
+            uri,
+            self._device,
+            warmup_sizes=sizes,
+            precision=config.precision,
+            warm=not on_gpu,
+            cuda_graphs=config.cuda_graphs,
+        )
+        if on_gpu:  # cuDNN plans and CUDA graphs belong to the thread that runs the batches
+            self._batcher.call_on_worker(functools.partial(warm_up, loaded, sizes, explain=True))
+        return loaded
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _reconcile_challenger(self) -> None:
+        """Load the version on trial (or drop it once the trial ended), then judge it: a challenger that fails the
+        rollout's rule is rolled back here, by whichever replica sees it first."""
+        ref = parse_model_ref(self._config.model_uri or self._settings.default_model_uri)
+        if ref.kind != "alias" or not self._mlflow_ready or self._registry != ("reachable", None):
+            return  # pinned models are never tried against; an unreachable registry leaves things as they are
+        from app.model_ref import version_uri
+        from app.rollout import current_rollout, last_ended
+
+        try:
+            rollout, self._ended = current_rollout(self._settings), last_ended(self._settings)
+            if rollout is None:
+                if self._challenger is not None:
+                    self._log.info("challenger dropped", version=self._challenger.version)
+                self._challenger, self._rollout = None, None
+                return
+            if self._challenger is None or self._challenger.version != rollout.version:
+                if self._active is not None and self._active.version == rollout.version:
+                    self._challenger = self._active
+                else:
+                    self._challenger = self._load(version_uri(self._settings.registered_model, rollout.version))
+                self._log.info("challenger ready", version=rollout.version, mode=rollout.mode, percent=rollout.percent)
+            self._rollout = rollout
+            self._judge(rollout)
+        except Exception as err:  # noqa: BLE001 - a trial that cannot be set up leaves the champion answering alone
+            self._log.error("challenger not loaded; the champion answers every photo", error=str(err))
+
+    def _judge(self, rollout: Rollout) -> None:
+        from app.rollout import abort
+        from serving.rollout_stats import ROLLOUT_METRICS, roll_back_reason, version_figures
+
+        if self._active is None:
+            return
+        figures = version_figures(self._metrics.read(ROLLOUT_METRICS, timeout_s=5.0))
+        reason = roll_back_reason(
+            figures.get(self._active.version), figures.get(rollout.version), self._config, rollout.mode == "shadow"
+        )
+        if reason is not None and abort(self._settings, reason, outcome="rolled_back") is not None:
+            self._log.warning("challenger rolled back", version=rollout.version, reason=reason)
+            self._challenger, self._rollout = None, None
+
+    def rollout(self) -> Rollout | None:
+        """The trial this replica runs now (None: the champion answers every photo)."""
+        return self._rollout if self._challenger is not None else None
 
     def _registry_answers(self) -> bool:
         """Probe the registry and record the answer for /health; False (and the reason logged once) while it is
@@ -225,11 +292,12 @@ class DetectorCore:
         return False
 
     # ------------------------------------------------------------------------------------------------- requests
-    async def predict(self, crop: np.ndarray) -> Scored | Refused:
-        """One uint8 crop in; joins the next batch. Its score (with its queue and forward time), or a refusal."""
+    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
+        """One uint8 crop in, with the arm its content hash chose (app/rollout.py); joins the next batch. Its score
+        (with its queue and forward time), or a refusal."""
         submitted = time.perf_counter()
         try:
-            result = await self._batcher.submit(crop)
+            result = await self._batcher.submit((crop, arm))
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
             self._log.error("inference failed", error=str(err))
             return Refused("inference_failed", f"the model failed on this batch: {err}")
@@ -238,20 +306,77 @@ class DetectorCore:
             result = dataclasses.replace(result, queue_ms=max(0.0, waited_ms - result.forward_ms))
         return result
 
-    async def predict_many(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
+    async def predict_many(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
         """Several crops from one ingress call; each joins the batches like a single one, with other callers' crops."""
-        return list(await asyncio.gather(*(self.predict(crop) for crop in crops)))
+        return list(await asyncio.gather(*(self.predict(crop, arm) for crop, arm in items)))
 
-    def _run(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
-        """One batch, on the batcher's worker thread."""
-        active = self._active
-        if active is None:
-            return [Refused("not_ready", self._problem)] * len(crops)
+    def _run(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+        """One batch, on the batcher's worker thread: the champion scores what it answers and what a shadow is
+        compared on, the challenger what its arm sends it; a model that fails fails its own photos only."""
+        champion, challenger = self._active, self._challenger
+        if champion is None:
+            return [Refused("not_ready", self._problem)] * len(items)
+        tried = challenger is not None and challenger is not champion
+        main = [i for i, (_, arm) in enumerate(items) if arm != "challenger" or not tried]
+        trial = [i for i, (_, arm) in enumerate(items) if arm != "champion" and tried]
+        results: list[Scored | Refused] = [Refused("not_ready", self._problem)] * len(items)
+        champion_p = self._score(champion, items, main, results)
+        if tried:
+            assert challenger is not None
+            challenger_p = self._score(
+                challenger, items, trial, results, answers=[i for i in trial if items[i][1] == "challenger"]
+            )
+            self._compare(champion, challenger, main, champion_p, trial, challenger_p, items)
+        return results
+
+    def _score(
+        self,
+        active: ActiveModel,
+        items: list[tuple[np.ndarray, Arm]],
+        indices: list[int],
+        results: list[Scored | Refused],
+        answers: list[int] | None = None,
+    ) -> dict[int, float]:
+        """Run one model on its share of the batch; the photos it answers (``answers``, default all) get results."""
+        if not indices:
+            return {}
+        answers = indices if answers is None else answers
         started = time.perf_counter()
-        probabilities = run_batch(active, crops)
-        forward_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            probabilities = run_batch(active, [items[i][0] for i in indices])
+        except Exception as err:  # noqa: BLE001 - one model's failure is its photos' 500, not the other model's
+            self._log.error("inference failed", version=active.version, error=str(err))
+            self._metrics.inc("model_scores_total", {"version": active.version, "verdict": "error"}, len(indices))
+            for i in answers:
+                results[i] = Refused("inference_failed", f"the model failed on this batch: {err}")
+            return {}
+        forward_s = time.perf_counter() - started
         facts = model_facts(active)
-        return [Scored(float(p), facts, batch_size=len(crops), forward_ms=forward_ms) for p in probabilities]
+        scored = dict(zip(indices, (float(p) for p in probabilities), strict=True))
+        for i in answers:
+            results[i] = Scored(scored[i], facts, batch_size=len(items), forward_ms=forward_s * 1000.0)
+        for p in scored.values():
+            verdict = "ai_generated" if p >= active.threshold else "real"
+            self._metrics.inc("model_scores_total", {"version": active.version, "verdict": verdict})
+            self._metrics.observe("model_latency_seconds", forward_s, {"version": active.version})
+        return scored
+
+    def _compare(
+        self,
+        champion: ActiveModel,
+        challenger: ActiveModel,
+        main: list[int],
+        champion_p: dict[int, float],
+        trial: list[int],
+        challenger_p: dict[int, float],
+        items: list[tuple[np.ndarray, Arm]],
+    ) -> None:
+        """A shadow's verdict against the champion's on the same photo."""
+        for i in trial:
+            if items[i][1] != "shadow" or i not in champion_p or i not in challenger_p:
+                continue
+            agree = (champion_p[i] >= champion.threshold) == (challenger_p[i] >= challenger.threshold)
+            self._metrics.inc("shadow_comparisons_total", {"version": challenger.version, "agree": str(agree).lower()})
 
     def _record(self, timing: BatchTiming) -> None:
         self._metrics.observe("prediction_batch_size", timing.size)
@@ -271,6 +396,11 @@ class DetectorCore:
         except Exception as err:  # noqa: BLE001 - a failed heatmap is this request's 500, not the replica's end
             self._log.error("explain failed", error=str(err))
             return Refused("inference_failed", f"Grad-CAM failed: {err}")
+
+    def active_version(self) -> str | None:
+        """The version that answers the next batch (None before the first model is loaded)."""
+        active = self._active
+        return None if active is None else active.version
 
     def status(self) -> DetectorStatus:
         """Readiness and the loaded model, with its evaluation metrics (read when it was loaded) for /health.
@@ -293,6 +423,9 @@ class DetectorCore:
             else f"model registry unreachable ({problem}); serving version {active.version} until it is back",
             model_loaded_at=None if since is None else since.isoformat(timespec="milliseconds"),
             model=model_facts(active),
+            rollout=self.rollout(),
+            challenger=None if self.rollout() is None or self._challenger is None else model_facts(self._challenger),
+            rollout_ended=self._ended,
         )
 
     def close(self) -> None:
@@ -307,8 +440,8 @@ class LocalDetector:
     def __init__(self, core: DetectorCore) -> None:
         self.core = core
 
-    async def predict(self, crop: np.ndarray) -> Scored | Refused:
-        return await self.core.predict(crop)
+    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
+        return await self.core.predict(crop, arm)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self.core.explain(crop)
@@ -327,16 +460,16 @@ class RemoteDetector:
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self._calls: Batcher[np.ndarray, Scored | Refused] = Batcher(
+        self._calls: Batcher[tuple[np.ndarray, Arm], Scored | Refused] = Batcher(
             self._send, max_batch_size=COALESCE_MAX_CROPS, max_in_flight=COALESCE_CALLS_IN_FLIGHT
         )
 
-    async def predict(self, crop: np.ndarray) -> Scored | Refused:
+    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
         self._calls.max_batch_size = max(1, min(COALESCE_MAX_CROPS, COALESCE_MAX_BYTES // max(1, crop.nbytes)))
-        return await self._calls.submit(crop)
+        return await self._calls.submit((crop, arm))
 
-    async def _send(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
-        return await self.handle.predict_many.remote(crops)
+    async def _send(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+        return await self.handle.predict_many.remote(items)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self.handle.explain.remote(crop)
@@ -365,11 +498,11 @@ class DetectorDeployment:
     def check_health(self) -> None:
         self._core.check_health()
 
-    async def predict(self, crop: np.ndarray) -> Scored | Refused:
-        return await self._core.predict(crop)
+    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
+        return await self._core.predict(crop, arm)
 
-    async def predict_many(self, crops: list[np.ndarray]) -> list[Scored | Refused]:
-        return await self._core.predict_many(crops)
+    async def predict_many(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+        return await self._core.predict_many(items)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self._core.explain(crop)

@@ -37,7 +37,9 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, np.ndarray
     cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    return float(torch.sigmoid(logit.detach())), cam.cpu().numpy()
+    # the heatmap follows the raw logit (calibration is monotone); the probability is the calibrated one, as served
+    calibrated = model.calibrate(logit.detach())
+    return float(torch.sigmoid(calibrated)), cam.cpu().numpy()
 
 
 def heatmap_png(crop: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> bytes:

@@ -1,14 +1,17 @@
 """API keys and rate limits: who may call the prediction routes, and how often.
 
+A limit is only fair per identity a client cannot forge. An API key is one; a client's address is one only where
+the data path carries it from the client's own connection. Behind Serve's HAProxy ingress (the default data path)
+it does not: HAProxy adds no X-Forwarded-For, every request reaches the replica from HAProxy's own address, and a
+header the client writes itself would pick it a fresh bucket at will. So there, without keys, nobody is limited
+(the service says so once at start) rather than everyone sharing one bucket that a single client's burst empties;
+with Serve's own proxy (`serve.high_throughput: false`) the peer address the proxy saw is the identity, and
+uvicorn is told to trust no X-Forwarded-For (`FORWARDED_ALLOW_IPS` is empty on clusters this project starts).
+
 Rate-limit state lives in each ingress replica's memory: with N ingress replicas a client can get up to N times its
 limit when the proxy spreads its requests. That is the usual trade for a limiter with no shared store on the request
 path (a shared Redis or a Ray actor would add a network hop to every request); for a hard global limit put one in
 front of Serve (an API gateway) or run a single ingress replica.
-
-Behind Serve's HAProxy ingress (the default data path) the replica's peer is HAProxy, which adds no X-Forwarded-For,
-so an address identifies no client: without API keys every client shares one bucket, and a client that sends its own
-X-Forwarded-For header (which uvicorn trusts from a local peer) picks its bucket. Per-client limits need keys, or a
-gateway in front that sets the header itself.
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_minute > 0
 
-    def acquire(self, client: str) -> None:
-        """Take one token for `client` or raise 429 with Retry-After (whole seconds until the next token)."""
-        if not self.enabled:
+    def acquire(self, client: str | None) -> None:
+        """Take one token for `client` or raise 429 with Retry-After (whole seconds until the next token); a request
+        with no identity is not limited."""
+        if not self.enabled or client is None:
             return
         now = self._clock()
         bucket = self._buckets.get(client)
@@ -89,8 +93,19 @@ class RateLimiter:
         self._buckets = {k: b for k, b in self._buckets.items() if now - b.updated < full_after}
 
 
-def client_identity(api_key: str | None, client_host: str | None) -> str:
-    """Rate limits follow the API key when there is one (a key shared by a fleet is one client), else the address."""
+def client_identity(api_key: str | None, client_host: str | None, *, addresses_trusted: bool) -> str | None:
+    """Whom a request's rate limit counts against: its API key (a key shared by a fleet is one client), else its
+    address where the data path carries a trustworthy one; None: nobody to count against, so no limit."""
     if api_key:
         return "key:" + api_key
-    return "ip:" + (client_host or "unknown")
+    if addresses_trusted and client_host:
+        return "ip:" + client_host
+    return None
+
+
+def addresses_trusted() -> bool:
+    """Whether this replica sees its clients' own addresses: not behind Serve's HAProxy ingress, which connects to the
+    replica itself. Read from Serve's own switch in the replica's process, so it holds for any cluster."""
+    from ray.serve._private import constants
+
+    return not getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False)

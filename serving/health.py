@@ -11,18 +11,23 @@ from serving.compat import ActiveRequests, resident_memory_mb
 from serving.results import DetectorStatus
 
 
-def health_body(status: DetectorStatus | None, drift: DriftResponse | None, started: float) -> HealthResponse:
+def health_body(
+    status: DetectorStatus | None, drift: DriftResponse | None, started: float, *, draining: bool = False
+) -> HealthResponse:
     """``status`` None: no detector replica answered; ``drift`` None: the metrics store could not be read;
-    ``started``: when this replica started (time.monotonic)."""
+    ``started``: when this replica started (time.monotonic); ``draining``: the service is stopping (unhealthy
+    whatever the model, so load balancers send no more requests while those in flight finish)."""
     loaded = status if status is not None and status.ready else None
     model = None if loaded is None else loaded.model
-    if status is None:
+    if draining:
+        state, detail = "draining", "the service is stopping; the requests it has are being answered"
+    elif status is None:
         state, detail = "unavailable", "no detector replica answered"
     else:  # a loaded model serves with the registry gone: "ok", with the reason in the detail
         state, detail = ("ok" if loaded else "loading"), status.detail
     summary = None if drift is None else DriftStatus(**drift.model_dump(include=set(DriftStatus.model_fields)))
     return HealthResponse(
-        status="healthy" if loaded else "unhealthy",
+        status="healthy" if loaded and not draining else "unhealthy",
         state=state,
         model_loaded=loaded is not None,
         model_version=None if model is None else model.model_version,

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from app.contract import (
     API_KEY_HEADER,
     API_VERSION,
     RETRY_AFTER_HEADER,
+    AlertsResponse,
     ApiError,
     BatchItem,
     BatchResponse,
@@ -44,21 +46,52 @@ from app.contract import (
     LivenessResponse,
     Prediction,
     PrivacyResponse,
+    Retraining,
+    RolloutEnded,
+    RolloutResponse,
+    RolloutState,
     ServiceInfo,
+    VersionFigures,
     batch_of,
     prediction_of,
 )
+from app.rollout import Arm, Rollout, arm_of, content_digest
 from serving import compat
-from serving.guards import RateLimiter, check_api_key, client_identity
+from serving.cache import build_cache, content_key
+from serving.guards import RateLimiter, addresses_trusted, check_api_key, client_identity
 from serving.health import health_body
-from serving.image_checks import decode_and_crop
+from serving.image_checks import decode_with_evidence
 from serving.openapi import HEALTH_NOT_READY, ROUTE_PREFIXES, UPLOAD_ERRORS, errors, openapi_document, served_openapi
-from serving.results import DetectorStatus, Explained, Refused, Scored
+from serving.results import DetectorStatus, Explained, ModelFacts, Refused, Scored
 from serving.uploads import UploadedFile, read_files
 
 DETECTOR_TIMEOUT_S = 30.0  # a request waits this long for a detector replica (cold start, scale-up) before 503
 STATUS_TIMEOUT_S = 2.0
 RETRY_AFTER_S = "5"
+VERSION_REFRESH_S = 1.0
+HASH_INLINE_BYTES = 512 * 1024  # larger uploads are hashed on a worker thread
+LIMIT_NEEDS_KEYS = (
+    "rate limits count per API key: without keys nobody is limited, since behind Serve's HAProxy ingress the service "
+    "cannot tell one client from another (set AIPD_API_KEYS, or limit per address in a gateway in front)"
+)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which version answers a photo of the champion's arm, and what is on trial beside it."""
+
+    champion: str | None
+    rollout: Rollout | None
+    challenger: ModelFacts | None
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One upload's content hash, the arm it falls in, and its key in the answer cache (None: not cached)."""
+
+    digest: str
+    arm: Arm
+    key: str | None
 
 
 def unavailable(error: str, detail: str) -> ApiError:
@@ -155,11 +188,24 @@ class IngressDeployment:
         self._settings = Settings(**settings)
         configure_logging(self._settings.log_format, self._settings.log_level)
         self._log = get_logger("serving.ingress")
-        self._metrics = MetricsRecorder(serve.get_replica_context().app_name)
+        self._metrics = MetricsRecorder(serve.get_replica_context().app_name, in_flight=compat.active_requests)
         self._core = None if detector is not None else DetectorCore(self._settings, self._metrics)
         self._detector = RemoteDetector(detector) if self._core is None else LocalDetector(self._core)
-        self._limiter = RateLimiter(self._settings.serve.rate_limit_per_minute)
+        serve_settings = self._settings.serve
+        self._limiter = RateLimiter(serve_settings.rate_limit_per_minute)
         self._keys = list(self._settings.api_keys)
+        self._addresses_trusted = addresses_trusted()
+        self._cache = build_cache(
+            serve_settings.cache_url,
+            max_entries=serve_settings.cache_max_entries,
+            max_bytes=serve_settings.cache_max_bytes,
+            ttl_s=serve_settings.cache_ttl_s,
+        )
+        # What answers (the champion's version, a rollout and its challenger), for the arm and the cache key; in the
+        # split layout as the detector last said (see _current_routing).
+        self._routing = Routing(None, None, None)
+        self._routing_checked = 0.0
+        self._refresh: asyncio.Future | None = None
         # The crop size of the model that answered last, so a champion with another crop size is picked up; None
         # until a detector first said it is ready (the guard waits for that before any upload is decoded).
         self._crop_size: int | None = None
@@ -169,6 +215,8 @@ class IngressDeployment:
                 "API keys are off: anyone who reaches this port may call the prediction routes; "
                 f"set AIPD_API_KEYS=key1,key2 to require the {API_KEY_HEADER} header"
             )
+            if not self._addresses_trusted and self._limiter.enabled:
+                self._log.warning(LIMIT_NEEDS_KEYS)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Colocated layout only: the detector's live settings (Serve sends a user_config to this deployment then)."""
@@ -224,8 +272,8 @@ class IngressDeployment:
         status, drift = await asyncio.gather(self._detector_status(), self._drift())
         if status is not None and status.ready:
             self._learn(status)
-        body = health_body(status, drift, self._started)
-        if body.model_loaded:
+        body = health_body(status, drift, self._started, draining=self._metrics.draining)
+        if body.model_loaded and not self._metrics.draining:
             return JSONResponse(body.model_dump())
         return JSONResponse(body.model_dump(), 503, headers={RETRY_AFTER_HEADER: RETRY_AFTER_S})
 
@@ -261,6 +309,62 @@ class IngressDeployment:
             return error_response(store_unavailable())
         return JSONResponse(report.model_dump())
 
+    @route(
+        "GET",
+        "/rollout",
+        response_model=RolloutResponse,
+        responses=errors(503),
+        summary="The challenger on trial beside the champion, and how each model version is doing",
+    )
+    async def rollout(self) -> JSONResponse:
+        from serving.rollout_stats import ROLLOUT_METRICS, version_figures
+
+        status = await self._detector_status()
+        try:
+            totals = await asyncio.to_thread(self._metrics.read, ROLLOUT_METRICS, STATUS_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - the store actor restarting
+            self._log.warning("metrics store unavailable", error=str(err))
+            return error_response(store_unavailable())
+        trial, ended = (status.rollout, status.rollout_ended) if status is not None else (None, None)
+        retraining = await asyncio.to_thread(self._retraining)
+        body = RolloutResponse(
+            champion=None if status is None or status.model is None else status.model.model_version,
+            rollout=None if trial is None else RolloutState(**asdict(trial)),
+            last_ended=None if ended is None else RolloutEnded(**asdict(ended)),
+            versions={v: VersionFigures(**f.to_dict()) for v, f in version_figures(totals).items()},
+            retraining=None if retraining is None else Retraining(**retraining),
+        )
+        return JSONResponse(body.model_dump())
+
+    @route(
+        "POST",
+        "/alerts",
+        response_model=AlertsResponse,
+        responses=errors(401),
+        summary="Alertmanager's webhook: a firing drift alert starts a retraining job (when serve.retrain_data is set)",
+    )
+    async def alerts(self, request: Request) -> JSONResponse:
+        from serving.retrain import firing_drift_alerts, start_retraining
+
+        try:
+            bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
+            check_api_key(self._keys, request.headers.get(API_KEY_HEADER) or bearer)
+            payload = await request.json()
+        except ApiError as err:
+            return self._refuse(err)
+        except ValueError:
+            return error_response(ApiError(400, "bad_request", "not an Alertmanager webhook payload (JSON)"))
+        firing = firing_drift_alerts(payload)
+        if not firing:
+            return JSONResponse(AlertsResponse(accepted=False, detail="no drift alert is firing").model_dump())
+        try:
+            job, detail = await asyncio.to_thread(start_retraining, self._settings, f"drift: {', '.join(firing)}")
+        except Exception as err:  # noqa: BLE001 - Alertmanager retries a failed webhook; the reason goes to the log
+            self._log.error("retraining not started", error=f"{type(err).__name__}: {err}")
+            return error_response(unavailable("retraining_unavailable", f"the retraining job was not started: {err}"))
+        self._log.warning("drift alert", alerts=firing, outcome=detail)
+        return JSONResponse(AlertsResponse(accepted=job is not None, job=job, detail=detail).model_dump())
+
     # ------------------------------------------------------------------------------------------ prediction routes
     @route(
         "POST",
@@ -270,7 +374,13 @@ class IngressDeployment:
         summary="Is this product photo AI-generated? (multipart field `file`)",
     )
     async def predict(self, request: Request) -> JSONResponse:
-        return await self._answer_one(request, "predict", self._detector.predict, lambda result, body: body)
+        return await self._answer_one(
+            request, "predict", self._detector.predict, lambda result, body: body, cacheable=True
+        )
+
+    async def _explain(self, crop: np.ndarray, arm: Arm) -> Explained | Refused:
+        """Grad-CAM of the champion: an explanation is asked for by a person, about the verdict they were given."""
+        return await self._detector.explain(crop)
 
     @route(
         "POST",
@@ -288,7 +398,7 @@ class IngressDeployment:
             )
             return ExplainResponse(**body).model_dump()
 
-        return await self._answer_one(request, "explain", self._detector.explain, answer)
+        return await self._answer_one(request, "explain", self._explain, answer)
 
     @route(
         "POST",
@@ -307,7 +417,9 @@ class IngressDeployment:
         except ApiError as err:
             return self._refuse(err)
         finally:
-            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": "batch"})
+            self._metrics.observe(
+                "prediction_latency_seconds", time.perf_counter() - started, {"route": "batch", "version": "none"}
+            )
 
     # -------------------------------------------------------------------------------------------------- helpers
     async def _drift(self) -> DriftResponse | None:
@@ -328,7 +440,10 @@ class IngressDeployment:
     async def _guard(self, request: Request) -> int:
         """Key, rate and readiness; the crop size uploads are cut to."""
         key = check_api_key(self._keys, request.headers.get(API_KEY_HEADER))
-        self._limiter.acquire(client_identity(key, request.client.host if request.client else None))
+        host = request.client.host if request.client else None
+        self._limiter.acquire(client_identity(key, host, addresses_trusted=self._addresses_trusted))
+        if self._metrics.draining:
+            raise unavailable("draining", "the service is stopping; retry in a few seconds")
         if self._crop_size is None:
             status = await self._detector_status()
             refusal = self._not_ready(status)
@@ -362,50 +477,69 @@ class IngressDeployment:
         self,
         request: Request,
         label: str,
-        method: Callable[[np.ndarray], Awaitable[Scored | Explained | Refused]],
+        method: Callable[[np.ndarray, Arm], Awaitable[Scored | Explained | Refused]],
         answer: Callable[[Any, dict[str, Any]], dict[str, Any]],
+        cacheable: bool = False,
     ) -> JSONResponse:
-        """The frame of the one-photo routes: read and guard the upload, ask the detector, count, refuse, time.
+        """The frame of the one-photo routes: read and guard the upload, ask the cache or the detector, count,
+        refuse, time.
 
         The answer's `Server-Timing` header says where the time went: reading the upload, decoding, and the detector
-        call split into its queue, its forward pass and the hop between the two deployments.
+        call split into its queue, its forward pass and the hop between the two deployments (a cached answer: the
+        read and the lookup).
         """
         started = time.perf_counter()
+        version = "none"
         try:
             crop_size = await self._guard(request)
             data = (await self._uploads(request, "file", 1, fail_fast=True))[0].data
             read = time.perf_counter()
-            crop = await self._decode(data, crop_size)
+            photo = await self._plan(data, cacheable)
+            hit = await self._cached(photo, started)
+            if hit is not None:
+                version = hit["model_version"]
+                looked = time.perf_counter()
+                timing = f"read;dur={(read - started) * 1000:.2f}, cache;dur={(looked - read) * 1000:.2f}"
+                return JSONResponse(hit, headers={"Server-Timing": timing})
+            crop, provenance = await self._decode(data, crop_size)
             decoded = time.perf_counter()
-            result = await self._call(method, crop)
+            result = await self._call(method(crop, photo.arm))
             called = time.perf_counter()
-            body = answer(result, self._prediction(result, started))
+            body = answer(result, self._prediction(result, started, provenance))
+            version = body["model_version"]
             self._answered(body)
+            await self._remember(photo, body)
             return JSONResponse(body, headers={"Server-Timing": server_timing(started, read, decoded, called, result)})
         except ApiError as err:
             return self._refuse(err)
         finally:
-            self._metrics.observe("prediction_latency_seconds", time.perf_counter() - started, {"route": label})
+            elapsed = time.perf_counter() - started
+            self._metrics.observe("prediction_latency_seconds", elapsed, {"route": label, "version": version})
 
-    async def _decode(self, data: bytes, crop_size: int) -> np.ndarray:
-        return await asyncio.to_thread(decode_and_crop, data, crop_size, self._settings.images)
+    async def _decode(self, data: bytes, crop_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+        return await asyncio.to_thread(decode_with_evidence, data, crop_size, self._settings.images)
 
     async def _batch_item(self, upload: UploadedFile, crop_size: int, started: float) -> BatchItem:
         try:
             if upload.too_large:
                 raise ApiError(413, "too_large", f"the file has more than {self._settings.images.max_bytes:,} bytes")
-            crop = await self._decode(upload.data, crop_size)
-            result = await self._call(self._detector.predict, crop)
-            body = self._prediction(result, started)
+            photo = await self._plan(upload.data, cacheable=True)
+            hit = await self._cached(photo, started)
+            if hit is not None:
+                return BatchItem(filename=upload.filename, **hit)
+            crop, provenance = await self._decode(upload.data, crop_size)
+            result = await self._call(self._detector.predict(crop, photo.arm))
+            body = self._prediction(result, started, provenance)
             self._answered(body)
+            await self._remember(photo, body)
             return BatchItem(filename=upload.filename, **body)
         except ApiError as err:
             self._refused(err)
             return BatchItem(filename=upload.filename, error=err.error, detail=err.detail)
 
-    async def _call(self, method: Callable[[np.ndarray], Awaitable[Any]], crop: np.ndarray) -> Scored | Explained:
+    async def _call(self, call: Awaitable[Scored | Explained | Refused]) -> Scored | Explained:
         try:
-            result = await asyncio.wait_for(method(crop), timeout=DETECTOR_TIMEOUT_S)
+            result = await asyncio.wait_for(call, timeout=DETECTOR_TIMEOUT_S)
         except asyncio.TimeoutError as err:
             raise unavailable("model_unavailable", f"no detector answered within {DETECTOR_TIMEOUT_S:.0f} s") from err
         except Exception as err:  # noqa: BLE001 - a replica dying mid-request is the service's fault, told as 503
@@ -423,23 +557,91 @@ class IngressDeployment:
             return None
 
     def _learn(self, status: DetectorStatus) -> None:
-        """A ready detector's status always names its model."""
+        """A ready detector's status always names its model; it also says what is on trial beside it."""
         self._crop_size = status.model.crop_size
+        self._routing = Routing(status.model.model_version, status.rollout, status.challenger)
+
+    def _retraining(self) -> dict[str, Any] | None:
+        if not self._settings.serve.retrain_data:
+            return None
+        from app.registry import setup_mlflow
+        from serving.retrain import retraining
+
+        try:
+            setup_mlflow(self._settings)
+            return retraining(self._settings, ask_cluster=True)
+        except Exception as err:  # noqa: BLE001 - the registry not answering hides the record, nothing else
+            self._log.warning("cannot read the retraining record", error=str(err))
+            return None
+
+    # --------------------------------------------------------------------------------- routing and answer cache
+    async def _plan(self, data: bytes, cacheable: bool) -> Photo:
+        """Which model this photo meets (its content hash picks the arm of a rollout) and its key in the cache."""
+        if len(data) > HASH_INLINE_BYTES:  # hashing megabytes would stall every other request of this replica
+            digest = await asyncio.to_thread(content_digest, data)
+        else:
+            digest = content_digest(data)
+        routing = self._current_routing()
+        arm = arm_of(digest, routing.rollout)
+        version = routing.challenger.model_version if arm == "challenger" and routing.challenger else routing.champion
+        key = content_key(digest, version) if cacheable and self._cache is not None and version else None
+        return Photo(digest, arm, key)
+
+    def _current_routing(self) -> Routing:
+        """What answers now: exact in the colocated layout (the models are in this replica); in the split layout as
+        the detector last said, asked again at most every second (a new model is seen within that second, or at
+        its first answer)."""
+        if self._core is not None:
+            status = self._core.status()
+            if status.model is not None:
+                return Routing(status.model.model_version, status.rollout, status.challenger)
+            return Routing(None, None, None)
+        if time.monotonic() - self._routing_checked > VERSION_REFRESH_S:
+            self._routing_checked = time.monotonic()
+            self._refresh = asyncio.ensure_future(self._refresh_routing())  # kept: a task held by nobody dies
+        return self._routing
+
+    async def _refresh_routing(self) -> None:
+        status = await self._detector_status()
+        if status is not None and status.ready:
+            self._learn(status)
+
+    async def _cached(self, photo: Photo, started: float) -> dict[str, Any] | None:
+        """The cached answer to these bytes by the version that answers them now, as this request's answer."""
+        if photo.key is None or self._cache is None:
+            return None
+        hit = await self._cache.get(photo.key)
+        self._metrics.inc("cache_lookups_total", {"result": "miss" if hit is None else "hit"})
+        if hit is None:
+            return None
+        body = {**hit, "cached": True, "inference_time_ms": round((time.perf_counter() - started) * 1000.0, 3)}
+        self._answered(body)
+        return body
+
+    async def _remember(self, photo: Photo, body: dict[str, Any]) -> None:
+        """Keep an answer under the version that gave it (a switch in between keys it under the new one)."""
+        if photo.key is None or self._cache is None:
+            return
+        key = content_key(photo.digest, body["model_version"])
+        await self._cache.put(key, {k: v for k, v in body.items() if k not in ("inference_time_ms", "cached")})
 
     @staticmethod
-    def _prediction(result: Scored | Explained, started: float) -> dict[str, Any]:
+    def _prediction(result: Scored | Explained, started: float, provenance: dict[str, Any]) -> dict[str, Any]:
         facts = result.model
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        return prediction_of(result.probability, facts.threshold, facts.model_version, elapsed_ms).model_dump()
+        body = prediction_of(result.probability, facts.threshold, facts.model_version, elapsed_ms).model_dump()
+        return {**body, "source_scores": result.source_scores, "provenance": provenance}
 
     def _answered(self, body: dict[str, Any]) -> None:
         """Count one answered photo, under this service's names and the original's, and record its probability."""
-        self._metrics.inc("predictions_total", {"status": "200", "result": body["prediction"]})
+        self._metrics.inc(
+            "predictions_total", {"status": "200", "result": body["prediction"], "version": body["model_version"]}
+        )
         compat.count_answer(self._metrics, body["prediction"], body["confidence"])
         self._metrics.observe("prediction_probability", body["probability"])
 
     def _refused(self, err: ApiError) -> None:
-        self._metrics.inc("predictions_total", {"status": str(err.status), "result": "error"})
+        self._metrics.inc("predictions_total", {"status": str(err.status), "result": "error", "version": "none"})
         compat.count_refusal(self._metrics)
         self._metrics.inc("prediction_errors_total", {"type": err.error})
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -55,14 +57,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 
 METRICS: dict[str, MetricSpec] = {
     "predictions_total": MetricSpec(
         "counter",
-        "Prediction requests (one per file on /predict/batch), by HTTP status and verdict",
-        ("status", "result"),
+        "Prediction requests (one per file on /predict/batch), by HTTP status, verdict and the model version that "
+        "answered (none when none did)",
+        ("status", "result", "version"),
     ),
     "prediction_errors_total": MetricSpec("counter", "Refused or failed requests and files, by error code", ("type",)),
     "prediction_latency_seconds": MetricSpec(
         "histogram",
-        "Server-side time of a prediction request, from the ingress receiving it to answering",
-        ("route",),
+        "Server-side time of a prediction request, from the ingress receiving it to answering, by route and the model "
+        "version that answered (none when none did; a batch: the version of its last answer)",
+        ("route", "version"),
         LATENCY_BUCKETS,
     ),
     "prediction_probability": MetricSpec(
@@ -75,6 +79,22 @@ METRICS: dict[str, MetricSpec] = {
         "histogram", "Images per forward pass of the detector", (), (1, 2, 4, 8, 16, 32, 64, 128, 256)
     ),
     "model_inference_seconds": MetricSpec("histogram", "Detector forward pass time per batch", (), LATENCY_BUCKETS),
+    "model_scores_total": MetricSpec(
+        "counter",
+        "Photos each model version scored (a shadow challenger's too), by verdict; error when its forward pass failed",
+        ("version", "verdict"),
+    ),
+    "model_latency_seconds": MetricSpec(
+        "histogram", "Forward time of the batch that scored a photo, by model version", ("version",), LATENCY_BUCKETS
+    ),
+    "shadow_comparisons_total": MetricSpec(
+        "counter",
+        "Photos a shadow challenger scored beside the champion, by whether their verdicts agreed",
+        ("version", "agree"),
+    ),
+    "cache_lookups_total": MetricSpec(
+        "counter", "Answer cache lookups of the prediction routes: hit, miss (Redis down counts as one)", ("result",)
+    ),
     "model_loads_total": MetricSpec(
         "counter", "Model loads by the detector, by version and result", ("version", "result")
     ),
@@ -137,13 +157,29 @@ def merge_into(total: Delta, delta: Delta) -> None:
 
 
 class MetricsState:
-    """The application's totals; the body of the `MetricsStore` actor, usable without Ray."""
+    """The application's totals, and whether it is stopping; the body of the `MetricsStore` actor, usable without
+    Ray. Every replica hears the draining flag at its next flush, which is how a stopping `aipd serve` tells all of
+    them at once (no Serve handle reaches every replica of a deployment); the ingress replicas report the requests
+    they are answering, so the stop can wait for them."""
 
     def __init__(self) -> None:
         self.totals: Delta = {}
+        self.draining = False
+        self._in_flight: dict[str, int] = {}
 
-    def merge(self, delta: Delta) -> None:
+    def merge(self, delta: Delta, replica: str | None = None, in_flight: int | None = None) -> bool:
+        """Add a replica's delta (and its requests in flight); whether the application is draining."""
         merge_into(self.totals, delta)
+        if replica is not None and in_flight is not None:
+            self._in_flight[replica] = in_flight
+        return self.draining
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def in_flight(self) -> int:
+        """Requests the ingress replicas were answering at their last flush."""
+        return sum(self._in_flight.values())
 
     def read(self, names: tuple[str, ...]) -> Delta:
         return {key: value for key, value in self.totals.items() if key[0] in names}
@@ -223,10 +259,17 @@ def drop_store(app_name: str) -> None:
 class MetricsRecorder:
     """One per replica: cheap local adds on the request path, merged into the application's store off it."""
 
-    def __init__(self, app_name: str, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(
+        self, app_name: str, flush_interval_s: float = FLUSH_INTERVAL_S, in_flight: Callable[[], int] | None = None
+    ) -> None:
+        """``in_flight`` (an ingress replica's count of the requests it is answering) makes every flush report it,
+        even with nothing to add, and learn whether the application is draining."""
         from app.logging import get_logger
 
         self._app_name = app_name
+        self._in_flight = in_flight
+        self._replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.draining = False
         self._delta: Delta = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -252,10 +295,11 @@ class MetricsRecorder:
         with self._flush_lock:
             with self._lock:
                 delta, self._delta = self._delta, {}
-            if not delta:
+            if not delta and self._in_flight is None:
                 return
+            in_flight = None if self._in_flight is None else self._in_flight()
             try:
-                ray.get(self.store().merge.remote(delta), timeout=timeout_s)
+                self.draining = ray.get(self.store().merge.remote(delta, self._replica, in_flight), timeout=timeout_s)
             except Exception as err:  # noqa: BLE001 - metrics must never take a replica down
                 self._store = None
                 with self._lock:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from app.rollout import Ended, Rollout
+
 RefusalKind = Literal["not_ready", "explain_unsupported", "inference_failed"]
 
 
@@ -31,6 +33,7 @@ class Scored:
     batch_size: int = 1
     forward_ms: float = 0.0
     queue_ms: float = 0.0
+    source_scores: dict[str, float] | None = None  # per generator family (and "none"), when the model has the head
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Explained:
     probability: float
     heatmap_png: bytes
     model: ModelFacts
+    source_scores: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,6 @@ class DetectorStatus:
     device: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     model_loaded_at: str | None = None  # ISO-8601 UTC
+    rollout: Rollout | None = None  # the trial this replica runs, if any
+    challenger: ModelFacts | None = None
+    rollout_ended: Ended | None = None  # how the last trial ended

@@ -28,6 +28,13 @@ def train(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray Train workers (one per GPU on GPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Default: GPUs when the cluster has them."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Any timm model name."),
+    challenger: Optional[float] = typer.Option(
+        None,
+        "--challenger",
+        min=0.01,
+        max=100.0,
+        help="Register it as the challenger on a canary of this share of the photos instead of the champion rule.",
+    ),
     address: Optional[str] = AddressOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -35,9 +42,12 @@ def train(
 
     The alias `champion` moves to the new version only if it beats the current champion on the same validation data.
 
+    With --challenger P the new version goes beside the champion as a canary on P% of the photos (`aipd rollout`).
+
     Examples:
       aipd train
       aipd train --data photos/ --epochs 10 --workers 2 --gpu
+      aipd train --data feedback/ --challenger 10
       RAY_ADDRESS=ray://head:10001 aipd train --data s3://bucket/manifest.parquet
     """
     from app.registry import mlflow_ui_hint
@@ -55,6 +65,7 @@ def train(
             "lr": lr,
             "num_workers": workers,
             "use_gpu": gpu,
+            "challenger_percent": challenger,
         },
     )
     from training.progress import epoch_progress
@@ -114,26 +125,31 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: the work directory's reports/)."),
     no_robustness: bool = typer.Option(False, "--no-robustness", help="Skip the robustness sweep."),
+    by_source: bool = typer.Option(
+        False, "--by-source", help="Report the AUROC per generator family (needs a `generator` column)."
+    ),
     address: Optional[str] = AddressOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Evaluate a model on the test split: AUROC, AP, accuracies, TPR at 1% FPR, ECE, robustness sweep.
+    """Evaluate a model on the test split: the verdicts at its threshold (false and true positives there, against the
+    test split's own ROC), calibration (ECE before and after), the robustness sweep by degradation and severity, the
+    share of verdicts that flip after a resize and a re-encoding, and the AUROC per generator family.
 
     Writes Markdown, JSON and PNG plots, and logs them to the model's MLflow run.
 
     Examples:
       aipd evaluate
       aipd evaluate --model models:/aipd-detector/3 --data photos/ --json
-      aipd evaluate --model .aipd/checkpoints/<run_id>
+      aipd evaluate --model .aipd/checkpoints/<run_id> --by-source
     """
     from training.report import evaluate_command
 
     settings = settings_from(config, ray_address=address, data={"path": data})
-    report = evaluate_command(settings, model, out, robustness=not no_robustness)
+    report = evaluate_command(settings, model, out, robustness=not no_robustness, by_source=by_source)
     if as_json:
         print(json.dumps(report.to_json()))
         return
-    print_report(report)
+    print_report(report, by_source=by_source)
     console.print(f"report: {report.files.get('markdown')}")
 
 
@@ -150,14 +166,32 @@ def print_registration(settings: Any, version: str, details: str, champion_messa
     console.print(champion_message)
 
 
-def print_report(report: Any) -> None:
+def print_report(report: Any, by_source: bool = False) -> None:
+    """The test split at the shipped operating point, the robustness sweep with its flipped verdicts, and (when
+    asked) the AUROC per generator family."""
     m = report.metrics
     table = Table(title="test split")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece", "threshold"):
+    for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece"):
         table.add_row(key, f"{m[key]:.4f}")
+    table.add_row("ece before calibration", f"{m['ece_uncalibrated']:.4f}")
+    table.add_row("threshold", f"{m['threshold']:.4f}")
+    target = f"{m['target_fpr']:.1%}"
+    table.add_row(f"false positives at the threshold (target {target})", f"{m['fpr_at_threshold']:.4f}")
+    table.add_row(
+        "AI photos caught at the threshold",
+        f"{m['tpr_at_threshold']:.4f} (at exactly {target} FPR on test: {m['tpr_at_target_fpr']:.4f})",
+    )
     table.add_row("blurred_real_flag_rate", f"{report.blurred_real_flag_rate:.4f}")
     for name, value in report.robustness.items():
-        table.add_row(f"auroc after {name}", f"{value:.4f}")
+        flips = report.flip_rate.get(name)
+        table.add_row(f"auroc after {name}", f"{value:.4f}" + ("" if flips is None else f" ({flips:.1%} flipped)"))
     console.print(table)
+    if by_source:
+        families = Table(title="AUROC of the real photos against each generator family")
+        families.add_column("family")
+        families.add_column("AUROC", justify="right")
+        for name, value in report.by_source.items():
+            families.add_row(name, f"{value:.4f}")
+        console.print(families)

@@ -1,72 +1,55 @@
-"""Evaluation on a held-out split: the metrics, a robustness sweep, and a report in Markdown with two plots.
+"""Evaluation on a held-out split: the verdicts at the shipped operating point, how stable they are, and where the
+detector breaks; a report in Markdown and JSON with its plots.
 
-Scores come from ``app.scoring`` (the same decode and eval preprocessing as serving). The robustness sweep re-encodes
-or blurs each decoded photo before preprocessing, the way a marketplace's own pipeline or a seller's editing would.
+Scores come from ``app.scoring`` (the same decode and eval preprocessing as serving), every variant of a photo from
+one decode of it. The degradations are the ones training draws (``app.degradations``): each at rising severity, and
+a half-size thumbnail re-encoded at quality 75, what a marketplace's own pipeline does to every upload.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFilter
 
-from training.metrics import classification_metrics, reliability_curve
+from app.degradations import SEVERITIES, sweep
+from training.metrics import classification_metrics, expected_calibration_error, reliability_curve, tpr_at_fpr
 
 if TYPE_CHECKING:
     from app.config import ImageLimits
+    from app.scoring import Scores
 
-ROBUSTNESS = ("jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_sigma1")
-
-
-def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
-def downscale(image: Image.Image, factor: float) -> Image.Image:
-    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return image.resize(size, Image.Resampling.BICUBIC)
-
-
-def blur(image: Image.Image, sigma: float) -> Image.Image:
-    return image.filter(ImageFilter.GaussianBlur(sigma))
-
-
-def corruption(name: str) -> Callable[[Image.Image], Image.Image]:
-    """Picklable corruptions, so Ray Data workers can apply them."""
-    table: dict[str, Callable[[Image.Image], Image.Image]] = {
-        "jpeg_q90": functools.partial(jpeg, quality=90),
-        "jpeg_q75": functools.partial(jpeg, quality=75),
-        "jpeg_q50": functools.partial(jpeg, quality=50),
-        "downscale_0.5": functools.partial(downscale, factor=0.5),
-        "blur_sigma1": functools.partial(blur, sigma=1.0),
-    }
-    return table[name]
+CLEAN = "clean"
+# The degradations whose verdict flips are counted: a resize, a re-encoding, and both.
+FLIP_VARIANTS = ("downscale_0.5", "jpeg_q75", "downscale_0.5_then_jpeg_q75")
+SUMMARY_ROBUSTNESS = ("blur_sigma1", "downscale_0.5", "jpeg_q50")  # the three the targets name
 
 
 @dataclass
 class EvaluationReport:
     metrics: dict[str, Any]
-    robustness: dict[str, float]
+    robustness: dict[str, float]  # AUROC after each degradation of the sweep
+    flip_rate: dict[str, float]  # share of photos whose verdict changes after the degradation
     blurred_real_flag_rate: float
     model: str
     data: str
+    by_source: dict[str, float] = field(default_factory=dict)  # AUROC of the reals against each generator family
+    operating_point: dict[str, Any] = field(default_factory=dict)  # how the model's threshold was set
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.metrics.items()}
         out["blurred_real_flag_rate"] = self.blurred_real_flag_rate
         out["robustness"] = dict(self.robustness)
+        out["robustness_curves"] = robustness_curves(self.robustness)
+        out["flip_rate"] = dict(self.flip_rate)
+        out["by_source"] = dict(self.by_source)
+        out["operating_point"] = dict(self.operating_point)
         out["model"] = self.model
         out["data"] = self.data
         return _finite(out)
@@ -79,32 +62,66 @@ class EvaluationReport:
             "",
             f"- model: `{self.model}`",
             f"- data: `{self.data}` (test split, {m['n']} images)",
-            f"- decision threshold: {m['threshold']:.4f} "
-            "(chosen on the validation split for a target false-positive rate)",
+            f"- decision threshold: {m['threshold']:.4f} on the calibrated probability, set on the validation split "
+            f"for a {m['target_fpr']:.1%} false-positive rate",
             "",
             "| metric | value |",
             "| --- | --- |",
         ]
-        for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece"):
+        for key in (
+            "auroc",
+            "ap",
+            "accuracy",
+            "real_accuracy",
+            "ai_accuracy",
+            "fpr_at_threshold",
+            "tpr_at_threshold",
+            "tpr_at_target_fpr",
+            "ece",
+            "ece_uncalibrated",
+        ):
             lines.append(f"| {key} | {m[key]:.4f} |")
         flagged = self.blurred_real_flag_rate
         lines.append(f"| blurred_real_flag_rate (reals blurred with sigma 1, flagged as AI) | {flagged:.4f} |")
         lines += [
             "",
-            "Confusion matrix (rows: truth, columns: verdict)",
+            "Confusion matrix at the threshold (rows: truth, columns: verdict)",
             "",
             "| | real | ai_generated |",
             "| --- | --- | --- |",
             f"| real | {cm['tn']} | {cm['fp']} |",
             f"| ai_generated | {cm['fn']} | {cm['tp']} |",
             "",
-            "Robustness (AUROC after the change)",
+            "Robustness (AUROC after the change) and verdicts that flip",
             "",
-            "| change | AUROC |",
-            "| --- | --- |",
+            "| change | AUROC | verdicts flipped |",
+            "| --- | --- | --- |",
         ]
-        lines += [f"| {name} | {value:.4f} |" for name, value in self.robustness.items()]
+        for name, value in self.robustness.items():
+            flips = self.flip_rate.get(name)
+            lines.append(f"| {name} | {value:.4f} | {'' if flips is None else f'{flips:.4f}'} |")
+        if self.by_source:
+            lines += ["", "AUROC of the real photos against each generator family", "", "| family | AUROC |"]
+            lines += ["| --- | --- |"] + [f"| {name} | {value:.4f} |" for name, value in self.by_source.items()]
         return "\n".join(lines) + "\n"
+
+
+def report_metrics(report: EvaluationReport, prefix: str) -> dict[str, float]:
+    """The report's numbers as MLflow metrics: the top-level ones, then `robust_<change>` (AUROC), `flip_<change>`
+    and `source_auroc_<family>`; undefined ones (one class only) are left out."""
+    values = {k: v for k, v in report.to_json().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values |= {f"robust_{k}": v for k, v in report.robustness.items()}
+    values |= {f"flip_{k}": v for k, v in report.flip_rate.items()}
+    values |= {f"source_auroc_{k}": v for k, v in report.by_source.items()}
+    return {prefix + k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+
+
+def robustness_curves(robustness: dict[str, float]) -> dict[str, list[list[Any]]]:
+    """AUROC per severity for each degradation of the sweep: {"blur": [["blur_sigma0.5", 0.97], ...], ...}."""
+    return {
+        kind: [[name, robustness[name]] for name, _ in variants if name in robustness]
+        for kind, variants in SEVERITIES.items()
+    }
 
 
 def evaluate_loaded(
@@ -115,34 +132,86 @@ def evaluate_loaded(
     model_name: str,
     data_name: str,
     robustness: bool = True,
+    target_fpr: float = 0.01,
 ) -> EvaluationReport:
-    """Score the clean split, every robustness variant, and the blurred reals."""
-    from app.scoring import auroc, score_split
+    """Score the clean split and every degradation of the sweep in one pass; judge the verdicts at the model's
+    threshold; pair each photo's verdicts across the changes; split the AUROC by generator family when the records
+    name one (a `generator` column)."""
+    from app.scoring import auroc, score_variants
 
-    score = functools.partial(score_split, loaded, limits=limits)
-    labels, scores = score(records)
-    if labels.size == 0:
+    # without the sweep, the blurred reals' flag rate still needs its one variant
+    variants = {CLEAN: None, **(sweep() if robustness else sweep(["blur_sigma1"]))}
+    scored = score_variants(loaded, records, limits, variants)
+    clean = scored[CLEAN]
+    if clean.labels.size == 0:
         from app.data import DatasetError
 
         raise DatasetError(f"no readable test images in {data_name}")
-    metrics = classification_metrics(labels, scores, loaded.threshold)
-    metrics["_labels"], metrics["_scores"] = labels, scores
-    sweep: dict[str, float] = {}
-    blurred_scores = None
-    if robustness:
-        for name in ROBUSTNESS:
-            l2, s2 = score(records, corrupt=corruption(name))
-            sweep[name] = auroc(l2, s2)
-            if name == "blur_sigma1":
-                blurred_scores = s2[l2 == 0]
-    if blurred_scores is None:
-        _, blurred_scores = score(records[records["label"] == 0], corrupt=corruption("blur_sigma1"))
-    flag_rate = float((blurred_scores >= loaded.threshold).mean()) if blurred_scores.size else float("nan")
-    return EvaluationReport(metrics, sweep, flag_rate, model_name, data_name)
+    metrics = verdict_metrics(clean, loaded.threshold, target_fpr, loaded.calibration)
+    metrics["_labels"], metrics["_scores"] = clean.labels, clean.probabilities
+    sweep_auroc = {name: auroc(s.labels, s.probabilities) for name, s in scored.items() if name != CLEAN and robustness}
+    blurred = scored["blur_sigma1"]
+    blurred_reals = blurred.probabilities[blurred.labels == 0]
+    flag_rate = float((blurred_reals >= loaded.threshold).mean()) if blurred_reals.size else float("nan")
+    flips = {name: flip_rate(clean, scored[name], loaded.threshold) for name in FLIP_VARIANTS if name in scored}
+    return EvaluationReport(
+        metrics=metrics,
+        robustness=sweep_auroc,
+        flip_rate=flips,
+        blurred_real_flag_rate=flag_rate,
+        model=model_name,
+        data=data_name,
+        by_source=auroc_by_source(clean, records),
+        operating_point=dict(loaded.operating_point),
+    )
+
+
+def verdict_metrics(scores: Scores, threshold: float, target_fpr: float, calibration: Any) -> dict[str, Any]:
+    """The classification metrics at the threshold, the realised false- and true-positive rates there against what
+    the test split's own ROC gives at the target, and the calibration error with and without the calibration."""
+    from app.operating_point import sigmoid
+
+    labels, probabilities = scores.labels, scores.probabilities
+    metrics = classification_metrics(labels, probabilities, threshold)
+    flagged = probabilities >= threshold
+    real, ai = labels == 0, labels == 1
+    metrics["target_fpr"] = float(target_fpr)
+    metrics["fpr_at_threshold"] = float(flagged[real].mean()) if real.any() else float("nan")
+    metrics["tpr_at_threshold"] = float(flagged[ai].mean()) if ai.any() else float("nan")
+    metrics["tpr_at_target_fpr"] = tpr_at_fpr(labels, probabilities, target_fpr)
+    metrics["ece_uncalibrated"] = expected_calibration_error(labels, sigmoid(calibration.raw(scores.logits)))
+    return metrics
+
+
+def flip_rate(clean: Scores, changed: Scores, threshold: float) -> float:
+    """The share of photos (readable in both) whose verdict at the threshold differs after the change."""
+    before = dict(zip(clean.paths, clean.probabilities >= threshold, strict=True))
+    after = dict(zip(changed.paths, changed.probabilities >= threshold, strict=True))
+    common = [path for path in before if path in after]
+    if not common:
+        return float("nan")
+    return float(np.mean([before[path] != after[path] for path in common]))
+
+
+def auroc_by_source(scores: Scores, records: pd.DataFrame) -> dict[str, float]:
+    """For each generator family of the records' `generator` column: the AUROC of every real photo against the AI
+    photos of that family. Empty when the records name no family."""
+    from app.scoring import auroc
+
+    if "generator" not in records.columns:
+        return {}
+    source = dict(zip(records["path"], records["generator"], strict=True))
+    families = np.array([source.get(path) for path in scores.paths], dtype=object)
+    real = scores.labels == 0
+    out: dict[str, float] = {}
+    for family in sorted({f for f, label in zip(families, scores.labels, strict=True) if label == 1 and f}):
+        mask = real | ((scores.labels == 1) & (families == family))
+        out[str(family)] = auroc(scores.labels[mask], scores.logits[mask])
+    return out
 
 
 def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:
-    """Markdown, JSON and two PNG plots (ROC and reliability) under ``out_dir``; returns their paths."""
+    """Markdown, JSON and three PNG plots (ROC, reliability, robustness curves) under ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +253,20 @@ def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:
     fig.tight_layout()
     fig.savefig(files["reliability"], dpi=110)
     plt.close(fig)
+
+    curves = robustness_curves(report.robustness)
+    if any(curves.values()):
+        files["robustness"] = out_dir / "robustness.png"
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.0 * len(curves), 3.6), sharey=True)
+        for ax, (kind, points) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+            ax.plot([name.split("_", 1)[1] for name, _ in points], [value for _, value in points], "o-")
+            ax.axhline(report.metrics["auroc"], color="k", linestyle="--", linewidth=0.8, label="clean")
+            ax.set(title=kind, xlabel="severity", ylim=(0.4, 1.0))
+        np.atleast_1d(axes)[0].set_ylabel("AUROC")
+        np.atleast_1d(axes)[0].legend(loc="lower left")
+        fig.tight_layout()
+        fig.savefig(files["robustness"], dpi=110)
+        plt.close(fig)
     report.files = {k: str(v) for k, v in files.items()}
     return report.files
 
@@ -192,6 +275,8 @@ def _finite(value: Any) -> Any:
     """JSON has no NaN: undefined metrics (one class only) become null."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     return value

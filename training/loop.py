@@ -91,10 +91,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, worker.cfg.epochs):
         metrics = _train_epoch(worker, train_shard)
-        labels, scores, val_loss = _validate(worker, val_shard)
-        metrics = _epoch_metrics(worker, epoch, metrics, labels, scores, val_loss)
+        labels, logits, val_loss = _gather_val(worker, *_validate(worker, val_shard))
+        metrics = _epoch_metrics(worker, epoch, metrics, labels, logits, val_loss)
         best_auroc = max(best_auroc, metrics[SELECTION_METRIC])
-        _report(worker, epoch, metrics, best_auroc)
+        _report(worker, epoch, metrics, best_auroc, (labels, logits))
         if worker.rank == 0:  # after the report, which stores the checkpoint: the driver's watcher reads the epoch
             worker.log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
             if worker.mlflow is not None:
@@ -214,16 +214,18 @@ def _epoch_metrics(
     epoch: int,
     trained: dict[str, float],
     labels: np.ndarray,
-    scores: np.ndarray,
+    logits: np.ndarray,
     val_loss: list[float],
 ) -> dict[str, Any]:
-    """What every rank reports for the epoch, over every worker's share of the data."""
+    """What every rank reports for the epoch, over every worker's share of the data (the validation split is
+    gathered already)."""
+    from app.operating_point import sigmoid, threshold_for_fpr
     from app.scoring import auroc
-    from training.metrics import threshold_for_fpr
 
-    labels, scores, seen_all, loss_all = _gather(labels, scores, trained["seen"], trained["loss_sum"], worker.world)
+    seen_all, loss_all = _gather_sums(trained["seen"], trained["loss_sum"], worker.world)
+    scores = sigmoid(logits)
     val_auroc = auroc(labels, scores)
-    threshold = threshold_for_fpr(labels, scores, worker.cfg.target_fpr)
+    threshold = threshold_for_fpr(scores[labels == 0], worker.cfg.target_fpr)
     flagged = scores >= threshold
     return {
         "epoch": epoch,
@@ -240,11 +242,14 @@ def _epoch_metrics(
     }
 
 
-def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: float) -> None:
-    """Every rank reports; rank 0 alone attaches the checkpoint (model files plus the state a resume needs)."""
+def _report(
+    worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: float, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Every rank reports; rank 0 alone attaches the checkpoint (model files, this epoch's validation scores for the
+    operating point, and the state a resume needs)."""
     import ray.train
 
-    from app.model import PreprocessSettings, save_checkpoint
+    from app.model import PreprocessSettings, save_checkpoint, save_val_scores
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -258,6 +263,7 @@ def _report(worker: _Worker, epoch: int, metrics: dict[str, Any], best_auroc: fl
                 threshold=metrics["val_threshold"],
                 metrics={k: metrics[k] for k in (SELECTION_METRIC, "val_loss", "epoch")},
             )
+            save_val_scores(tmp, *val)
             torch.save(
                 {
                     "model": inner.state_dict(),
@@ -287,10 +293,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def _validate(worker: _Worker, shard: Any) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(labels, raw logits, per-batch losses) of this worker's shard of the validation split."""
     from app.transforms import to_model_input
 
     worker.model.eval()
-    labels, scores, losses = [], [], []
+    labels, outputs, losses = [], [], []
     for batch in shard.iter_torch_batches(
         batch_size=worker.cfg.batch_size, dtypes={"image": torch.uint8, "label": torch.float32}
     ):
@@ -299,27 +306,39 @@ def _validate(worker: _Worker, shard: Any) -> tuple[np.ndarray, np.ndarray, list
         with worker.autocast:
             logits = _unwrap(worker.model)(x)
         losses.append(worker.loss_fn(logits.float(), y).item())
-        scores.append(torch.sigmoid(logits.double()).cpu().numpy())
+        # float64: float32 sigmoid rounds nearby logits into ties, which blunts AUROC and the threshold
+        outputs.append(logits.double().cpu().numpy())
         labels.append(y.cpu().numpy())
     if not labels:
         return np.zeros(0), np.zeros(0), losses
-    return np.concatenate(labels), np.concatenate(scores), losses
+    return np.concatenate(labels), np.concatenate(outputs), losses
 
 
-def _gather(labels: np.ndarray, scores: np.ndarray, seen: int, loss_sum: float, world: int):
+def _gather_val(
+    worker: _Worker, labels: np.ndarray, logits: np.ndarray, losses: list[float]
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Every rank gets every validation score: AUROC and the threshold need the whole split, not a shard."""
-    if world == 1:
-        return labels, scores, seen, loss_sum
+    if worker.world == 1:
+        return labels, logits, losses
     import torch.distributed as dist
 
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, (labels, scores, seen, loss_sum))
+    parts: list[Any] = [None] * worker.world
+    dist.all_gather_object(parts, (labels, logits, losses))
     return (
         np.concatenate([p[0] for p in parts]),
         np.concatenate([p[1] for p in parts]),
-        sum(p[2] for p in parts),
-        sum(p[3] for p in parts),
+        [loss for p in parts for loss in p[2]],
     )
+
+
+def _gather_sums(seen: int, loss_sum: float, world: int) -> tuple[int, float]:
+    if world == 1:
+        return seen, loss_sum
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (seen, loss_sum))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def _gather_nodes(world: int) -> set[str]:

@@ -1,32 +1,16 @@
 """Detection metrics on scores in [0, 1] where 1 means AI-generated.
 
-The costly mistake for a marketplace is flagging an honest seller's real photo, so the decision threshold is set
-from the real photos' scores for a target false-positive rate, not at 0.5.
+How the threshold is chosen, and the calibration, live in `app.operating_point`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_curve
 
 from app.scoring import auroc
-
-
-def threshold_for_fpr(labels: np.ndarray, scores: np.ndarray, target_fpr: float) -> float:
-    """The lowest threshold whose false-positive rate on the reals stays at or under ``target_fpr``.
-
-    A score is flagged when ``score >= threshold``; the threshold sits just above the real score that must not be
-    flagged, so at most ``floor(target_fpr * n_real)`` reals are flagged.
-    """
-    real = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0])
-    if real.size == 0:
-        return 0.5
-    allowed = int(math.floor(target_fpr * real.size))
-    cut = real[real.size - allowed - 1]
-    return float(min(1.0, np.nextafter(cut, np.inf)))
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_target: float) -> float:

@@ -105,8 +105,8 @@ def epoch_progress(console: Any, epochs: int, title: str = "training") -> Iterat
     ) as progress:
         task = progress.add_task(title, total=epochs, last="")
 
-        def on_epoch(report: EpochReport) -> None:
-            progress.update(task, completed=report.epoch + 1, last=epoch_line(report))
+        def on_epoch(report: EpochReport) -> None:  # the run's own count: a run on GPUs may be sized for them
+            progress.update(task, total=report.epochs, completed=report.epoch + 1, last=epoch_line(report))
 
         yield on_epoch
 

@@ -19,37 +19,78 @@ from app.config import Settings
 from app.data import DatasetIndex, index_dataset, resolve_data_path
 from app.errors import UserError
 from app.logging import get_logger
+from app.operating_point import OperatingPoint
 from app.scoring import SELECTION_METRIC
 
 log = get_logger("aipd.train")
 
 
+def fit_checkpoint_operating_point(
+    settings: Settings, checkpoint_dir: Path, val_records: pd.DataFrame
+) -> tuple[OperatingPoint, float]:
+    """Calibrate a checkpoint and set its threshold on the validation split, written into its config.json, so that
+    whoever loads it (evaluation, the service, a scan) answers with that operating point. Returns it and the
+    validation AUROC (which calibration does not change)."""
+    from app.model import load_checkpoint, read_val_scores, set_operating_point
+    from app.operating_point import fit_operating_point
+    from app.scoring import auroc, score_variants
+
+    saved = read_val_scores(checkpoint_dir)
+    if saved is not None and len(saved[0]) == len(val_records):  # the training's own scores of this split
+        labels, raw = saved
+    else:
+        loaded = load_checkpoint(checkpoint_dir)
+        scores = score_variants(loaded, val_records, settings.images, {"": None})[""]
+        labels, raw = scores.labels, loaded.calibration.raw(scores.logits)
+    point = fit_operating_point(labels, raw, settings.train.target_fpr)
+    set_operating_point(checkpoint_dir, point)
+    val_auroc = auroc(labels, raw)
+    return point, 0.0 if math.isnan(val_auroc) else val_auroc
+
+
 def register_checkpoint(
     settings: Settings, checkpoint_dir: Path, run_id: str, val_records: pd.DataFrame, tags: dict[str, Any]
 ) -> tuple[Any, float, bool, str]:
-    """Score a checkpoint on validation, register it under ``run_id`` and apply the champion rule.
+    """Fit the checkpoint's operating point on validation, register it under ``run_id`` and apply the champion rule.
 
-    Returns (registered version, val AUROC, whether champion moved, the rule's sentence); training and tuning share it.
+    Returns (registered version, val AUROC, whether champion moved, the rule's sentence); training, tuning and the
+    demo share it.
     """
+    point, val_auroc = fit_checkpoint_operating_point(settings, checkpoint_dir, val_records)
+    return _register_fitted(settings, checkpoint_dir, run_id, val_records, point, val_auroc, tags)
+
+
+def _register_fitted(
+    settings: Settings,
+    checkpoint_dir: Path,
+    run_id: str,
+    val_records: pd.DataFrame,
+    point: OperatingPoint,
+    val_auroc: float,
+    tags: dict[str, Any],
+) -> tuple[Any, float, bool, str]:
     from app.model import load_checkpoint
-    from app.registry import apply_champion_rule, log_detector
-    from app.scoring import validation_auroc
+    from app.registry import apply_champion_rule, get_alias_version, log_detector
 
     loaded = load_checkpoint(checkpoint_dir)
-    val_auroc = validation_auroc(loaded, val_records, settings.images)
     version = log_detector(
         settings,
         checkpoint_dir,
         run_id=run_id,
         tags={
-            "threshold": loaded.threshold,
+            **point.tags(),
             "crop_size": loaded.preprocess.crop_size,
             SELECTION_METRIC: round(val_auroc, 6),
-            "target_fpr": settings.train.target_fpr,
             "backbone": loaded.model_cfg.backbone,
             **tags,
         },
     )
+    percent = settings.train.challenger_percent
+    if percent is not None and get_alias_version(settings) is not None:
+        from app.rollout import start_rollout
+
+        rollout = start_rollout(settings, version.version, percent, started_by="aipd train --challenger")
+        return version, val_auroc, False, f"version {version.version} is the challenger on {rollout.percent:g}%"
     moved, message = apply_champion_rule(settings, version.version, val_auroc, val_records)
     return version, val_auroc, moved, message
 
@@ -74,15 +115,19 @@ class Registration:
 def evaluate_and_register(
     settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str
 ) -> Registration:
-    """The end of a training: the test-split report logged to its run, then registration and the champion rule."""
+    """The end of a training: the operating point fitted on validation, the test-split report at it logged to its
+    run, then registration and the champion rule."""
     import mlflow
 
+    point, val_auroc = fit_checkpoint_operating_point(settings, checkpoint_dir, index.split("val"))
     report = _evaluate_and_log(settings, checkpoint_dir, index, data_path, run_id)
-    version, val_auroc, moved, message = register_checkpoint(
+    version, val_auroc, moved, message = _register_fitted(
         settings,
         checkpoint_dir,
         run_id,
         index.split("val"),
+        point,
+        val_auroc,
         tags={"test_auroc": round(report.metrics["auroc"], 6), "data": data_path},
     )
     with mlflow.start_run(run_id=run_id):
@@ -155,22 +200,20 @@ def _evaluate_and_log(settings: Settings, checkpoint_dir: Path, index: DatasetIn
     import mlflow
 
     from app.model import load_checkpoint
-    from training.evaluate import evaluate_loaded, write_report
+    from training.evaluate import evaluate_loaded, report_metrics, write_report
 
     loaded = load_checkpoint(checkpoint_dir)
     report = evaluate_loaded(
-        loaded, index.split("test"), settings.images, model_name=str(checkpoint_dir), data_name=data_path
+        loaded,
+        index.split("test"),
+        settings.images,
+        model_name=str(checkpoint_dir),
+        data_name=data_path,
+        target_fpr=settings.train.target_fpr,
     )
     report_dir = settings.work_dir.resolve() / "reports" / run_id
     write_report(report, report_dir)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(
-            {
-                f"test_{k}": v
-                for k, v in report.to_json().items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-        )
-        mlflow.log_metrics({f"test_robust_{k}": v for k, v in report.robustness.items() if not math.isnan(v)})
+        mlflow.log_metrics(report_metrics(report, "test_"))
         mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")
     return report

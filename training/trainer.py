@@ -29,23 +29,27 @@ log = get_logger("aipd.train")
 def decode_options(
     settings: Settings, *, train: bool, crop_size: int, augment_prob: float | None = None
 ) -> DecodeOptions:
+    """How a split is read: augmented for training (``augment_prob``, from a search, replaces every degradation's
+    probability), plain for validation."""
+    from app.degradations import DegradationConfig
     from app.transforms import AugmentConfig
 
     aug = settings.train.augment
-    blur_prob = aug.blur_prob if augment_prob is None else augment_prob
-    jpeg_prob = aug.jpeg_prob if augment_prob is None else augment_prob
+    probs = {"blur_prob": aug.blur_prob, "downscale_prob": aug.downscale_prob, "jpeg_prob": aug.jpeg_prob}
+    if augment_prob is not None:
+        probs = dict.fromkeys(probs, augment_prob)
+    degradations = DegradationConfig(
+        blur_sigma=(0.2, aug.blur_sigma_max),
+        downscale_factor=(aug.downscale_min, 0.9),
+        upscale_back_prob=aug.upscale_back_prob,
+        jpeg_quality=(aug.jpeg_quality_min, 95),
+        **probs,
+    )
     return DecodeOptions(
         crop_size=crop_size,
         train=train,
         limits=settings.images,
-        augment=AugmentConfig(
-            blur_prob=blur_prob,
-            blur_sigma=(0.1, aug.blur_sigma_max),
-            jpeg_prob=jpeg_prob,
-            jpeg_quality=(aug.jpeg_quality_min, 95),
-        )
-        if train
-        else None,
+        augment=AugmentConfig(degradations=degradations) if train else None,
         log_format=settings.log_format,
         seed=settings.train.seed if train else None,
     )
@@ -99,8 +103,8 @@ def build_trainer(
     train_options = decode_options(settings, train=True, crop_size=hp["crop_size"], augment_prob=hp["augment_prob"])
     val_options = decode_options(settings, train=False, crop_size=hp["crop_size"])
     datasets = {  # paths stay behind: workers only need pixels and labels as tensors
-        "train": to_ray_dataset(train_records, train_options).drop_columns(["path"]),
-        "val": to_ray_dataset(val_records, val_options).drop_columns(["path"]),
+        "train": to_ray_dataset(train_records, train_options).drop_columns(["path", "variant"]),
+        "val": to_ray_dataset(val_records, val_options).drop_columns(["path", "variant"]),
     }
     resources = {"CPU": t.cpus_per_worker}
     return TorchTrainer(
@@ -171,7 +175,7 @@ def run_training(settings: Settings, on_epoch: OnEpoch | None = None) -> TrainOu
     """
     import mlflow
 
-    from app.ray_runtime import cluster_has_gpus, init_ray
+    from app.ray_runtime import init_ray, sized_for_cluster
     from app.registry import registry_unreachable, setup_mlflow
 
     started = time.perf_counter()
@@ -179,7 +183,8 @@ def run_training(settings: Settings, on_epoch: OnEpoch | None = None) -> TrainOu
     index = index_dataset(data_path)
     index.require_splits("train", "val", "test")
     init_ray(settings)
-    use_gpu = settings.train.use_gpu if settings.train.use_gpu is not None else cluster_has_gpus()
+    settings = sized_for_cluster(settings)
+    use_gpu = bool(settings.train.use_gpu)
     experiment_id = setup_mlflow(settings)
     client = mlflow.MlflowClient()
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from app.cli_common import ConfigOpt, console, fail, handle_errors, new_app, settings_from, warn
+from app.cli_common import (
+    ConfigOpt,
+    catch_stop_signals,
+    console,
+    fail,
+    handle_errors,
+    ignore_stop_signals,
+    new_app,
+    settings_from,
+    warn,
+)
 from app.contract import API_KEY_HEADER
 
 cli = new_app()
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 @cli.command("ui")
@@ -57,13 +62,13 @@ def ui_command(
     except ServiceError as err:
         warn(f"{failure_text(err)} The page will say so until it answers.")
     process = start_ui(settings, target, settings.ui.port)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a `kill` must not orphan the Streamlit server
+    catch_stop_signals()  # a `kill` or a closed terminal must not orphan the Streamlit server
     try:
         url = wait_until_up(settings.ui.port, host=settings.ui.host, process=process)
         console.print(f"UI: [bold]{url}[/bold]  (API: {target}; Ctrl-C stops it)", highlight=False)
         process.wait()
     finally:
+        ignore_stop_signals()
         stop_ui(process)
-        signal.signal(signal.SIGTERM, previous)
     if process.returncode not in (0, -15, None):
         fail(f"the Streamlit server exited with code {process.returncode}")

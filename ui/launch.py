@@ -16,6 +16,7 @@ from typing import IO
 from app.child_process import wait_for_health
 from app.config import Settings, reachable_url
 from app.errors import UserError
+from app.processes import OWNER_ENV, owner_marker
 
 APP_PATH = Path(__file__).resolve().parent / "streamlit_app.py"
 REPO_ROOT = APP_PATH.parent.parent
@@ -75,6 +76,7 @@ def start_ui(
     for name in [name for name in env if name.startswith("AIPD_UI__")]:
         del env[name]  # the resolved settings below are the whole truth, not a stale variable of the parent
     env.update(ui_environment(settings, api_url))
+    env[OWNER_ENV] = owner_marker()  # a page left by a killed command is found at the next start (app/processes.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(
         streamlit_command(host or settings.ui.host, port),

@@ -111,7 +111,7 @@ def _cached(out_dir: Path, key: dict) -> DemoSummary | None:
 
 def build_demo_dataset(
     out_dir: Path,
-    images_per_class: int = 1200,
+    images_per_class: int = 1400,
     size: int = 128,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,

@@ -7,9 +7,9 @@ older recipe is then rebuilt).
 
 from __future__ import annotations
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 LABELS = ("real", "ai_generated")
-SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+SPLIT_FRACTIONS = {"train": 0.60, "val": 0.20, "test": 0.20}
 JPEG_QUALITY = (80, 95)  # both classes, drawn once per pair
 SOFTEN_PROB = 0.22  # share of reals softened after capture (blur sigma below)
 SOFTEN_SIGMA = (0.5, 1.3)

@@ -1,8 +1,10 @@
 """The real photographs that scenes borrow backgrounds and textures from.
 
-Only images that ship inside installed wheels are used, so the demo builds offline. Each photo is assigned to
-one split: val and test scenes then contain pixels of photos the training split never saw, which is what makes
-their score a test of generalisation rather than of memorised backgrounds.
+Only images that ship inside installed wheels are used, so the demo builds offline. Each photo is either a training
+photo or a held-out one: val and test scenes contain only pixels of photos the training split never saw, which is
+what makes their score a test of generalisation rather than of memorised backgrounds. Val and test draw from the same
+held-out photos, so that validation looks like the new photos the test stands for: the threshold and calibration
+set on it must hold there (benchmarks/RESULTS.md, "Verdicts", has what separate photos did to them).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class SourcePhoto:
     relpath: str
     colour: bool
     licence: str
-    split: str
+    split: str  # "train" or "held_out" (the photos of both the val and the test split)
 
 
 SOURCE_PHOTOS: tuple[SourcePhoto, ...] = (
@@ -35,15 +37,16 @@ SOURCE_PHOTOS: tuple[SourcePhoto, ...] = (
     SourcePhoto("hubble_deep_field", "skimage", "data/hubble_deep_field.jpg", True, "public domain (NASA)", "train"),
     SourcePhoto("camera", "skimage", "data/camera.png", False, "CC0 (Lav Varshney)", "train"),
     SourcePhoto("grass", "skimage", "data/grass.png", False, "CC0 (linolafett, DeviantArt)", "train"),
-    SourcePhoto("rocket", "skimage", "data/rocket.jpg", True, "public domain (SpaceX)", "val"),
-    SourcePhoto("retina", "skimage", "data/retina.jpg", True, "CC0 (Mikael Häggström, Wikimedia)", "val"),
-    SourcePhoto("brick", "skimage", "data/brick.png", False, "CC0 (CC0Textures Bricks25)", "val"),
-    SourcePhoto("coffee", "skimage", "data/coffee.png", True, "CC0 (Rachel Michetti)", "test"),
-    SourcePhoto("flower", "sklearn", "datasets/images/flower.jpg", True, "CC BY 2.0 (vultilion, Flickr)", "test"),
-    SourcePhoto("gravel", "skimage", "data/gravel.png", False, "CC0 (CC0Textures Gravel04)", "test"),
+    SourcePhoto("rocket", "skimage", "data/rocket.jpg", True, "public domain (SpaceX)", "held_out"),
+    SourcePhoto("retina", "skimage", "data/retina.jpg", True, "CC0 (Mikael Häggström, Wikimedia)", "held_out"),
+    SourcePhoto("brick", "skimage", "data/brick.png", False, "CC0 (CC0Textures Bricks25)", "held_out"),
+    SourcePhoto("coffee", "skimage", "data/coffee.png", True, "CC0 (Rachel Michetti)", "held_out"),
+    SourcePhoto("flower", "sklearn", "datasets/images/flower.jpg", True, "CC BY 2.0 (vultilion, Flickr)", "held_out"),
+    SourcePhoto("gravel", "skimage", "data/gravel.png", False, "CC0 (CC0Textures Gravel04)", "held_out"),
 )
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+PHOTO_SETS: dict[str, str] = {"train": "train", "val": "held_out", "test": "held_out"}  # split -> its photos
 
 
 class SourcePhotoMissingError(UserError, RuntimeError):
@@ -77,4 +80,4 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def photos_for_split(split: str) -> tuple[SourcePhoto, ...]:
-    return tuple(p for p in SOURCE_PHOTOS if p.split == split)
+    return tuple(p for p in SOURCE_PHOTOS if p.split == PHOTO_SETS[split])

@@ -49,7 +49,8 @@ def test_csv_manifest_with_relative_paths_and_mixed_labels(tmp_path: Path) -> No
         f"path,label,split\nimgs/a.jpg,real,train\nimgs/b.jpg,1,test\n{c},ai_generated,val\n"
     )
     index = index_dataset(str(tmp_path / "manifest.csv"))
-    rows = {Path(p).name: (label, split) for p, label, split in index.records.itertuples(index=False)}
+    columns = index.records[["path", "label", "split"]]
+    rows = {Path(p).name: (label, split) for p, label, split in columns.itertuples(index=False)}
     assert rows == {"a.jpg": (0, "train"), "b.jpg": (1, "test"), "c.jpg": (1, "val")}
     assert Path(index.records["path"][0]).is_absolute() and a.exists() and b.exists()
 

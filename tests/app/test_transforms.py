@@ -5,9 +5,17 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from app.degradations import DegradationConfig
 from app.transforms import AugmentConfig, eval_preprocess, to_model_input, train_augment
 
-NO_AUG = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip_prob=0.0)
+
+def augment(flip_prob: float = 0.0, **degradations: object) -> AugmentConfig:
+    """Only the degradations named, at the probabilities given."""
+    none = {"blur_prob": 0.0, "downscale_prob": 0.0, "jpeg_prob": 0.0}
+    return AugmentConfig(degradations=DegradationConfig(**{**none, **degradations}), flip_prob=flip_prob)
+
+
+NO_AUG = augment()
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -47,7 +55,7 @@ def test_eval_preprocess_accepts_non_rgb():
 
 def test_train_augment_shape_dtype_and_determinism():
     image = _noise(300, 200)
-    aug = AugmentConfig(blur_prob=0.5, jpeg_prob=0.5)
+    aug = augment(flip_prob=0.5, blur_prob=0.5, downscale_prob=0.5, jpeg_prob=0.5)
     first = [train_augment(image, 96, aug, np.random.default_rng(3)) for _ in range(2)]
     assert first[0].shape == (96, 96, 3) and first[0].dtype == np.uint8
     assert np.array_equal(first[0], first[1])
@@ -70,7 +78,7 @@ def test_train_crop_is_a_window_of_the_source_at_native_resolution():
 
 def test_flip_prob_one_mirrors_the_crop():
     image = _noise(100, 80)
-    flip = AugmentConfig(blur_prob=0.0, jpeg_prob=0.0, flip_prob=1.0)
+    flip = augment(flip_prob=1.0)
     flipped = train_augment(image, 48, flip, np.random.default_rng(5))
     plain = train_augment(image, 48, NO_AUG, np.random.default_rng(5))  # same draws, same position
     assert np.array_equal(flipped, plain[:, ::-1])
@@ -87,12 +95,13 @@ def _high_frequency(crop: np.ndarray) -> float:
     return float(np.abs(np.diff(grey, axis=1)).mean())
 
 
-BLUR_ONLY = AugmentConfig(blur_prob=1.0, blur_sigma=(1.5, 2.0), jpeg_prob=0.0, flip_prob=0.0)
-JPEG_ONLY = AugmentConfig(blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(40, 50), flip_prob=0.0)
+BLUR_ONLY = augment(blur_prob=1.0, blur_sigma=(1.5, 2.0))
+JPEG_ONLY = augment(jpeg_prob=1.0, jpeg_quality=(40, 50))
+DOWNSCALE_ONLY = augment(downscale_prob=1.0, downscale_factor=(0.5, 0.5), upscale_back_prob=0.0)
 
 
-@pytest.mark.parametrize("aug", [BLUR_ONLY, JPEG_ONLY], ids=["blur", "jpeg"])
-def test_blur_and_jpeg_are_applied_at_prob_one(aug):
+@pytest.mark.parametrize("aug", [BLUR_ONLY, JPEG_ONLY, DOWNSCALE_ONLY], ids=["blur", "jpeg", "downscale"])
+def test_each_degradation_is_applied_at_prob_one(aug):
     image = _noise(160, 120)
     changed = train_augment(image, 64, aug, np.random.default_rng(1))
     plain = train_augment(image, 64, NO_AUG, np.random.default_rng(1))  # same draws, same position
@@ -119,10 +128,11 @@ def test_jpeg_leaves_8x8_block_artifacts():
 def test_blur_matches_blurring_the_whole_image():
     # the context window must make the crop identical to blurring the full photo first
     image = _noise(200, 160)
-    aug = AugmentConfig(blur_prob=1.0, blur_sigma=(2.0, 2.0), jpeg_prob=0.0, flip_prob=0.0)
-    crop = train_augment(image, 64, aug, np.random.default_rng(2))
+    aug = augment(blur_prob=1.0, blur_sigma=(2.0, 2.0))
     whole = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=2.0)))
-    assert _find_window(whole, crop) is not None
+    for seed in range(3):
+        crop = train_augment(image, 64, aug, np.random.default_rng(seed))
+        assert _find_window(whole, crop) is not None
 
 
 def test_probabilities_zero_leave_pixels_untouched():
@@ -167,10 +177,41 @@ def test_to_model_input_refuses_other_layouts(bad):
 def test_jpeg_matches_recompressing_the_whole_image():
     # the context window starts on the MCU grid, so block boundaries fall where whole-image JPEG puts them
     image = _noise(400, 300, seed=9)
-    aug = AugmentConfig(blur_prob=0.0, jpeg_prob=1.0, jpeg_quality=(60, 60), flip_prob=0.0)
+    aug = augment(jpeg_prob=1.0, jpeg_quality=(60, 60))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=60)
     whole = np.asarray(Image.open(buffer).convert("RGB"))
     for seed in range(3):
         crop = train_augment(image, 96, aug, np.random.default_rng(seed))
         assert _find_window(whole, crop) is not None
+
+
+def test_a_downscale_gives_a_crop_of_the_smaller_photo_at_its_own_resolution():
+    # the window around the crop is as wide as the crop's context before the photo shrinks, so the crop is a
+    # window of the whole photo downscaled (the resampling filter sees the same pixels)
+    image = _noise(600, 480, seed=3)
+    small = np.asarray(image.resize((300, 240), Image.Resampling.BICUBIC))
+    found = 0
+    for seed in range(4):
+        crop = train_augment(image, 64, DOWNSCALE_ONLY, np.random.default_rng(seed))
+        assert crop.shape == (64, 64, 3)
+        inner = crop[4:-4, 4:-4]  # a pixel of rounding in the window's placement moves the filter's phase at most
+        found += any(
+            np.abs(small[t : t + 56, x : x + 56].astype(int) - inner.astype(int)).max() <= 2
+            for t in range(0, 240 - 56)
+            for x in range(0, 300 - 56)
+            if abs(int(small[t, x, 0]) - int(inner[0, 0, 0])) <= 2
+        )
+    assert found >= 3
+
+
+def test_every_image_draws_the_same_random_numbers():
+    # the crop of a photo with no degradation fired is where it would be with every one of them off
+    image = _noise(90, 70)
+    heavy = augment(blur_prob=0.3, downscale_prob=0.3, jpeg_prob=0.3)
+    for seed in range(20):
+        crop = train_augment(image, 48, heavy, np.random.default_rng(seed))
+        plain = train_augment(image, 48, NO_AUG, np.random.default_rng(seed))
+        unchanged = _find_window(np.asarray(image), crop)
+        if unchanged is not None:
+            assert np.array_equal(crop, plain)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cluster.local_cluster import alive_node_count, group_members, load_cluster
+from app.ray_nodes import group_members
+from cluster.local_cluster import alive_node_count, load_cluster
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow

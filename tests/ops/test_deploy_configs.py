@@ -121,8 +121,15 @@ def test_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
 
 def test_compose_services_ports_healthchecks_and_restart_policies() -> None:
     services = resolved_compose()["services"]
-    expected_ports = {"ray-head": {8265, 8000}, "mlflow": {5000}, "ui": {8501}, "prometheus": {9090}, "grafana": {3000}}
-    assert set(services) == set(expected_ports) | {"ray-worker", "ray-worker-gpu"}
+    expected_ports = {
+        "ray-head": {8265, 8000},
+        "mlflow": {5000},
+        "ui": {8501},
+        "prometheus": {9090},
+        "alertmanager": {9093},
+        "grafana": {3000},
+    }
+    assert set(services) == set(expected_ports) | {"ray-worker", "ray-worker-gpu", "redis"}
     for name, service in services.items():
         published = {p["target"] for p in service.get("ports", [])}
         assert published == expected_ports.get(name, set()), name
@@ -139,6 +146,10 @@ def test_compose_services_ports_healthchecks_and_restart_policies() -> None:
     for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
         env = services[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["AIPD_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert env["FORWARDED_ALLOW_IPS"] == "", f"{name} would trust a client's X-Forwarded-For"
+    # the answer cache every ingress replica shares, up before the service
+    assert services["ray-head"]["environment"]["AIPD_SERVE__CACHE_URL"] == "redis://redis:6379/0"
+    assert "redis" in services["ray-head"]["depends_on"] and not services["redis"].get("ports")
 
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:

@@ -192,3 +192,11 @@ def test_the_drift_alerts_use_the_thresholds_drift_reports_use() -> None:
     shifts = {q.name: q.expr for q in rule_queries() if q.kind == "record" and q.name.endswith("_shift_1h")}
     assert drift.MEAN_RULE in shifts["aipd:prediction_probability:mean_shift_1h"]
     assert drift.AI_SHARE_RULE in shifts["aipd:prediction_ai_generated:ratio_shift_1h"]
+
+
+def test_the_drift_alert_names_that_start_a_retraining_are_the_rules_own() -> None:
+    from app.drift import ALERT_RULES, DRIFT_ALERTS
+
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    assert set(DRIFT_ALERTS) <= names

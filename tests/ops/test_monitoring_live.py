@@ -89,6 +89,7 @@ def _test_config(session_dir: str, service_port: int, out: Path) -> Path:
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(p) for p in rule_files()]
+    config.pop("alerting", None)  # no Alertmanager here (tests/ops/test_retrain_on_drift.py has one)
     for job in config["scrape_configs"]:
         if job["job_name"] == "ray":
             sd = job["file_sd_configs"][0]

@@ -61,6 +61,10 @@ def test_serve_dry_run_writes_a_valid_config(cli: typer.Typer, tmp_path: Path) -
         "torch_threads": None,
         "precision": "auto",
         "cuda_graphs": True,
+        "rollout_min_requests": 50,
+        "rollout_error_margin": 0.05,
+        "rollout_latency_margin": 0.5,
+        "rollout_max_disagreement": 0.2,
     }
     assert config["http_options"]["port"] == 9100
 

@@ -124,7 +124,8 @@ def test_token_bucket_allows_a_minute_of_burst_then_refills() -> None:
 
     now = [0.0]
     limiter = RateLimiter(per_minute=6, clock=lambda: now[0])
-    alice, bob = client_identity("alice-key", "10.0.0.1"), client_identity(None, "10.0.0.1")
+    alice = client_identity("alice-key", "10.0.0.1", addresses_trusted=True)
+    bob = client_identity(None, "10.0.0.1", addresses_trusted=True)
     for _ in range(6):
         limiter.acquire(alice)
     with pytest.raises(ApiError) as err:
@@ -138,6 +139,17 @@ def test_token_bucket_allows_a_minute_of_burst_then_refills() -> None:
     RateLimiter(per_minute=0).acquire(alice)  # 0 turns the limit off
 
 
+def test_without_a_key_or_a_trustworthy_address_nobody_is_limited() -> None:
+    """Behind HAProxy every request comes from HAProxy's address: counting it would make one bucket for all."""
+    from serving.guards import RateLimiter, client_identity
+
+    assert client_identity(None, "127.0.0.1", addresses_trusted=False) is None
+    assert client_identity("k", "127.0.0.1", addresses_trusted=False) == "key:k"
+    limiter = RateLimiter(per_minute=1)
+    for _ in range(5):
+        limiter.acquire(None)
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 def test_metrics_from_several_replicas_add_up() -> None:
     from prometheus_client.parser import text_string_to_metric_families
@@ -147,16 +159,16 @@ def test_metrics_from_several_replicas_add_up() -> None:
     state = MetricsState()
     for replica in range(3):
         delta: dict = {}
-        add_counter(delta, "predictions_total", 2, {"status": "200", "result": "real"})
+        add_counter(delta, "predictions_total", 2, {"status": "200", "result": "real", "version": "3"})
         add_observation(delta, "prediction_batch_size", 1 + replica * 4)
-        add_observation(delta, "prediction_latency_seconds", 0.02, {"route": "predict"})
+        add_observation(delta, "prediction_latency_seconds", 0.02, {"route": "predict", "version": "3"})
         state.merge(delta)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(state.render().decode())
         for s in family.samples
     }
-    assert samples[("predictions_total", (("result", "real"), ("status", "200")))] == 6
+    assert samples[("predictions_total", (("result", "real"), ("status", "200"), ("version", "3")))] == 6
     assert samples[("prediction_batch_size_count", ())] == 3
     assert samples[("prediction_batch_size_sum", ())] == 1 + 5 + 9
     assert samples[("prediction_batch_size_bucket", (("le", "1.0"),))] == 1

@@ -1,0 +1,204 @@
+"""Ray nodes started as `ray start --block` processes, each in a process session of its own.
+
+Why a session of its own: a supervisor that stops a command signals its whole process group (so does a terminal that
+closes), and Ray's processes in that group would die at once, mid-request, before the command could drain its
+service. A node in its own session hears only the command that owns it, which stops it last, after the requests in
+flight were answered. `aipd serve` and `aipd demo` run their local cluster this way (`OwnedCluster`); `aipd cluster
+up` starts its nodes with the same helpers and keeps their process groups in a state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Settings
+from app.errors import UserError
+
+WORKER_PORT_SPAN = 200  # worker ports of one raylet; two clusters on one machine must not share a range
+
+
+class NodeStartError(UserError, RuntimeError):
+    """A Ray node did not come up; the message says where its log is."""
+
+
+def ray_binary() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a `ray` command, with Ray's token auth (its default) and ``extra``."""
+    env = {**os.environ, **(extra or {})}
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def use_token_auth() -> None:
+    """Speak Ray's token auth in this process, as every node this project starts does. Ray reads the mode once, when
+    it is first imported, so the command's entry point calls this before anything imports Ray."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def ensure_auth_token() -> None:
+    """`ray start` refuses to run with token auth and no token (`ray.init` makes one on a fresh machine)."""
+    subprocess.run(
+        [ray_binary(), "get-auth-token", "--generate"],
+        env=ray_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        timeout=60,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_range(span: int) -> int:
+    """The start of ``span`` consecutive ports that are free now (for a raylet's worker processes)."""
+    for base in range(30000, 60000 - span, span):
+        if all(port_free(port) for port in (base, base + span // 2, base + span - 1)):
+            return base
+    raise NodeStartError("no free port range for Ray workers")
+
+
+def node_ports(used_bases: list[int]) -> dict[str, int]:
+    """Ports of their own for one node's raylet, object manager, agents and workers (`ray start` flag names)."""
+    base = free_range(WORKER_PORT_SPAN)
+    while base in used_bases:
+        base += WORKER_PORT_SPAN
+    used_bases.append(base)
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    ports = {name: free_port() for name in names}
+    ports["min-worker-port"] = base
+    ports["max-worker-port"] = base + WORKER_PORT_SPAN - 1
+    return ports
+
+
+def start_node(args: list[str], log_path: Path, env: dict[str, str]) -> int:
+    """`ray start --block ARGS` in a new session (its pid is its process group's id), output to ``log_path``."""
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, which outlives this function
+    process = subprocess.Popen(
+        [ray_binary(), "start", "--block", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=ray_env(env),
+        start_new_session=True,
+    )
+    return process.pid
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_groups(groups: list[int], grace_s: float = 15.0) -> None:
+    """SIGTERM to every group, SIGKILL to what still runs after ``grace_s``, and wait for the ends."""
+    for pgid in groups:
+        signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(group_members(g) for g in groups):
+        time.sleep(0.2)
+    for pgid in groups:
+        signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(group_members(g) for g in groups):
+        time.sleep(0.2)
+
+
+@dataclass
+class OwnedCluster:
+    """A single-node local cluster that only the command that started it stops (`stop`, last of all)."""
+
+    address: str
+    pgid: int
+    log: Path
+    dashboard_port: int | None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """End the head's session, then whatever of the cluster lives in other groups (Serve's HAProxy, the
+        workers Ray gives process groups of their own): they all carry this command's mark."""
+        from app.processes import owned_processes, stop
+
+        stop_groups([self.pgid], grace_s)
+        stop(owned_processes(), timeout_s=grace_s)
+
+
+def start_owned_cluster(
+    settings: Settings, env: dict[str, str], *, include_dashboard: bool, metrics_port: int | None = None
+) -> OwnedCluster:
+    """Start a head node in its own session with ``env`` (the node environment) and wait until it takes drivers."""
+    ensure_auth_token()
+    log_dir = settings.log_file.parent.resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / "ray-head.log"
+    gcs_port = free_port()
+    dashboard_port = free_port() if include_dashboard else None
+    args = [
+        "--head",
+        f"--port={gcs_port}",
+        f"--num-cpus={settings.local_num_cpus}",
+        f"--include-dashboard={'true' if include_dashboard else 'false'}",
+        *(["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard_port else []),
+        f"--ray-client-server-port={free_port()}",
+        *(f"--{k}={v}" for k, v in node_ports([]).items() if k != "metrics-export-port" or not metrics_port),
+        *([f"--metrics-export-port={metrics_port}"] if metrics_port else []),
+    ]
+    pgid = start_node(args, log, env)
+    cluster = OwnedCluster(f"127.0.0.1:{gcs_port}", pgid, log, dashboard_port)
+    deadline = time.monotonic() + 90.0
+    while not _listening(gcs_port):
+        if not group_members(pgid) or time.monotonic() > deadline:
+            cluster.stop(grace_s=2.0)
+            raise NodeStartError(f"the local Ray cluster did not start; see {log}")
+        time.sleep(0.2)
+    return cluster
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
