@@ -276,6 +276,24 @@ class RolloutResponse(BaseModel):
     retraining: Retraining | None = None
 
 
+class WebhookAlert(BaseModel):
+    """One alert of an Alertmanager notification; fields this service does not read are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"] = "firing"
+    labels: dict[str, str] = Field(default_factory=dict, description="alertname names the alert")
+
+
+class AlertmanagerWebhook(BaseModel):
+    """The body Alertmanager's webhook receiver posts (its version 4 payload)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["firing", "resolved"] = "firing"
+    alerts: list[WebhookAlert] = Field(default_factory=list)
+
+
 class AlertsResponse(BaseModel):
     """What the service did with an Alertmanager notification."""
 

@@ -35,6 +35,7 @@ from app.contract import (
     API_KEY_HEADER,
     API_VERSION,
     RETRY_AFTER_HEADER,
+    AlertmanagerWebhook,
     AlertsResponse,
     ApiError,
     BatchItem,
@@ -340,21 +341,21 @@ class IngressDeployment:
         "POST",
         "/alerts",
         response_model=AlertsResponse,
-        responses=errors(401),
+        responses={
+            **errors(401, 503),
+            400: {"model": ErrorResponse, "description": "not an Alertmanager webhook payload"},
+        },
         summary="Alertmanager's webhook: a firing drift alert starts a retraining job (when serve.retrain_data is set)",
     )
-    async def alerts(self, request: Request) -> JSONResponse:
+    async def alerts(self, payload: AlertmanagerWebhook, request: Request) -> JSONResponse:
         from serving.retrain import firing_drift_alerts, start_retraining
 
         try:
             bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
             check_api_key(self._keys, request.headers.get(API_KEY_HEADER) or bearer)
-            payload = await request.json()
         except ApiError as err:
             return self._refuse(err)
-        except ValueError:
-            return error_response(ApiError(400, "bad_request", "not an Alertmanager webhook payload (JSON)"))
-        firing = firing_drift_alerts(payload)
+        firing = firing_drift_alerts(payload.model_dump())
         if not firing:
             return JSONResponse(AlertsResponse(accepted=False, detail="no drift alert is firing").model_dump())
         try:

@@ -31,16 +31,22 @@ def free_port() -> int:
 
 
 def make_checkpoint(
-    directory: Path, seed: int = 0, threshold: float = 0.5, crop_size: int = CROP, metrics: dict | None = None
+    directory: Path,
+    seed: int = 0,
+    threshold: float = 0.5,
+    crop_size: int = CROP,
+    metrics: dict | None = None,
+    source_families: list[str] | None = None,
 ) -> Path:
     """An untrained tiny detector: real weights, real config, loads in well under a second. `metrics` are the
-    evaluation numbers its config.json claims, which /health reports for a checkpoint served from disk."""
+    evaluation numbers its config.json claims, which /health reports for a checkpoint served from disk;
+    `source_families` gives it the source head."""
     import torch
 
     from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32)
+    cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32, source_families=list(source_families or []))
     return save_checkpoint(
         directory,
         build_model(cfg),
@@ -56,6 +62,13 @@ def jpeg(width: int = 320, height: int = 240, seed: int = 0, quality: int = 90) 
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def with_comment(jpeg_bytes: bytes, n: int) -> bytes:
+    """The same photo as other bytes (a JPEG comment segment holding ``n``): a load of distinct uploads that the
+    answer cache cannot serve, at no encoding cost."""
+    payload = f"request {n}".encode()
+    return jpeg_bytes[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg_bytes[2:]
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.2, what: str = "condition") -> Any:

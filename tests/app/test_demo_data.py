@@ -210,9 +210,9 @@ def test_rejects_unusable_parameters(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_counts_and_split_fractions(demo300: DemoSummary) -> None:
     assert demo300.counts == {
-        "train": {"real": 210, "ai_generated": 210},
-        "val": {"real": 45, "ai_generated": 45},
-        "test": {"real": 45, "ai_generated": 45},
+        "train": {"real": 180, "ai_generated": 180},
+        "val": {"real": 60, "ai_generated": 60},
+        "test": {"real": 60, "ai_generated": 60},
     }
     rows = manifest(demo300.out_dir)
     assert len(rows) == 600 and len({r["path"] for r in rows}) == 600

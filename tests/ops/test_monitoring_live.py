@@ -65,18 +65,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
 
 
-def _send_traffic(url: str) -> None:
-    """Verdicts, a batch, an explanation, and refusals (400 not an image, 401 no key), so every series exists."""
+def _send_traffic(url: str, wave: int) -> None:
+    """Verdicts, a batch, an explanation, and refusals (400 not an image, 401 no key), so every series exists. Each
+    wave sends photos of its own: a photo seen before is answered from the cache, and the model's series stay still."""
     headers = {"X-API-Key": KEY}
+    seeds = 100 * wave
     with httpx.Client(base_url=url, timeout=60.0) as http:
-        for seed in range(6):
+        for seed in range(seeds, seeds + 6):
             response = http.post("/predict", files={"file": ("p.jpg", jpeg(seed=seed), "image/jpeg")}, headers=headers)
             assert response.status_code == 200, response.text
-        batch = [("files", (f"b{i}.jpg", jpeg(seed=20 + i), "image/jpeg")) for i in range(3)]
+        batch = [("files", (f"b{i}.jpg", jpeg(seed=seeds + 20 + i), "image/jpeg")) for i in range(3)]
         assert http.post("/predict/batch", files=batch, headers=headers).status_code == 200
         assert (
             http.post(
-                "/predict/explain", files={"file": ("e.jpg", jpeg(seed=30), "image/jpeg")}, headers=headers
+                "/predict/explain", files={"file": ("e.jpg", jpeg(seed=seeds + 30), "image/jpeg")}, headers=headers
             ).status_code
             == 200
         )
@@ -171,9 +173,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         )
         # Rates need counters that grow while Prometheus watches: a first wave creates every series, a second one,
         # a few scrapes later, makes them all increase.
-        _send_traffic(service_url)
+        _send_traffic(service_url, wave=0)
         time.sleep(3.0)
-        _send_traffic(service_url)
+        _send_traffic(service_url, wave=1)
         node_ports = [node.ports["metrics-export-port"] for node in cluster.nodes]
         yield {
             "prom": prom,

@@ -180,8 +180,8 @@ def test_a_drift_alert_retrains_on_the_cluster_and_starts_the_new_model_as_a_can
             30,
             what="the service to start the canary",
         )
-        final = retraining()
-        assert final["state"] == "SUCCEEDED", final
+        # the job registers its challenger before it prints its report and stops its Ray driver: it ends soon after
+        wait_until(lambda: retraining()["state"] == "SUCCEEDED", 120, interval_s=1.0, what="the job to succeed")
         alerts = httpx.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
         assert {a["labels"]["alertname"] for a in alerts} & {"AipdPredictionDrift", "AipdVerdictShareDrift"}
         versions = {app.predict(jpeg(48, 48, seed=7000 + i)).json()["model_version"] for i in range(60)}

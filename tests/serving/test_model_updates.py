@@ -23,6 +23,7 @@ from tests.helpers import (
     running_replicas,
     undeploy,
     wait_until,
+    with_comment,
     with_serve,
 )
 
@@ -92,7 +93,8 @@ def service(deploy, registry: Registry) -> ServeApp:
 
 
 class SteadyLoad:
-    """`workers` clients posting /predict back to back in a background thread; every answer is recorded."""
+    """`workers` clients posting /predict back to back in a background thread; every answer is recorded. Every
+    request is a photo not sent before, so each one reaches a model (a repeated photo is answered from the cache)."""
 
     def __init__(self, url: str, workers: int) -> None:
         self.url, self.workers = url, workers
@@ -104,8 +106,8 @@ class SteadyLoad:
     async def _worker(self, client: httpx.AsyncClient, index: int) -> None:
         n = index
         while not self._stop.is_set():
-            data = self._images[n % len(self._images)]
-            n += 1
+            data = with_comment(self._images[n % len(self._images)], n)
+            n += self.workers
             try:
                 response = await client.post("/predict", files={"file": ("p.jpg", data, "image/jpeg")})
                 version = response.json().get("model_version") if response.status_code == 200 else None

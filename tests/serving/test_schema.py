@@ -34,7 +34,7 @@ MAX_EXAMPLES = 50
 # The refusals schemathesis expects of schema-violating requests, plus 413: how this API refuses a body over its
 # limits (too large, too many files), which schemathesis's default list leaves out.
 REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
-OPERATIONS = 22  # 11 routes, each at the root and under /v1
+OPERATIONS = 26  # 13 routes, each at the root and under /v1
 
 
 @pytest.fixture(scope="module")
