@@ -88,6 +88,8 @@ class FileResult:
     threshold: float | None = None
     heatmap_png: bytes | None = None
     crop_size: int | None = None
+    source_scores: dict[str, float] | None = None  # the likely generator family (app.contract.Prediction)
+    provenance: dict[str, Any] | None = None  # the file's C2PA manifest and unsigned metadata (app.contract.Provenance)
     round_trip_ms: float | None = None
     error: str | None = None
     detail: str | None = None
@@ -344,6 +346,8 @@ def _prediction(filename: str, body: dict[str, Any]) -> FileResult:
         inference_time_ms=body.get("inference_time_ms"),
         model_version=body.get("model_version"),
         threshold=body.get("threshold"),
+        source_scores=body.get("source_scores"),
+        provenance=body.get("provenance"),
         status=200,
         body=body,
     )

@@ -85,6 +85,12 @@ class TrainSettings(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     target_fpr: float = Field(0.01, gt=0, lt=1)
+    source_loss_weight: float = Field(
+        0.5,
+        ge=0,
+        description="weight of the source head's loss (which generator family) beside the verdict's; the head is "
+        "trained when the data names each AI photo's generator; 0: the binary head alone",
+    )
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     challenger_percent: float | None = Field(

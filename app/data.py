@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 LABELS: dict[str, int] = {"real": 0, "ai_generated": 1}
 CLASS_NAMES: tuple[str, str] = ("real", "ai_generated")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
+NO_SOURCE = "none"  # the generator family of a real photo
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 
@@ -57,6 +58,14 @@ class DatasetIndex:
 
     def split(self, name: str) -> pd.DataFrame:
         return self.records[self.records["split"] == name].reset_index(drop=True)
+
+    def source_families(self) -> list[str]:
+        """The classes of the model's source head: NO_SOURCE, then every family of the training split's AI photos;
+        empty (the binary head alone) when the dataset does not name them."""
+        if not self.has_generators:
+            return []
+        train = self.split("train")
+        return [NO_SOURCE, *sorted(set(train.loc[train["label"] == 1, "generator"]))]
 
     def require_splits(self, *names: str) -> None:
         """Fail with one line when a split the caller needs holds no image."""
@@ -174,8 +183,17 @@ def _generators(labels: Iterable[int], families: Iterable[Any]) -> list[str | No
     out: list[str | None] = []
     for label, family in zip(labels, families, strict=True):
         known = isinstance(family, str) and family.strip() != ""
-        out.append("none" if label == 0 else (family.strip() if known else None))
+        out.append(NO_SOURCE if label == 0 else (family.strip() if known else None))
     return out
+
+
+def source_targets(records: pd.DataFrame, families: list[str]) -> np.ndarray:
+    """Each record's class of the source head (its index in ``families``), -1 where it has none the head knows:
+    the loss ignores those photos."""
+    if not families or "generator" not in records.columns:
+        return np.full(len(records), -1, dtype=np.int64)
+    position = {family: i for i, family in enumerate(families)}
+    return np.asarray([position.get(g, -1) for g in records["generator"]], dtype=np.int64)
 
 
 def _read_manifest_table(fs: pafs.FileSystem, root: str, uri: str, required: set[str]) -> tuple[pd.DataFrame, list]:
@@ -315,7 +333,9 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
     labels: list[int] = []
     paths: list[str] = []
     names: list[str] = []
-    for path, label in zip(batch["path"], batch["label"], strict=True):
+    sources: list[int] = []
+    given_sources = batch["source"] if "source" in batch else np.full(len(batch["path"]), -1)
+    for path, label, source in zip(batch["path"], batch["label"], given_sources, strict=True):
         try:
             image = read_and_decode(str(path), options.limits)
         except (ImageError, OSError) as err:
@@ -330,10 +350,12 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
                 names.append(name)
         labels += [int(label)] * (len(crops) - len(labels))
         paths += [str(path)] * (len(crops) - len(paths))
+        sources += [int(source)] * (len(crops) - len(sources))
     size = options.crop_size
     return {
         "image": np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
         "label": np.asarray(labels, dtype=np.float32),
+        "source": np.asarray(sources, dtype=np.int64),
         "path": np.asarray(paths, dtype=object),
         "variant": np.asarray(names, dtype=object),
     }
@@ -351,7 +373,8 @@ def to_ray_dataset(records: pd.DataFrame, options: DecodeOptions, *, batch_size:
     """A lazy Ray Data pipeline over ``records``; every iteration re-reads and, for training, re-augments."""
     import ray.data
 
-    rows = records[["path", "label"]].to_dict("records")
+    columns = ["path", "label", "source"] if "source" in records.columns else ["path", "label"]
+    rows = records[columns].to_dict("records")
     if not rows:
         raise DatasetError("the split is empty: nothing to read")
     num_blocks = blocks or max(1, min(len(rows) // batch_size, 64))

@@ -1,4 +1,5 @@
-"""The detector: a fixed forensic stem, a timm backbone and a small binary head, plus checkpoints.
+"""The detector: a fixed forensic stem, a timm backbone, a small binary head and, when the training data names
+each AI photo's generator family, a second head that says which family it looks like; plus checkpoints.
 
 The stem lives inside the model so that every caller (training, evaluation, batch scans, serving)
 feeds the same thing: float NCHW in [0, 1]. A checkpoint directory carries the weights together with
@@ -59,6 +60,9 @@ class ModelConfig:
     dropout: float = 0.3
     forensic_stem: bool = True
     pretrained_weights: str | None = None
+    # The source head's classes: "none" (a camera, app.data.NO_SOURCE) first, then the generator families the
+    # training data named; empty: the binary head alone.
+    source_families: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,7 +121,8 @@ class Calibrate(nn.Module):
 
 
 class Detector(nn.Module):
-    """Float NCHW in [0, 1] -> one calibrated logit per image (positive = ai_generated)."""
+    """Float NCHW in [0, 1] -> one calibrated logit per image (positive = ai_generated); with ``with_sources`` also
+    the source head's logits (one per entry of ``cfg.source_families``), which DDP needs to come out of forward."""
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
         super().__init__()
@@ -133,9 +138,41 @@ class Detector(nn.Module):
             nn.Linear(cfg.hidden, 1),
         )
         self.calibrate = Calibrate()
+        # on the pooled features beside the binary head: which generator made it is a question about the same traces
+        self.source_head = nn.Linear(features, len(cfg.source_families)) if cfg.source_families else None
+
+    def forward(self, x: torch.Tensor, with_sources: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(self.stem(x))
+        logit = self.calibrate(self.head(features).squeeze(1))
+        if not with_sources:
+            return logit
+        if self.source_head is None:
+            return logit, features.new_zeros((features.shape[0], 0))
+        return logit, self.source_head(features)
+
+
+class AllLogits(nn.Module):
+    """The detector's logits in one tensor, (N, 1 + families): the binary logit first, then the source head's. What
+    the model runtime traces and captures, so a batch's verdicts and families come from one forward pass."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.training = detector.training  # a wrapper of a model in eval mode is in eval mode (tracing checks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.calibrate(self.head(self.backbone(self.stem(x))).squeeze(1))
+        logit, sources = self.detector(x, with_sources=True)
+        return torch.cat([logit.unsqueeze(1), sources], dim=1)
+
+
+def source_probabilities(logits: Any) -> Any:
+    """Softmax over the source columns of AllLogits' output (numpy, float64), rows summing to one."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def build_model(cfg: ModelConfig) -> Detector:

@@ -28,7 +28,14 @@ COLUMNS = (
     "error",
     "detail",
     "label",
+    "source",  # the source head's most likely generator family ("none": a camera); null for a model without one
+    "source_score",  # its probability
+    "c2pa",  # the C2PA manifest's state: absent, valid, invalid, unreadable, remote, too_large, timeout, unavailable
+    "ai_declared",  # a manifest that verifies declares generative media
+    "ai_hinted_unsigned",  # only unverified evidence (unsigned metadata, a failing manifest) says generative media
 )
+# What a scan's provenance columns count as, in the report's "provenance" line: the evidence beside the pixels.
+PROVENANCE_COUNTS = ("c2pa_present", "c2pa_valid", "c2pa_invalid", "ai_declared", "ai_hinted_unsigned")
 HISTOGRAM_BINS = 20
 
 
@@ -70,6 +77,8 @@ class ScanOverview:
     model_versions: list[str]
     suspicious: pd.DataFrame  # the top files by probability: path, probability, prediction, confidence
     scores: dict[str, float] = field(default_factory=dict)  # auroc, accuracy, n for a labelled scan
+    provenance: dict[str, int] = field(default_factory=dict)  # PROVENANCE_COUNTS; empty for an output without them
+    sources: dict[str, int] = field(default_factory=dict)  # files per most likely generator family
 
     @property
     def bin_edges(self) -> list[float]:
@@ -99,6 +108,8 @@ def overview(results: pd.DataFrame, top: int = 24) -> ScanOverview:
             "n": float(len(labelled)),
         }
     return ScanOverview(
+        provenance=provenance_counts(results),
+        sources={str(k): int(v) for k, v in ok["source"].dropna().value_counts().items()} if "source" in ok else {},
         files=int(len(results)),
         verdicts=verdicts,
         errors={str(k): int(v) for k, v in failed["error"].value_counts().items()},
@@ -108,6 +119,22 @@ def overview(results: pd.DataFrame, top: int = 24) -> ScanOverview:
         suspicious=suspicious[["path", "probability", "prediction", "confidence"]].reset_index(drop=True),
         scores=scores,
     )
+
+
+def provenance_counts(results: pd.DataFrame) -> dict[str, int]:
+    """Files whose C2PA manifest is there, verifies or fails, and that declare or only hint at generative media;
+    empty for the output of a scan that read no provenance (an older one)."""
+    if "c2pa" not in results:
+        return {}
+    state = results["c2pa"]
+    present = state.notna() & ~state.isin(["absent", "unavailable"])
+    return {
+        "c2pa_present": int(present.sum()),
+        "c2pa_valid": int((state == "valid").sum()),
+        "c2pa_invalid": int(state.isin(["invalid", "unreadable"]).sum()),
+        "ai_declared": int(results["ai_declared"].fillna(False).astype(bool).sum()),
+        "ai_hinted_unsigned": int(results["ai_hinted_unsigned"].fillna(False).astype(bool).sum()),
+    }
 
 
 def thumbnail_png(path: str, side: int = 160, max_bytes: int = 10 * 1024 * 1024) -> bytes | None:

@@ -40,6 +40,8 @@ class Scores:
     paths: np.ndarray
     labels: np.ndarray
     logits: np.ndarray  # the model's calibrated logits, float64
+    # (n, families) probabilities of the source head, in the order of the model's source_families; None without one
+    sources: np.ndarray | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -48,7 +50,8 @@ class Scores:
         return sigmoid(self.logits)
 
     def where(self, mask: np.ndarray) -> Scores:
-        return Scores(self.paths[mask], self.labels[mask], self.logits[mask])
+        sources = None if self.sources is None else self.sources[mask]
+        return Scores(self.paths[mask], self.labels[mask], self.logits[mask], sources)
 
 
 def score_variants(
@@ -66,14 +69,15 @@ def score_variants(
     import torch
 
     from app.data import DecodeOptions, to_ray_dataset
+    from app.model import AllLogits, source_probabilities
     from app.transforms import to_model_input
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model.to(device, memory_format=torch.channels_last).eval()
+    model = AllLogits(loaded.model.to(device, memory_format=torch.channels_last).eval())
     options = DecodeOptions(
         crop_size=loaded.preprocess.crop_size, train=False, limits=limits, variants=tuple(variants.items())
     )
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {name: [] for name in variants}
+    parts: dict[str, list[tuple[np.ndarray, ...]]] = {name: [] for name in variants}
     dataset = to_ray_dataset(records, options, batch_size=batch_size)
     with torch.inference_mode():
         for batch in dataset.iter_batches(batch_size=batch_size * len(variants), batch_format="numpy"):
@@ -87,13 +91,15 @@ def score_variants(
             for name in variants:
                 mine = batch["variant"] == name
                 parts[name].append((batch["path"][mine], batch["label"][mine].astype(int), values[mine]))
-    return {name: _joined(rows) for name, rows in parts.items()}
+    return {name: _joined(rows, source_probabilities) for name, rows in parts.items()}
 
 
-def _joined(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Scores:
+def _joined(rows: list[tuple[np.ndarray, ...]], softmax: Callable[[np.ndarray], np.ndarray]) -> Scores:
     if not rows:
         return Scores(np.zeros(0, dtype=object), np.zeros(0, dtype=int), np.zeros(0))
-    return Scores(*(np.concatenate([row[i] for row in rows]) for i in range(3)))
+    paths, labels, values = (np.concatenate([row[i] for row in rows]) for i in range(3))
+    sources = softmax(values[:, 1:]) if values.shape[1] > 1 else None
+    return Scores(paths, labels, values[:, 0], sources)
 
 
 def score_split(

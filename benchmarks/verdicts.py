@@ -13,6 +13,8 @@ Usage:
     python benchmarks/verdicts.py default --seeds 0 1 2 --gpu --out $OUT/verdicts     # `aipd train --gpu`
     python benchmarks/verdicts.py leave-one-out --gpu --out $OUT/lofo
 
+On the GPU machine (mlflow-skinny, no SQLite store) add --file-store; benchmarks/gpu_verdicts.sh does.
+
 Every run gets a work directory of its own under --out (its MLflow store, checkpoints and the report), and the
 demo set is built once there and shared. It prints a Markdown table last.
 """
@@ -64,12 +66,16 @@ class Run:
     work: Path
     seed: int
     gpu: bool
+    file_store: bool = False
     started: float = 0.0
 
     def start(self) -> subprocess.Popen:
         self.started = time.monotonic()
         args = ["train", "--data", str(self.data), "--gpu" if self.gpu else "--no-gpu"]
-        return _aipd(args, self.work, self.work.with_suffix(".log"), {"AIPD_TRAIN__SEED": str(self.seed)})
+        env = {"AIPD_TRAIN__SEED": str(self.seed)}
+        if self.file_store:
+            env |= {"MLFLOW_ALLOW_FILE_STORE": "true", "AIPD_MLFLOW_TRACKING_URI": (self.work / "mlruns").as_uri()}
+        return _aipd(args, self.work, self.work.with_suffix(".log"), env)
 
     def result(self) -> dict:
         """The test report it wrote, flattened, with its wall time."""
@@ -143,7 +149,7 @@ def table(rows: list[dict], label: str) -> str:
 def default(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data = build_demo(out)
-    runs = [Run(f"seed {seed}", data, out / f"seed-{seed}", seed, args.gpu) for seed in args.seeds]
+    runs = [Run(f"seed {seed}", data, out / f"seed-{seed}", seed, args.gpu, args.file_store) for seed in args.seeds]
     rows = run_all(runs, args.parallel)
     (out / "runs.json").write_text(json.dumps(rows, indent=2))
     print(table(rows, "seed"))
@@ -170,7 +176,7 @@ def leave_one_out(args: argparse.Namespace) -> None:
             writer.writeheader()
             for row in kept:
                 writer.writerow({**{k: row[k] for k in ("label", "split", "generator")}, "path": data / row["path"]})
-        runs.append(Run(f"unseen: {family}", held_out, out / f"without-{family}", args.seed, args.gpu))
+        runs.append(Run(f"unseen: {family}", held_out, out / f"without-{family}", args.seed, args.gpu, args.file_store))
     rows = run_all(runs, args.parallel)
     (out / "runs.json").write_text(json.dumps(rows, indent=2))
     print(table(rows, "held-out family"))
@@ -187,6 +193,7 @@ def main() -> None:
         command.add_argument("--gpu", action="store_true", help="train on the GPU (`aipd train --gpu`)")
         command.add_argument("--out", required=True, help="folder for the runs, their logs and runs.json")
         command.add_argument("--parallel", type=int, default=1, help="runs at a time (each its own local cluster)")
+        command.add_argument("--file-store", action="store_true", help="MLflow on a file store (mlflow-skinny)")
     args = parser.parse_args()
     if args.mode == "default":
         default(args)

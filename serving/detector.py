@@ -45,7 +45,8 @@ from serving.runtime import (
     load_active,
     model_facts,
     pick_device,
-    run_batch,
+    score_batch,
+    source_scores,
     use_bf16,
     warm_up,
     warmup_sizes,
@@ -343,7 +344,7 @@ class DetectorCore:
         answers = indices if answers is None else answers
         started = time.perf_counter()
         try:
-            probabilities = run_batch(active, [items[i][0] for i in indices])
+            rows = score_batch(active, [items[i][0] for i in indices])
         except Exception as err:  # noqa: BLE001 - one model's failure is its photos' 500, not the other model's
             self._log.error("inference failed", version=active.version, error=str(err))
             self._metrics.inc("model_scores_total", {"version": active.version, "verdict": "error"}, len(indices))
@@ -352,9 +353,12 @@ class DetectorCore:
             return {}
         forward_s = time.perf_counter() - started
         facts = model_facts(active)
-        scored = dict(zip(indices, (float(p) for p in probabilities), strict=True))
+        scored = dict(zip(indices, (float(row[0]) for row in rows), strict=True))
+        sources = dict(zip(indices, (source_scores(active, row) for row in rows), strict=True))
         for i in answers:
-            results[i] = Scored(scored[i], facts, batch_size=len(items), forward_ms=forward_s * 1000.0)
+            results[i] = Scored(
+                scored[i], facts, batch_size=len(items), forward_ms=forward_s * 1000.0, source_scores=sources[i]
+            )
         for p in scored.values():
             verdict = "ai_generated" if p >= active.threshold else "real"
             self._metrics.inc("model_scores_total", {"version": active.version, "verdict": verdict})

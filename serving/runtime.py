@@ -46,6 +46,8 @@ class ActiveModel:
     # On a GPU, whether to capture CUDA graphs at warm-up, and the captured ones by padded batch size.
     use_graphs: bool = True
     graphs: dict[int, GraphedForward] = field(default_factory=dict)
+    # The source head's families (the model's source_families), in the order of score_batch's columns after the first
+    source_families: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,7 +57,7 @@ class GraphedForward:
     graph: Any
     host: Any  # pinned uint8 (N, H, W, 3)
     device_in: Any  # uint8 (N, H, W, 3) on the GPU, the graph's input
-    out: Any  # float32 (N,) on the GPU, the graph's output
+    out: Any  # float32 (N, 1 + families) on the GPU, the graph's output (see score_batch)
 
 
 class ModelNotFoundYet(RuntimeError):
@@ -151,6 +153,7 @@ def load_active(
         bf16=use_bf16(device, precision),
         evaluation=evaluation_metrics(parse_model_ref(source), resolved.version, loaded.metrics),
         use_graphs=cuda_graphs,
+        source_families=tuple(loaded.model_cfg.source_families),
     )
     if freeze:
         freeze_for_cpu(active, warmup_sizes)
@@ -214,9 +217,11 @@ def capture_graphs(active: ActiveModel, sizes: tuple[int, ...]) -> dict[int, Gra
     """A CUDA graph per batch size, largest first so the smaller ones reuse its memory pool."""
     import torch
 
+    from app.model import AllLogits
     from app.transforms import to_model_input
 
     side = active.crop_size
+    model = AllLogits(active.model)
     graphs: dict[int, GraphedForward] = {}
     pool = None
     stream = torch.cuda.Stream(device=active.device)
@@ -228,7 +233,7 @@ def capture_graphs(active: ActiveModel, sizes: tuple[int, ...]) -> dict[int, Gra
                 x = to_model_input(batch, channels_last=True)
                 # autocast's weight cache cannot live across graph replays
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=active.bf16, cache_enabled=False):
-                    return torch.sigmoid(active.model(x).float())
+                    return probabilities_of(model(x).float())
 
             stream.wait_stream(torch.cuda.current_stream(active.device))
             with torch.cuda.stream(stream):  # graphs want their warm-up on a side stream
@@ -276,9 +281,11 @@ def freeze_for_cpu(active: ActiveModel, warmup_sizes: tuple[int, ...] = (1,)) ->
 
     import torch
 
+    from app.model import AllLogits
+
     dtype = torch.bfloat16 if active.bf16 else torch.float32
     model = copy.deepcopy(active.model).to(dtype) if active.bf16 else active.model
-    frozen = frozen_trace(model, active.crop_size, dtype)
+    frozen = frozen_trace(AllLogits(model), active.crop_size, dtype)
     with torch.inference_mode():
         for size in sorted(set(warmup_sizes)):
             side = active.crop_size
@@ -314,8 +321,32 @@ def fit_crop(crop: np.ndarray, crop_size: int) -> np.ndarray:
     return eval_preprocess(Image.fromarray(np.asarray(crop, dtype=np.uint8)), crop_size)
 
 
+def probabilities_of(logits: Any) -> Any:
+    """AllLogits' float32 output (N, 1 + families) as probabilities: the verdict's sigmoid in the first column, the
+    source head's softmax in the others."""
+    import torch
+
+    verdict = torch.sigmoid(logits[:, :1])
+    if logits.shape[1] == 1:
+        return verdict
+    return torch.cat([verdict, torch.softmax(logits[:, 1:], dim=1)], dim=1)
+
+
 def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
-    """Probabilities of ai_generated for uint8 crops: a graph replay on a GPU, else channels_last in inference mode."""
+    """Probabilities of ai_generated for uint8 crops (see score_batch)."""
+    return score_batch(active, crops)[:, 0]
+
+
+def source_scores(active: ActiveModel, row: np.ndarray) -> dict[str, float] | None:
+    """One row of score_batch as the answer's `source_scores`; None for a model without the source head."""
+    if not active.source_families:
+        return None
+    return {family: round(float(p), 6) for family, p in zip(active.source_families, row[1:], strict=True)}
+
+
+def score_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
+    """(N, 1 + families) float32 for uint8 crops: the probability of ai_generated, then each source family's
+    probability; a graph replay on a GPU, else channels_last in inference mode."""
     crops = [fit_crop(crop, active.crop_size) for crop in crops]
     n = len(crops)
     padded = padded_batch_size(n, active.device.type, active.graphs)
@@ -337,6 +368,7 @@ def run_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
 def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
     import torch
 
+    from app.model import AllLogits
     from app.transforms import to_model_input
 
     x = to_model_input(batch, device=active.device, channels_last=True)
@@ -345,8 +377,8 @@ def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
             logits = active.infer(x.to(active.infer_dtype))
         else:
             with torch.autocast(device_type=active.device.type, dtype=torch.bfloat16, enabled=active.bf16):
-                logits = active.model(x)
-    return torch.sigmoid(logits.float()).cpu().numpy()[:n]
+                logits = AllLogits(active.model)(x)
+        return probabilities_of(logits.float()).cpu().numpy()[:n]
 
 
 def explain_crop(active: ActiveModel, crop: np.ndarray) -> Explained:
@@ -356,7 +388,10 @@ def explain_crop(active: ActiveModel, crop: np.ndarray) -> Explained:
     crop = np.array(fit_crop(crop, active.crop_size))  # arrays from Ray's object store are read-only views
     x = to_model_input(crop[None], device=active.device)
     probability, cam = grad_cam(active.model, x)
-    return Explained(probability=probability, heatmap_png=heatmap_png(crop, cam), model=model_facts(active))
+    sources = source_scores(active, score_batch(active, [crop])[0]) if active.source_families else None
+    return Explained(
+        probability=probability, heatmap_png=heatmap_png(crop, cam), model=model_facts(active), source_scores=sources
+    )
 
 
 def model_facts(active: ActiveModel) -> ModelFacts:

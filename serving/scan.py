@@ -108,16 +108,20 @@ def read_and_crop(batch: dict[str, np.ndarray], crop_size: int, limits: ImageLim
     """A CPU task's share: read, hash, validate, decode and crop each file; failures become rows, not exceptions."""
     from app.images import ImageError, decode_image, read_image_bytes
     from app.transforms import eval_preprocess
+    from serving.provenance import read_provenance
 
     n = len(batch["path"])
     crops = np.zeros((n, crop_size, crop_size, 3), np.uint8)
     ok = np.zeros(n, bool)
     width, height, size = (np.full(n, -1, np.int64) for _ in range(3))
-    digest, error, detail = (np.full(n, None, object) for _ in range(3))
+    digest, error, detail, c2pa = (np.full(n, None, object) for _ in range(4))
+    declared, hinted = np.zeros(n, bool), np.zeros(n, bool)
     for i, path in enumerate(batch["path"]):
         try:
             data = read_image_bytes(str(path), max_bytes=limits.max_bytes)
             size[i], digest[i] = len(data), hashlib.sha256(data).hexdigest()
+            evidence = read_provenance(data, max_bytes=limits.max_bytes)
+            c2pa[i], declared[i], hinted[i] = evidence.c2pa.state, evidence.ai_declared, evidence.ai_hinted_unsigned
             image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
             width[i], height[i] = image.size
             crops[i] = eval_preprocess(image, crop_size)
@@ -139,6 +143,9 @@ def read_and_crop(batch: dict[str, np.ndarray], crop_size: int, limits: ImageLim
         "sha256": digest,
         "error": error,
         "detail": detail,
+        "c2pa": c2pa,
+        "ai_declared": declared,
+        "ai_hinted_unsigned": hinted,
     }
 
 
@@ -169,14 +176,21 @@ class ScanModel:
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         """The rows for a batch: pandas, so that a file that failed has nulls where it has no value."""
         from app.contract import confidence_of, verdict_of
-        from serving.runtime import run_batch
+        from serving.runtime import score_batch
 
         ok = batch["ok"]
-        probability = np.full(len(ok), np.nan)
+        families = self.active.source_families
+        scores = np.full((len(ok), 1 + len(families)), np.nan)
         rows = np.flatnonzero(ok)
         for start in range(0, len(rows), self.max_batch_size):
             chosen = rows[start : start + self.max_batch_size]
-            probability[chosen] = run_batch(self.active, [batch["crop"][i] for i in chosen])
+            scores[chosen] = score_batch(self.active, [batch["crop"][i] for i in chosen])
+        probability = scores[:, 0]
+        source, source_score = [None] * len(ok), pd.array([None] * len(ok), dtype="Float64")
+        if families:
+            best = np.argmax(np.nan_to_num(scores[:, 1:], nan=-1.0), axis=1)
+            for i in rows:
+                source[i], source_score[i] = families[best[i]], float(scores[i, 1 + best[i]])
         threshold = self.active.threshold
         answered = [
             (float(p), verdict_of(p, threshold), confidence_of(p, threshold)) if good else (None,) * 3
@@ -201,6 +215,11 @@ class ScanModel:
                 "error": batch["error"],
                 "detail": batch["detail"],
                 "label": batch["label"],
+                "source": pd.array(source, dtype="string"),
+                "source_score": source_score,
+                "c2pa": batch["c2pa"],
+                "ai_declared": batch["ai_declared"],
+                "ai_hinted_unsigned": batch["ai_hinted_unsigned"],
             }
         )[list(COLUMNS)]
 

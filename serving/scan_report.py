@@ -55,6 +55,18 @@ def render(view: ScanOverview, out: str) -> str:
         (f"{name} (labelled files)", f"{value:.4f}" if name != "n" else int(value))
         for name, value in view.scores.items()
     ]
+    if view.provenance:
+        p = view.provenance
+        rows.append(
+            (
+                "provenance",
+                f"{p['c2pa_present']} with a C2PA manifest ({p['c2pa_valid']} valid, {p['c2pa_invalid']} failing); "
+                f"{p['ai_declared']} declare AI generation in a valid manifest, {p['ai_hinted_unsigned']} only in "
+                "unsigned metadata",
+            )
+        )
+    if view.sources:
+        rows.append(("likely generator", ", ".join(f"{name}: {n}" for name, n in view.sources.items())))
     summary = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     errors = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in view.errors.items())
     share = verdicts["ai_generated"] / max(1, verdicts["ai_generated"] + verdicts["real"])

@@ -126,14 +126,17 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: the work directory's reports/)."),
     no_robustness: bool = typer.Option(False, "--no-robustness", help="Skip the robustness sweep."),
     by_source: bool = typer.Option(
-        False, "--by-source", help="Report the AUROC per generator family (needs a `generator` column)."
+        False,
+        "--by-source",
+        help="Report the AUROC and the source head's accuracy per generator family (needs a `generator` column).",
     ),
     address: Optional[str] = AddressOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Evaluate a model on the test split: the verdicts at its threshold (false and true positives there, against the
     test split's own ROC), calibration (ECE before and after), the robustness sweep by degradation and severity, the
-    share of verdicts that flip after a resize and a re-encoding, and the AUROC per generator family.
+    share of verdicts that flip after a resize and a re-encoding, and the AUROC and the source head's accuracy per
+    generator family.
 
     Writes Markdown, JSON and PNG plots, and logs them to the model's MLflow run.
 
@@ -192,6 +195,10 @@ def print_report(report: Any, by_source: bool = False) -> None:
         families = Table(title="AUROC of the real photos against each generator family")
         families.add_column("family")
         families.add_column("AUROC", justify="right")
-        for name, value in report.by_source.items():
-            families.add_row(name, f"{value:.4f}")
+        families.add_column("source head's top-1 accuracy", justify="right")
+        for name in sorted(set(report.by_source) | set(report.source_accuracy)):
+            auroc, accuracy = report.by_source.get(name), report.source_accuracy.get(name)
+            families.add_row(
+                name, "-" if auroc is None else f"{auroc:.4f}", "-" if accuracy is None else f"{accuracy:.4f}"
+            )
         console.print(families)

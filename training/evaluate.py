@@ -39,6 +39,8 @@ class EvaluationReport:
     model: str
     data: str
     by_source: dict[str, float] = field(default_factory=dict)  # AUROC of the reals against each generator family
+    # top-1 accuracy of the source head on each family's photos ("none": the reals); empty without the head
+    source_accuracy: dict[str, float] = field(default_factory=dict)
     operating_point: dict[str, Any] = field(default_factory=dict)  # how the model's threshold was set
     files: dict[str, str] = field(default_factory=dict)
 
@@ -49,6 +51,7 @@ class EvaluationReport:
         out["robustness_curves"] = robustness_curves(self.robustness)
         out["flip_rate"] = dict(self.flip_rate)
         out["by_source"] = dict(self.by_source)
+        out["source_accuracy"] = dict(self.source_accuracy)
         out["operating_point"] = dict(self.operating_point)
         out["model"] = self.model
         out["data"] = self.data
@@ -103,6 +106,9 @@ class EvaluationReport:
         if self.by_source:
             lines += ["", "AUROC of the real photos against each generator family", "", "| family | AUROC |"]
             lines += ["| --- | --- |"] + [f"| {name} | {value:.4f} |" for name, value in self.by_source.items()]
+        if self.source_accuracy:
+            lines += ["", "Which generator: the source head's top-1 accuracy per family", "", "| family | accuracy |"]
+            lines += ["| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in self.source_accuracy.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -113,6 +119,7 @@ def report_metrics(report: EvaluationReport, prefix: str) -> dict[str, float]:
     values |= {f"robust_{k}": v for k, v in report.robustness.items()}
     values |= {f"flip_{k}": v for k, v in report.flip_rate.items()}
     values |= {f"source_auroc_{k}": v for k, v in report.by_source.items()}
+    values |= {f"source_accuracy_{k}": v for k, v in report.source_accuracy.items()}
     return {prefix + k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
@@ -162,6 +169,7 @@ def evaluate_loaded(
         model=model_name,
         data=data_name,
         by_source=auroc_by_source(clean, records),
+        source_accuracy=source_accuracy(clean, records, list(loaded.model_cfg.source_families)),
         operating_point=dict(loaded.operating_point),
     )
 
@@ -208,6 +216,17 @@ def auroc_by_source(scores: Scores, records: pd.DataFrame) -> dict[str, float]:
         mask = real | ((scores.labels == 1) & (families == family))
         out[str(family)] = auroc(scores.labels[mask], scores.logits[mask])
     return out
+
+
+def source_accuracy(scores: Scores, records: pd.DataFrame, families: list[str]) -> dict[str, float]:
+    """For each family of the records' `generator` column that the source head knows ("none" for the reals): the
+    share of its photos whose most likely family is the right one. Empty without the head or the column."""
+    if scores.sources is None or not families or "generator" not in records.columns:
+        return {}
+    source = dict(zip(records["path"], records["generator"], strict=True))
+    truth = np.array([source.get(path) for path in scores.paths], dtype=object)
+    picked = np.array(families, dtype=object)[scores.sources.argmax(axis=1)]
+    return {family: float(np.mean(picked[truth == family] == family)) for family in families if (truth == family).any()}
 
 
 def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:

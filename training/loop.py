@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from app.scoring import SELECTION_METRIC
 
@@ -35,6 +36,7 @@ class LoopConfig:
     warmup_epochs: float
     steps_per_epoch: int
     target_fpr: float = 0.01
+    source_loss_weight: float = 0.0  # 0: no source head to train
     seed: int = 0
     log_format: str = "console"
     mlflow_tracking_uri: str | None = None
@@ -176,11 +178,12 @@ def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
     started = time.perf_counter()
     seen, first_batch_s, first_batch_n = 0, None, 0
     loss_sum = torch.zeros((), device=worker.device)
+    sources = cfg.source_loss_weight > 0
     for batch in shard.iter_torch_batches(
         batch_size=cfg.batch_size,
         drop_last=True,
         prefetch_batches=4,
-        dtypes={"image": torch.uint8, "label": torch.float32},
+        dtypes={"image": torch.uint8, "label": torch.float32, "source": torch.int64},
     ):
         if first_batch_s is None:
             first_batch_s = time.perf_counter() - started
@@ -188,8 +191,17 @@ def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
         x = to_model_input(batch["image"], device=worker.device, channels_last=True)
         y = batch["label"].to(worker.device, non_blocking=True)
         with worker.autocast:
-            logits = model(x)
+            if sources:
+                logits, source_logits = model(x, with_sources=True)
+            else:
+                logits = model(x)
         loss = worker.loss_fn(logits.float(), y)
+        if sources:
+            # photos whose family the head does not know (-1) add nothing; a batch of only those adds zero
+            target = batch["source"].to(worker.device, non_blocking=True)
+            known = (target >= 0).float()
+            per_photo = F.cross_entropy(source_logits.float(), target.clamp(min=0), reduction="none")
+            loss = loss + cfg.source_loss_weight * (per_photo * known).sum() / known.sum().clamp(min=1.0)
         worker.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         worker.optimizer.step()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.data import DatasetIndex, DecodeOptions, index_dataset, resolve_data_path, to_ray_dataset
+from app.data import DatasetIndex, DecodeOptions, index_dataset, resolve_data_path, source_targets, to_ray_dataset
 from app.logging import get_logger
 from app.scoring import SELECTION_METRIC, SELECTION_MODE
 from training.loop import LoopConfig, epoch_checkpoint_name, train_loop_per_worker
@@ -85,6 +85,9 @@ def build_trainer(
     steps_per_epoch = max(1, len(train_records) // (hp["batch_size"] * workers))
     model_cfg = settings.model.model_dump()
     model_cfg["dropout"] = hp["dropout"]
+    families = index.source_families() if t.source_loss_weight > 0 else []
+    model_cfg["source_families"] = families
+    train_records = train_records.assign(source=source_targets(train_records, families))
     loop = LoopConfig(
         model=model_cfg,
         crop_size=hp["crop_size"],
@@ -95,6 +98,7 @@ def build_trainer(
         warmup_epochs=t.warmup_epochs,
         steps_per_epoch=steps_per_epoch,
         target_fpr=t.target_fpr,
+        source_loss_weight=t.source_loss_weight if families else 0.0,
         seed=t.seed,
         log_format=settings.log_format,
         mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None,
@@ -104,7 +108,7 @@ def build_trainer(
     val_options = decode_options(settings, train=False, crop_size=hp["crop_size"])
     datasets = {  # paths stay behind: workers only need pixels and labels as tensors
         "train": to_ray_dataset(train_records, train_options).drop_columns(["path", "variant"]),
-        "val": to_ray_dataset(val_records, val_options).drop_columns(["path", "variant"]),
+        "val": to_ray_dataset(val_records, val_options).drop_columns(["path", "variant", "source"]),
     }
     resources = {"CPU": t.cpus_per_worker}
     return TorchTrainer(

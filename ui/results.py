@@ -42,6 +42,46 @@ def failure_text(err: ServiceError) -> str:
     return str(err)
 
 
+C2PA_WORDS = {
+    "valid": "a C2PA manifest that verifies",
+    "invalid": "a C2PA manifest that fails verification (the file was changed after signing)",
+    "unreadable": "a C2PA manifest that cannot be read",
+    "remote": "a reference to a C2PA manifest elsewhere (not fetched)",
+    "too_large": "a file too large to verify its C2PA manifest",
+    "timeout": "a C2PA manifest whose check took too long",
+}
+
+
+def evidence_lines(result: FileResult) -> list[str]:
+    """The evidence beside the score, in a moderator's words: the likely generator family, and what the file's
+    provenance says (a valid manifest's declaration, or unsigned metadata that only hints)."""
+    lines = []
+    if result.source_scores:
+        family, score = max(result.source_scores.items(), key=lambda item: item[1])
+        name = "a camera (no generator)" if family == "none" else f"the {family} generator family"
+        lines.append(f"**Likely source:** {name} ({score:.0%})")
+    if result.provenance is None:  # a service that does not read provenance
+        return lines
+    provenance = result.provenance
+    c2pa = provenance.get("c2pa") or {}
+    metadata = provenance.get("metadata") or {}
+    if c2pa.get("state") in C2PA_WORDS:
+        made_by = f", made with {c2pa['claim_generator']}" if c2pa.get("claim_generator") else ""
+        lines.append(f"**Content Credentials:** {C2PA_WORDS[c2pa['state']]}{made_by}")
+    else:
+        lines.append("**Content Credentials:** none")
+    if provenance.get("ai_declared"):
+        lines.append(f"**Declared AI-generated** by its signed manifest ({c2pa.get('digital_source_type')})")
+    elif provenance.get("ai_hinted_unsigned"):
+        source = metadata.get("digital_source_type") or c2pa.get("digital_source_type")
+        lines.append(f"**Hint:** unverified provenance says {source}; it decides nothing alone")
+    camera = " ".join(v for v in (metadata.get("make"), metadata.get("model")) if v)
+    if camera or metadata.get("software"):
+        made = ", ".join(v for v in (camera, metadata.get("software")) if v)
+        lines.append(f"**Unsigned EXIF:** {made}")
+    return lines
+
+
 def verdict_label(prediction: str | None) -> str:
     return VERDICT_LABELS.get(prediction or "", "Refused")
 

@@ -15,7 +15,7 @@ import streamlit as st
 from app.client import ApiClient, FileResult, Health, ServiceError, api_key_of, api_url_of
 from app.config import Settings, load_settings
 from app.contract import API_KEY_HEADER
-from ui.results import failure_text, results_csv, results_table, summary_line, verdict_label
+from ui.results import evidence_lines, failure_text, results_csv, results_table, summary_line, verdict_label
 
 ACCEPTED_TYPES = ["jpg", "jpeg", "png", "webp"]
 ANSWERS = "aipd_answers"
@@ -171,6 +171,10 @@ def show_card(result: FileResult, data: bytes) -> None:
             if result.round_trip_ms is not None:
                 latency += f", {result.round_trip_ms:.0f} ms round trip"
             st.markdown("  \n".join([*lines, latency]))
+            evidence = evidence_lines(result)
+            if evidence:
+                st.markdown("##### Evidence")
+                st.markdown("  \n".join(evidence))
 
 
 def main() -> None:

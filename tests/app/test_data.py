@@ -77,3 +77,61 @@ def test_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "label.csv").write_text("path,label\nx.jpg,maybe\n")
     with pytest.raises(DatasetError, match="label 'maybe'"):
         index_dataset(str(tmp_path / "label.csv"))
+
+
+def test_the_source_heads_classes_come_from_the_training_split_and_unknown_families_are_ignored(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from app.data import NO_SOURCE, source_targets
+
+    rows = [
+        ("r1.jpg", "real", "train", ""),
+        ("a1.jpg", "ai_generated", "train", "gan"),
+        ("a2.jpg", "ai_generated", "train", "diffusion"),
+        ("a3.jpg", "ai_generated", "test", "autoregressive"),  # a family training never saw
+        ("r2.jpg", "real", "val", ""),
+    ]
+    for name, *_ in rows:
+        _image(tmp_path / name)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split", "generator"]).to_csv(manifest, index=False)
+
+    index = index_dataset(str(manifest))
+    families = index.source_families()
+    assert families == [NO_SOURCE, "diffusion", "gan"]
+    targets = source_targets(index.records, families)
+    assert dict(zip(index.records["path"].map(lambda p: Path(p).name), targets, strict=True)) == {
+        "r1.jpg": 0,
+        "a1.jpg": 2,
+        "a2.jpg": 1,
+        "a3.jpg": -1,
+        "r2.jpg": 0,
+    }
+    assert (source_targets(index.records, []) == -1).all()
+    assert source_targets(index.records, families).dtype == np.int64
+
+
+def test_a_dataset_that_does_not_name_its_generators_trains_no_source_head(tmp_path: Path) -> None:
+    for name in ("real/a.jpg", "ai_generated/b.jpg"):
+        _image(tmp_path / name)
+    assert index_dataset(str(tmp_path)).source_families() == []
+
+
+def test_decoding_carries_each_photos_source_class(tmp_path: Path) -> None:
+    import numpy as np
+
+    from app.config import ImageLimits
+    from app.data import DecodeOptions, decode_batch
+
+    paths = [str(_image(tmp_path / f"{i}.jpg")) for i in range(3)]
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    batch = {
+        "path": np.array([paths[0], str(tmp_path / "broken.jpg"), paths[1], paths[2]], dtype=object),
+        "label": np.array([0, 1, 1, 1]),
+        "source": np.array([0, 2, 1, -1]),
+    }
+    out = decode_batch(batch, DecodeOptions(crop_size=32, train=False, limits=ImageLimits()))
+    assert out["source"].tolist() == [0, 1, -1]  # the unreadable photo's row went with it
+    assert out["image"].shape == (3, 32, 32, 3)

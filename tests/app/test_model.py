@@ -232,3 +232,43 @@ def test_load_checkpoint_weights_that_do_not_match_config(tmp_path: Path):
 def test_model_config_is_plain_data():
     cfg = replace(ModelConfig(), backbone=SMALL)
     assert cfg.backbone == SMALL and cfg.hidden == 512 and cfg.forensic_stem and cfg.pretrained_weights is None
+
+
+FAMILIES = ["none", "autoencoder", "bilinear_conv"]
+
+
+def test_the_source_head_gives_one_logit_per_family_beside_the_same_verdict(tmp_path: Path):
+    from app.model import AllLogits, source_probabilities
+
+    cfg = ModelConfig(backbone=SMALL, hidden=16, source_families=FAMILIES)
+    torch.manual_seed(2)
+    model = build_model(cfg).eval()
+    x = _batch(3)
+    with torch.no_grad():
+        verdict = model(x)
+        logit, sources = model(x, with_sources=True)
+        both = AllLogits(model)(x)
+    assert sources.shape == (3, len(FAMILIES))
+    assert torch.equal(logit, verdict) and torch.equal(both[:, 0], verdict) and torch.equal(both[:, 1:], sources)
+    probabilities = source_probabilities(both[:, 1:].numpy())
+    assert probabilities.shape == (3, len(FAMILIES)) and probabilities.sum(axis=1) == pytest.approx([1.0] * 3)
+
+    save_checkpoint(tmp_path / "ckpt", model, cfg, PreprocessSettings(crop_size=64))
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.model_cfg.source_families == FAMILIES
+    with torch.no_grad():
+        assert torch.equal(AllLogits(loaded.model)(x), both)
+
+
+def test_a_model_without_the_source_head_has_a_verdict_column_only(tmp_path: Path):
+    from app.model import AllLogits
+
+    cfg = ModelConfig(backbone=SMALL, hidden=16)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        assert AllLogits(model)(_batch(2)).shape == (2, 1)
+    save_checkpoint(tmp_path, model, cfg, PreprocessSettings())
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["source_families"]  # a checkpoint saved before the head existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(tmp_path).model_cfg.source_families == []

@@ -301,7 +301,39 @@ def test_the_cpu_runs_a_frozen_trace_with_the_eager_models_answers(active) -> No
     assert isinstance(active.infer, torch.jit.ScriptModule), "float32 on a CPU serves through the frozen trace"
     x = torch.rand(3, 3, CROP, CROP).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert torch.allclose(active.infer(x), active.model(x), atol=1e-5)
+        assert torch.allclose(active.infer(x)[:, 0], active.model(x), atol=1e-5)
+
+
+def test_the_source_head_scores_every_family_in_the_same_forward_pass(tmp_path: Path) -> None:
+    import torch
+
+    from app.config import Settings
+    from app.model import AllLogits
+    from app.transforms import to_model_input
+    from serving.runtime import load_active, pick_device, run_batch, score_batch, source_scores
+
+    families = ["none", "autoencoder", "transposed_conv"]
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", seed=6, source_families=families)
+    traced = load_active(Settings(), str(checkpoint), pick_device(False), warmup_sizes=(1, 3), precision="fp32")
+    crops = [np.random.default_rng(i).integers(0, 256, (CROP, CROP, 3), dtype=np.uint8) for i in range(3)]
+
+    rows = score_batch(traced, crops)
+    assert rows.shape == (3, 1 + len(families)) and np.allclose(rows[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(rows[:, 0], run_batch(traced, crops))
+    x = to_model_input(np.stack(crops))
+    with torch.inference_mode():
+        eager = AllLogits(traced.model)(x)
+    assert np.allclose(rows[:, 0], torch.sigmoid(eager[:, 0]).numpy(), atol=1e-5)
+    assert np.allclose(rows[:, 1:], torch.softmax(eager[:, 1:], dim=1).numpy(), atol=1e-5)
+    scores = source_scores(traced, rows[0])
+    assert list(scores) == families and sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_model_without_the_source_head_answers_no_source_scores(active) -> None:
+    from serving.runtime import score_batch, source_scores
+
+    rows = score_batch(active, [np.zeros((CROP, CROP, 3), np.uint8)])
+    assert rows.shape == (1, 1) and source_scores(active, rows[0]) is None
 
 
 @pytest.mark.skipif(not _native_bf16(), reason="this CPU has no bf16 instructions (AVX512-BF16, AMX)")

@@ -200,15 +200,19 @@ def test_a_trust_anchor_that_is_no_certificate_is_a_configuration_error(signed: 
         read_provenance(signed.jpeg, trust_anchors_pem="not a certificate")
 
 
-def test_a_photo_edited_after_signing_is_invalid_and_its_claim_only_a_hint(signed: Signed):
-    tampered = bytearray(signed.jpeg)
-    scan = _segments(signed.jpeg)[-1][0] + 200  # inside the entropy-coded data, past the scan header
+def _edited(jpeg: bytes) -> bytes:
+    """The file with one pixel's coefficient bit flipped: no marker appears, the JPEG still parses."""
+    tampered = bytearray(jpeg)
+    scan = _segments(jpeg)[-1][0] + 200  # inside the entropy-coded data, past the scan header
     at = next(
         i for i in range(scan, len(tampered)) if tampered[i] not in (0x00, 0xFE, 0xFF) and tampered[i - 1] != 0xFF
     )
-    tampered[at] ^= 0x01  # one pixel's coefficient bit: no marker appears, the JPEG still parses
+    tampered[at] ^= 0x01
+    return bytes(tampered)
 
-    answer = read_provenance(bytes(tampered))
+
+def test_a_photo_edited_after_signing_is_invalid_and_its_claim_only_a_hint(signed: Signed):
+    answer = read_provenance(_edited(signed.jpeg))
 
     assert (answer.c2pa.present, answer.c2pa.state, answer.c2pa.valid) == (True, "invalid", False)
     assert "assertion.dataHash.mismatch" in answer.c2pa.errors
@@ -367,3 +371,40 @@ def test_a_remote_manifest_url_is_reported_and_never_fetched():
             server.accept()
     assert (answer.c2pa.present, answer.c2pa.state, answer.c2pa.valid) == (True, "remote", None)
     assert url in answer.c2pa.error
+
+
+@pytest.mark.slow
+def test_the_service_answers_every_manifest_with_its_verdict_and_evidence(signed: Signed, deploy, tmp_path) -> None:
+    """Signed, edited after signing, and broken manifests through a real service: each a 200 with its verdict, the
+    source head's scores and the provenance; the same evidence on /predict/explain and /predict/batch."""
+    from app.config import Settings
+    from serving.config import AppArgs
+    from tests.helpers import make_checkpoint, undeploy, with_serve
+
+    families = ["none", "autoencoder"]
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=3, crop_size=32, source_families=families)
+    settings = Settings(work_dir=tmp_path / "work", serve={"rate_limit_per_minute": 0})
+    app = deploy(
+        "provenance", with_serve(settings, model_uri=str(checkpoint), champion_poll_s=0), AppArgs(autoscaling={})
+    )
+    photos = {
+        "valid": signed.jpeg,
+        "invalid": _edited(signed.jpeg),
+        "unreadable": _replace_manifest(signed.jpeg, _garbage_after_header),
+    }
+    try:
+        for state, data in photos.items():
+            for route in ("/predict", "/predict/explain"):
+                response = app.predict(data, filename=f"{state}.jpg", route=route)
+                assert response.status_code == 200, (state, route, response.text)
+                body = response.json()
+                assert body["prediction"] in ("real", "ai_generated"), (state, route)
+                assert body["provenance"]["c2pa"]["state"] == state, (state, route)
+                assert body["provenance"]["ai_declared"] == (state == "valid"), (state, route)
+                assert list(body["source_scores"]) == families, (state, route)
+        files = [("files", (f"{state}.jpg", data, "image/jpeg")) for state, data in photos.items()]
+        batch = app.http.post("/predict/batch", files=files).json()
+        assert [item["provenance"]["c2pa"]["state"] for item in batch["results"]] == list(photos)
+        assert all(list(item["source_scores"]) == families for item in batch["results"])
+    finally:
+        undeploy("provenance")

@@ -14,8 +14,29 @@ from tests.helpers import jpeg, make_checkpoint, undeploy, with_serve
 
 pytestmark = pytest.mark.slow
 
+FAMILIES = ["none", "autoencoder", "transposed_conv"]
+# Unsigned IPTC metadata that says a generator made the photo: a hint in the scan's provenance columns.
+AI_XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+    b'Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
+
+
+def _hinted_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(hostile.noise(90, 70, seed=8)).save(buffer, "JPEG", xmp=AI_XMP)
+    return buffer.getvalue()
+
+
 VALID = {
     "shop/a.jpg": lambda: jpeg(200, 150, seed=1),
+    "shop/hinted.jpg": _hinted_jpeg,
     "shop/b.jpg": lambda: jpeg(96, 96, seed=2),
     "shop/nested/c.png": lambda: hostile.encode(hostile.noise(120, 90, seed=3), "PNG"),
     "shop/nested/d.webp": lambda: hostile.encode(hostile.noise(80, 80, seed=4), "WEBP"),
@@ -50,7 +71,7 @@ def registered(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("scan-registry")
     settings = Settings(work_dir=root / "work", serve={"rate_limit_per_minute": 0})
-    checkpoint = make_checkpoint(root / "ckpt", seed=11, threshold=0.5)
+    checkpoint = make_checkpoint(root / "ckpt", seed=11, threshold=0.5, source_families=FAMILIES)
     experiment = setup_mlflow(settings)
     with mlflow.start_run(experiment_id=experiment) as run:
         pass
@@ -88,6 +109,13 @@ def test_a_folder_gives_one_row_per_file_and_the_right_error_rows(registered, ca
     assert (good["threshold"] == 0.5).all() and good["sha256"].str.len().eq(64).all()
     a = rows.loc[str(catalog / "shop/a.jpg")]
     assert (a["width"], a["height"], a["bytes"]) == (200, 150, (catalog / "shop/a.jpg").stat().st_size)
+    # the evidence beside the score: the source head's family and the file's provenance
+    assert set(good["source"]) <= set(FAMILIES) and good["source_score"].between(1 / len(FAMILIES), 1.0).all()
+    assert (good["c2pa"] == "absent").all() and not good["ai_declared"].any()
+    hinted = good["ai_hinted_unsigned"]
+    assert hinted[str(catalog / "shop/hinted.jpg")] and hinted.sum() == 1
+    failed = rows.loc[[str(catalog / name) for name in BROKEN]]
+    assert failed["source"].isna().all() and failed["source_score"].isna().all()
 
 
 def test_the_scan_gives_the_services_probabilities(registered, catalog: Path, tmp_path: Path, deploy) -> None:
@@ -102,7 +130,11 @@ def test_the_scan_gives_the_services_probabilities(registered, catalog: Path, tm
             path = catalog / name
             response = app.predict(path.read_bytes(), filename=path.name)
             assert response.status_code == 200, response.text
-            assert abs(response.json()["probability"] - rows.loc[str(path), "probability"]) < 1e-4, name
+            body, row = response.json(), rows.loc[str(path)]
+            assert abs(body["probability"] - row["probability"]) < 1e-4, name
+            assert max(body["source_scores"], key=body["source_scores"].get) == row["source"], name
+            assert abs(body["source_scores"][row["source"]] - row["source_score"]) < 1e-4, name
+            assert body["provenance"]["ai_hinted_unsigned"] == row["ai_hinted_unsigned"], name
     finally:
         undeploy("scan-vs-predict")
 
@@ -118,7 +150,7 @@ def test_a_manifest_and_a_file_uri_are_catalogs_too(registered, catalog: Path, t
     assert summary.files == 3 and sorted(rows["label"]) == [0, 0, 1]
 
     summary, rows = _scan(settings, [(catalog / "shop").as_uri()], tmp_path / "by-uri", model_uri=str(checkpoint))
-    assert summary.files == 6 and all(path.startswith("file://") for path in rows.index)
+    assert summary.files == 7 and all(path.startswith("file://") for path in rows.index)
     assert pd.isna(rows.loc[(catalog / "shop/a.jpg").as_uri(), "error"])
 
 
@@ -152,6 +184,7 @@ def test_the_report_shows_the_most_suspicious_photos(registered, catalog: Path, 
         assert path in page
     assert page.count("data:image/png;base64,") == 3 and "<svg" in page
     assert "could not be scanned" in page and "truncated" in page
+    assert "0 with a C2PA manifest" in page and "1 only in unsigned metadata" in page and "likely generator" in page
 
 
 def test_aipd_scan_prints_the_summary(registered, catalog: Path, tmp_path: Path) -> None:
@@ -167,7 +200,7 @@ def test_aipd_scan_prints_the_summary(registered, catalog: Path, tmp_path: Path)
         env={"AIPD_WORK_DIR": str(settings.work_dir), "COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
-    assert "catalog scan" in result.output and "6 scanned now" in result.output and "report.html" in result.output
+    assert "catalog scan" in result.output and "7 scanned now" in result.output and "report.html" in result.output
     assert (out / "report.html").is_file()
     missing = CliRunner().invoke(app, ["scan", str(tmp_path / "nowhere"), "--out", str(out)])
     assert missing.exit_code == 1 and "nothing to scan" in missing.output
@@ -186,9 +219,22 @@ def test_the_overview_scores_a_labelled_scan() -> None:
             "model_version": ["3"] * 5,
             "error": [None, None, None, None, "corrupt"],
             "label": [1, 0, 0, 1, 1],
+            "source": ["gan", "none", "gan", "none", None],
+            "c2pa": ["valid", "absent", "invalid", "absent", None],
+            "ai_declared": [True, False, False, False, False],
+            "ai_hinted_unsigned": [False, False, True, True, False],
         }
     )
     view = overview(results, top=2)
+    assert view.provenance == {
+        "c2pa_present": 2,
+        "c2pa_valid": 1,
+        "c2pa_invalid": 1,
+        "ai_declared": 1,
+        "ai_hinted_unsigned": 2,
+    }
+    assert view.sources == {"gan": 2, "none": 2}
+    assert overview(results.drop(columns=["source", "c2pa", "ai_declared", "ai_hinted_unsigned"])).provenance == {}
     assert view.verdicts == {"real": 2, "ai_generated": 2, "error": 1} and view.errors == {"corrupt": 1}
     assert sum(view.histogram) == 4 and view.threshold == 0.65
     assert list(view.suspicious["path"]) == ["a", "c"]

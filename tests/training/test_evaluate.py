@@ -16,6 +16,7 @@ from training.evaluate import (
     flip_rate,
     report_metrics,
     robustness_curves,
+    source_accuracy,
     verdict_metrics,
 )
 
@@ -45,6 +46,32 @@ def test_auroc_by_source_pits_every_real_against_one_family() -> None:
     clean = scores(list(records["path"]), list(records["label"]), [0.2, 0.3, 0.8, 0.9, 0.1, 0.15])
     assert auroc_by_source(clean, records) == {"alpha": 1.0, "beta": 0.0}
     assert auroc_by_source(clean, records.drop(columns=["generator"])) == {}
+
+
+def test_source_accuracy_is_the_top_1_hit_rate_of_each_family() -> None:
+    records = pd.DataFrame(
+        {
+            "path": ["r1", "r2", "a1", "a2", "b1", "x1"],
+            "label": [0, 0, 1, 1, 1, 1],
+            "generator": ["none", "none", "alpha", "alpha", "beta", "unseen"],
+        }
+    )
+    families = ["none", "alpha", "beta"]
+    clean = scores(list(records["path"]), list(records["label"]), [0.2, 0.3, 0.8, 0.9, 0.6, 0.7])
+    clean.sources = np.array(
+        [
+            [0.8, 0.1, 0.1],  # r1 right
+            [0.2, 0.7, 0.1],  # r2 taken for alpha
+            [0.1, 0.6, 0.3],  # a1 right
+            [0.1, 0.8, 0.1],  # a2 right
+            [0.1, 0.5, 0.4],  # b1 taken for alpha
+            [0.3, 0.3, 0.4],  # a family the head does not know: not counted
+        ]
+    )
+    assert source_accuracy(clean, records, families) == {"none": 0.5, "alpha": 1.0, "beta": 0.0}
+    assert source_accuracy(clean, records.drop(columns=["generator"]), families) == {}
+    clean.sources = None
+    assert source_accuracy(clean, records, families) == {}
 
 
 def test_the_realised_rates_at_the_threshold_and_the_ece_before_calibration() -> None:

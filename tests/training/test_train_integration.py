@@ -125,6 +125,8 @@ def test_champion_rule_keeps_and_moves(trained, small_demo: Path, tmp_path: Path
 
 def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from aipd.cli import app
+    from app.degradations import sweep
+    from app.model import load_checkpoint
 
     settings, outcome = trained
     monkeypatch.setenv("AIPD_WORK_DIR", str(settings.work_dir))
@@ -132,7 +134,13 @@ def test_evaluate_json_has_every_key(trained, small_demo: Path, monkeypatch: pyt
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) >= EVALUATE_KEYS
-    assert set(report["robustness"]) == {"jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "blur_sigma1"}
+    assert set(report["robustness"]) == set(sweep())
+    assert set(report["flip_rate"]) == {"downscale_0.5", "jpeg_q75", "downscale_0.5_then_jpeg_q75"}
+    # the demo data names each AI photo's generator: the model has the source head, and its accuracy per family
+    families = load_checkpoint(outcome.checkpoint_dir).model_cfg.source_families
+    assert families[0] == "none" and len(families) > 2
+    assert set(report["source_accuracy"]) == set(families)
+    assert all(0.0 <= value <= 1.0 for value in report["source_accuracy"].values())
     assert 0.0 <= report["blurred_real_flag_rate"] <= 1.0
     assert report["threshold"] == pytest.approx(
         float(

@@ -114,3 +114,42 @@ def test_api_url_and_key_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> 
     assert api_key_of(Settings()) is None
     assert api_key_of(Settings(api_keys=["k1", "k2"])) == "k1"
     assert api_key_of(Settings(api_keys=["k1"], ui={"api_key": "ui"})) == "ui"
+
+
+def test_the_evidence_reads_as_a_moderator_needs_it() -> None:
+    from app.client import FileResult
+    from ui.results import evidence_lines
+
+    declared = FileResult(
+        "a.jpg",
+        prediction="ai_generated",
+        source_scores={"none": 0.1, "autoencoder": 0.85, "nearest_conv": 0.05},
+        provenance={
+            "c2pa": {"state": "valid", "claim_generator": "Firefly", "digital_source_type": "trainedAlgorithmicMedia"},
+            "metadata": {"make": None, "model": None, "software": None},
+            "ai_declared": True,
+            "ai_hinted_unsigned": False,
+        },
+    )
+    assert evidence_lines(declared) == [
+        "**Likely source:** the autoencoder generator family (85%)",
+        "**Content Credentials:** a C2PA manifest that verifies, made with Firefly",
+        "**Declared AI-generated** by its signed manifest (trainedAlgorithmicMedia)",
+    ]
+    camera = FileResult(
+        "b.jpg",
+        prediction="real",
+        source_scores={"none": 0.9, "autoencoder": 0.1},
+        provenance={
+            "c2pa": {"state": "absent"},
+            "metadata": {"make": "Canon", "model": "EOS R5", "software": None},
+            "ai_declared": False,
+            "ai_hinted_unsigned": False,
+        },
+    )
+    assert evidence_lines(camera) == [
+        "**Likely source:** a camera (no generator) (90%)",
+        "**Content Credentials:** none",
+        "**Unsigned EXIF:** Canon EOS R5",
+    ]
+    assert evidence_lines(FileResult("c.jpg", prediction="real")) == []  # a service that reports no evidence

@@ -33,8 +33,18 @@ MLFLOW_URL = "http://127.0.0.1:5000/#/models/aipd-detector"
 OUTPUT_DIR = ROOT / "test-output"
 
 
-def product_photo(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (480, 360)) -> bytes:
-    """A studio-style product shot: a shaded box on a soft backdrop, with sensor noise."""
+# Unsigned IPTC metadata that says a generator made the photo: the page shows it as a hint, never as a verdict.
+AI_XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+    b'Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
+FAMILIES = ["none", "autoencoder", "bilinear_conv", "nearest_conv", "transposed_conv"]
+
+
+def product_photo(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (480, 360), xmp: bytes | None = None) -> bytes:
+    """A studio-style product shot: a shaded box on a soft backdrop, with sensor noise (and `xmp`, a JPEG's)."""
     rng = np.random.default_rng(seed)
     width, height = size
     backdrop = np.linspace(235, 190, height)[:, None, None] * np.ones((1, width, 3))
@@ -48,7 +58,7 @@ def product_photo(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (480, 36
     image = image.filter(ImageFilter.GaussianBlur(1.2))
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 4, (height, width, 3))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, fmt)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, fmt, **({"xmp": xmp} if xmp else {}))
     return buffer.getvalue()
 
 
@@ -64,7 +74,7 @@ def service(deploy, tmp_path_factory: pytest.TempPathFactory):
         work_dir=root / "work",
         api_keys=[KEY],
         serve={
-            "model_uri": str(make_checkpoint(root / "tiny-ckpt", seed=2, metrics=METRICS)),
+            "model_uri": str(make_checkpoint(root / "tiny-ckpt", seed=2, metrics=METRICS, source_families=FAMILIES)),
             "ingress_min_replicas": 1,
             "ingress_max_replicas": 1,
             "detector_min_replicas": 1,
@@ -91,7 +101,7 @@ def test_page_against_the_real_service(service, ui_env) -> None:
     assert len(ready) == 1 and ready[0].startswith("Ready: model version local:")
     page.file_uploader[0].set_value(
         [
-            ("shelf.jpg", product_photo(0), "image/jpeg"),
+            ("shelf.jpg", product_photo(0, xmp=AI_XMP), "image/jpeg"),
             ("animated.png", b"GIF89a" + bytes(64), "image/png"),
         ]
     ).run()
@@ -105,6 +115,16 @@ def test_page_against_the_real_service(service, ui_env) -> None:
     ]
     table = page.main.dataframe[0].value
     assert table["model_version"].tolist()[0].startswith("local:")
+    evidence = [m.value for m in page.main.markdown if m.value.startswith("**Likely source:**")]
+    assert len(evidence) == 1
+    lines = evidence[0].split("  \n")
+    assert re.fullmatch(
+        r"\*\*Likely source:\*\* (a camera \(no generator\)|the \w+ generator family) \(\d+%\)", lines[0]
+    )
+    assert lines[1:] == [
+        "**Content Credentials:** none",
+        "**Hint:** unverified provenance says trainedAlgorithmicMedia; it decides nothing alone",
+    ]
 
 
 def test_browser_upload_shows_verdict_heatmap_and_the_serving_model(service, tmp_path: Path) -> None:
@@ -121,9 +141,9 @@ def test_browser_upload_shows_verdict_heatmap_and_the_serving_model(service, tmp
     loaded_at = datetime.fromisoformat(health["model_loaded_at"])
     since = f"Serving version {health['model_version']} since {loaded_at:%H:%M:%S} UTC ({loaded_at:%Y-%m-%d})"
     photos = []
-    for name, seed, fmt in (("red-kettle.jpg", 3, "JPEG"), ("desk-lamp.png", 5, "PNG")):
+    for name, seed, fmt, xmp in (("red-kettle.jpg", 3, "JPEG", AI_XMP), ("desk-lamp.png", 5, "PNG", None)):
         path = tmp_path / name
-        path.write_bytes(product_photo(seed, fmt))
+        path.write_bytes(product_photo(seed, fmt, xmp=xmp))
         photos.append(path)
     refused = tmp_path / "animated.png"  # a GIF under a .png name: the uploader lets it through, the API refuses it
     refused.write_bytes(b"GIF89a" + bytes(64))
@@ -149,6 +169,9 @@ def test_browser_upload_shows_verdict_heatmap_and_the_serving_model(service, tmp
                     verdicts = page.get_by_role("heading", name=re.compile(r"^(AI-generated|Real photo)$"))
                     assert verdicts.count() == 2 and verdicts.first.is_visible()
                     assert page.get_by_text("Probability AI-generated").count() == 2
+                    assert page.get_by_text("Likely source:").count() == 2  # the evidence beside each verdict
+                    assert page.get_by_text("Content Credentials:").count() == 2
+                    assert page.get_by_text("unverified provenance says trainedAlgorithmicMedia").count() == 1
                     assert page.get_by_text("3 photos:").is_visible()
                     assert page.get_by_text(
                         "Refused by the API (HTTP 415, unsupported_type): GIF images are not supported"

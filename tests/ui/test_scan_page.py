@@ -23,7 +23,11 @@ def write_scan_output(folder: Path, photos: Path) -> list[str]:
         path = photos / f"item-{i}.jpg"
         path.write_bytes(jpeg(160, 120, seed=i))
         verdict = "ai_generated" if probability >= 0.8 else "real"
-        rows.append([str(path), verdict, probability, "high", 0.8, "7", 160, 120, 1000, "ab" * 32, None, None, -1])
+        hinted = i == 1  # its unsigned metadata says a generator made it
+        rows.append(
+            [str(path), verdict, probability, "high", 0.8, "7", 160, 120, 1000, "ab" * 32, None, None, -1]
+            + ["none" if i % 2 else "autoencoder", 0.7, "valid" if i == 0 else "absent", i == 0, hinted]
+        )
     rows.append(
         [
             str(photos / "notes.txt"),
@@ -39,6 +43,11 @@ def write_scan_output(folder: Path, photos: Path) -> list[str]:
             "not_an_image",
             "not a JPEG, PNG or WebP image",
             -1,
+            None,
+            None,
+            "absent",
+            False,
+            False,
         ]
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +71,12 @@ def test_the_page_shows_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert len(captions) == 5 and ranked[0].startswith("0.990 ai_generated")
     errors = page.dataframe[0].value
     assert errors["error"].tolist() == ["not_an_image"]
+    texts = [c.value for c in page.caption]
+    assert (
+        "Provenance: 1 with a C2PA manifest (1 valid, 0 failing); 1 declare AI generation in a valid manifest, "
+        "1 only in unsigned metadata"
+    ) in texts
+    assert "Likely generator: autoencoder 3, none 2" in texts
 
 
 def test_the_page_says_what_to_do_without_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,6 +49,15 @@ def main() -> None:
             f"accuracy {view.scores['accuracy']:.1%}"
         )
     st.caption(f"Model version {', '.join(view.model_versions) or '-'}")
+    if view.provenance:
+        p = view.provenance
+        st.caption(
+            f"Provenance: {p['c2pa_present']:,} with a C2PA manifest ({p['c2pa_valid']:,} valid, "
+            f"{p['c2pa_invalid']:,} failing); {p['ai_declared']:,} declare AI generation in a valid manifest, "
+            f"{p['ai_hinted_unsigned']:,} only in unsigned metadata"
+        )
+    if view.sources:
+        st.caption("Likely generator: " + ", ".join(f"{name} {n:,}" for name, n in view.sources.items()))
 
     st.subheader("Probability of AI generation")
     edges = [f"{i / HISTOGRAM_BINS:.2f}" for i in range(HISTOGRAM_BINS)]
