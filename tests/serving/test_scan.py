@@ -27,10 +27,8 @@ AI_XMP = (
 def _hinted_jpeg() -> bytes:
     import io
 
-    from PIL import Image
-
     buffer = io.BytesIO()
-    Image.fromarray(hostile.noise(90, 70, seed=8)).save(buffer, "JPEG", xmp=AI_XMP)
+    hostile.noise(90, 70, seed=8).convert("RGB").save(buffer, "JPEG", xmp=AI_XMP)
     return buffer.getvalue()
 
 
