@@ -4,6 +4,7 @@
 # root with .gpu-wheels carried:
 #   bash benchmarks/gpu_verdicts.sh seeds   # three seeds side by side on the one GPU
 #   bash benchmarks/gpu_verdicts.sh lofo    # one run per generator family, trained without it and tested on it
+#   bash benchmarks/gpu_verdicts.sh augment # stronger augmentation, and one degradation on every photo (its oracle)
 set -uo pipefail
 mode=${1:?seeds or lofo}
 out=${OUT:-/tmp/out}
@@ -15,6 +16,14 @@ nproc | tee -a "$out/gpu.txt"
 case "$mode" in
 seeds) timeout 560 python3 benchmarks/verdicts.py default --seeds 0 1 2 --gpu --parallel 3 --file-store --out "$out/seeds" ;;
 lofo) timeout 560 python3 benchmarks/verdicts.py leave-one-out --gpu --parallel 4 --file-store --out "$out/lofo" ;;
+augment)
+  a=TRAIN__AUGMENT__
+  timeout 560 python3 benchmarks/verdicts.py variants --gpu --parallel 4 --file-store --out "$out/augment" \
+    "strong=${a}BLUR_PROB=0.5,${a}DOWNSCALE_PROB=0.5,${a}JPEG_PROB=0.6" \
+    "every-blur=${a}BLUR_PROB=1.0,${a}DOWNSCALE_PROB=0,${a}JPEG_PROB=0" \
+    "every-downscale=${a}BLUR_PROB=0,${a}DOWNSCALE_PROB=1.0,${a}JPEG_PROB=0" \
+    "every-jpeg=${a}BLUR_PROB=0,${a}DOWNSCALE_PROB=0,${a}JPEG_PROB=1.0"
+  ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 status=$?

@@ -12,6 +12,7 @@ Usage:
     python benchmarks/verdicts.py default --seeds 0 1 2 --out /tmp/verdicts          # the CPU default
     python benchmarks/verdicts.py default --seeds 0 1 2 --gpu --out $OUT/verdicts     # `aipd train --gpu`
     python benchmarks/verdicts.py leave-one-out --gpu --out $OUT/lofo
+    python benchmarks/verdicts.py variants --gpu --out $OUT/v strong=TRAIN__AUGMENT__JPEG_PROB=0.8,...
 
 On the GPU machine (mlflow-skinny, no SQLite store) add --file-store; benchmarks/gpu_verdicts.sh does.
 
@@ -29,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +68,13 @@ class Run:
     seed: int
     gpu: bool
     file_store: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # settings of this run (AIPD_* variables)
     started: float = 0.0
 
     def start(self) -> subprocess.Popen:
         self.started = time.monotonic()
         args = ["train", "--data", str(self.data), "--gpu" if self.gpu else "--no-gpu"]
-        env = {"AIPD_TRAIN__SEED": str(self.seed)}
+        env = {"AIPD_TRAIN__SEED": str(self.seed), **self.env}
         if self.file_store:
             env |= {"MLFLOW_ALLOW_FILE_STORE": "true", "AIPD_MLFLOW_TRACKING_URI": (self.work / "mlruns").as_uri()}
         return _aipd(args, self.work, self.work.with_suffix(".log"), env)
@@ -155,6 +157,22 @@ def default(args: argparse.Namespace) -> None:
     print(table(rows, "seed"))
 
 
+def variants(args: argparse.Namespace) -> None:
+    """The default command with settings changed, one run each: NAME=SETTING=VALUE[,SETTING=VALUE...], a setting
+    as its AIPD_ environment variable without the prefix (TRAIN__AUGMENT__BLUR_PROB=0.5). How far training can go
+    against each degradation on this data: a run that sees a degradation on every photo is its oracle."""
+    out = Path(args.out)
+    data = build_demo(out)
+    runs = []
+    for spec in args.variant:
+        name, _, assignments = spec.partition("=")
+        env = {f"AIPD_{key}": value for key, _, value in (a.partition("=") for a in assignments.split(",") if a)}
+        runs.append(Run(name, data, out / name, args.seed, args.gpu, args.file_store, env))
+    rows = run_all(runs, args.parallel)
+    (out / "runs.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows, "variant"))
+
+
 def leave_one_out(args: argparse.Namespace) -> None:
     """For each generator family: train on the others (its AI photos out of train and val), test the reals
     against it alone."""
@@ -189,16 +207,16 @@ def main() -> None:
     first.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     second = sub.add_parser("leave-one-out", help="train without one generator family, test on it, for each")
     second.add_argument("--seed", type=int, default=0)
-    for command in (first, second):
+    third = sub.add_parser("variants", help="the default command with settings changed, one run per variant")
+    third.add_argument("--seed", type=int, default=0)
+    third.add_argument("variant", nargs="+", help="NAME=SETTING=VALUE[,SETTING=VALUE...]")
+    for command in (first, second, third):
         command.add_argument("--gpu", action="store_true", help="train on the GPU (`aipd train --gpu`)")
         command.add_argument("--out", required=True, help="folder for the runs, their logs and runs.json")
         command.add_argument("--parallel", type=int, default=1, help="runs at a time (each its own local cluster)")
         command.add_argument("--file-store", action="store_true", help="MLflow on a file store (mlflow-skinny)")
     args = parser.parse_args()
-    if args.mode == "default":
-        default(args)
-    else:
-        leave_one_out(args)
+    {"default": default, "leave-one-out": leave_one_out, "variants": variants}[args.mode](args)
 
 
 if __name__ == "__main__":
