@@ -48,6 +48,7 @@ class ModelSettings(BaseModel):
     hidden: int = 512
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     forensic_stem: bool = True
+    stem_norm: bool = Field(False, description="scale each photo's residual to unit RMS (its pattern, not its energy)")
     pretrained_weights: str | None = None
 
 

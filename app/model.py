@@ -36,6 +36,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet-normalised input, so the first layers (and pretrained weights) see activations of the size they expect,
 # while a larger factor would mostly amplify edges, i.e. content.
 STEM_SCALE = 16.0
+# The energy below which a residual is not scaled up (stem_norm): a flat photo's residual is only rounding noise.
+STEM_NORM_FLOOR = 1e-4
 
 # Values of ModelConfig.pretrained_weights that ask timm's hub instead of naming a local file:
 # "hub" (the backbone's default pretrained tag) or "hub:<tag>" (e.g. "hub:ra_in1k").
@@ -59,6 +61,9 @@ class ModelConfig:
     hidden: int = 512
     dropout: float = 0.3
     forensic_stem: bool = True
+    # Each photo's residual scaled to unit RMS: the detector then sees the residual's pattern, not its energy, which
+    # blur and downscaling cut by orders of magnitude (benchmarks/RESULTS.md, "Verdicts").
+    stem_norm: bool = False
     pretrained_weights: str | None = None
     # The source head's classes: "none" (a camera, app.data.NO_SOURCE) first, then the generator families the
     # training data named; empty: the binary head alone.
@@ -79,15 +84,22 @@ class ForensicStem(nn.Module):
     it is saved with the weights.
     """
 
-    def __init__(self, scale: float = STEM_SCALE) -> None:
+    def __init__(self, scale: float = STEM_SCALE, normalize: bool = False) -> None:
         super().__init__()
         kernel = -torch.full((3, 3), 1.0 / 9.0)
         kernel[1, 1] += 1.0
         self.register_buffer("kernel", (kernel * scale).expand(3, 1, 3, 3).clone())
+        self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(padded, self.kernel.to(x.dtype), groups=3)
+        residual = F.conv2d(padded, self.kernel.to(x.dtype), groups=3)
+        if not self.normalize:
+            return residual
+        # in float32: a bf16 mean of squares loses the small residuals of a soft photo; the floor keeps a flat
+        # photo's (nearly zero) residual from being blown up to noise
+        energy = residual.float().pow(2).mean(dim=(1, 2, 3), keepdim=True)
+        return (residual.float() * torch.rsqrt(energy + STEM_NORM_FLOOR)).to(residual.dtype)
 
 
 class ImageNetNormalize(nn.Module):
@@ -127,7 +139,7 @@ class Detector(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        self.stem: nn.Module = ForensicStem() if cfg.forensic_stem else ImageNetNormalize()
+        self.stem: nn.Module = ForensicStem(normalize=cfg.stem_norm) if cfg.forensic_stem else ImageNetNormalize()
         self.backbone = backbone
         # timm models with a pre-logits stage (MobileNetV3) pool to head_hidden_size, not num_features
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features

@@ -12,6 +12,9 @@ background load hits every target alike; an idle target costs next to nothing):
              (split on a GPU; colocated, one deployment, on a CPU-only node).
   split      the same, always in the split layout (ingress and detector deployments): on a CPU node, the hop's cost.
   unbatched  the same as batched with max_batch_size=1: the cost of the architecture alone.
+  cached     the same as batched with the answer cache on: the uploads repeat, so after the warm-up every answer is a
+             cache hit (the photo hashed, the answer looked up); the other Serve targets run with the cache off, so
+             they measure the model.
   default    this service, batched, on Ray Serve's default data path (Python proxy, actor calls): measured in a second
              Ray cluster after the first one stops, since Serve reads the switch once per process.
   hops       not a server: the in-process cost of decode + crop per upload size and of one forward per batch size.
@@ -56,8 +59,8 @@ from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
-SERVE_TARGETS = ("batched", "split", "unbatched")
-ORDER = ("noop", "plain", "unbatched", "split", "batched", "default")
+SERVE_TARGETS = ("batched", "split", "unbatched", "cached")
+ORDER = ("noop", "plain", "unbatched", "split", "batched", "cached", "default")
 HOPS = ("edge", "read", "decode", "hop", "queue", "forward")
 
 
@@ -316,7 +319,15 @@ class ServeTarget:
     """The Ray Serve application with the given batch size, deployed under /<name> beside the other targets."""
 
     def __init__(
-        self, name: str, port: int, checkpoint: str, args, max_batch_size: int, num_gpus: float, layout: str = "auto"
+        self,
+        name: str,
+        port: int,
+        checkpoint: str,
+        args,
+        max_batch_size: int,
+        num_gpus: float,
+        layout: str = "auto",
+        cache: bool = False,
     ) -> None:
         from app.config import Settings
         from serving.config import AppArgs
@@ -332,6 +343,7 @@ class ServeTarget:
                 "max_batch_size": max_batch_size,
                 "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
                 "rate_limit_per_minute": 0,
+                "cache_max_entries": 10_000 if cache else 0,  # off: the uploads repeat, and the model is measured
                 "ingress_min_replicas": args.ingress_replicas,
                 "ingress_max_replicas": args.ingress_replicas,
                 "detector_min_replicas": args.replicas,
@@ -460,6 +472,9 @@ def summary(cells: list[Cell], check: int) -> str:
     if ("batched", check) in by:
         cell = by["batched", check]
         lines.append(f"batched at c={check}: {cell.requests_per_s:.1f} req/s, p99 {cell.p99_ms:.1f} ms")
+    if ("cached", check) in by and ("batched", check) in by:
+        ratio = by["cached", check].requests_per_s / max(by["batched", check].requests_per_s, 1e-9)
+        lines.append(f"cached / batched at c={check}: {ratio:.2f}x, p50 {by['cached', check].p50_ms:.1f} ms")
     for base in ("noop", "plain", "unbatched", "split", "default"):
         if ("batched", check) in by and (base, check) in by:
             ratio = by["batched", check].requests_per_s / max(by[base, check].requests_per_s, 1e-9)
@@ -504,7 +519,9 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
         layout = "split" if name == "split" else "auto"
-        started[name] = ServeTarget(name, cluster.port, checkpoint, args, batch, min(gpus, 1.0), layout)
+        started[name] = ServeTarget(
+            name, cluster.port, checkpoint, args, batch, min(gpus, 1.0), layout, cache=name == "cached"
+        )
         started[name].start()
     return started
 

@@ -272,3 +272,12 @@ def test_a_model_without_the_source_head_has_a_verdict_column_only(tmp_path: Pat
     del config["model"]["source_families"]  # a checkpoint saved before the head existed
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_checkpoint(tmp_path).model_cfg.source_families == []
+
+
+def test_a_normalised_stem_sees_the_residuals_pattern_not_its_energy():
+    stem = ForensicStem(normalize=True)
+    x = _batch(2, seed=3)
+    soft = 0.5 + 0.05 * (x - 0.5)  # the same pattern at a twentieth of the contrast, as a strong blur leaves it
+    assert torch.allclose(stem(soft), stem(x), atol=1e-4)
+    assert stem(x).pow(2).mean(dim=(1, 2, 3)) == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert stem(torch.full((1, 3, 16, 16), 0.5)).abs().max() < 1e-3, "a flat photo's rounding noise stays small"
