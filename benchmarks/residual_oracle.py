@@ -8,9 +8,13 @@ training split and scored on the degraded test split, each photo cropped as eval
 degradation in training and needs no feature learning; when it too falls near chance, the degradation has removed
 the evidence from these photos, and no training recipe of the detector could bring it back.
 
+With --checkpoint it also asks where the generator family is written: a linear probe for the family of each AI
+photo, on the checkpoint's pooled backbone features and on the same residual spectrum (top-1 per family on test).
+
 Usage:
     python benchmarks/residual_oracle.py --data .aipd/demo-data            # the demo set `aipd train` builds
-It prints a Markdown table last.
+    python benchmarks/residual_oracle.py --data .aipd/demo-data --checkpoint .aipd/checkpoints/<run_id>
+It prints Markdown tables last.
 """
 
 from __future__ import annotations
@@ -50,6 +54,54 @@ def features(paths: list[str], change: Chain | None, crop_size: int) -> np.ndarr
     return np.stack(rows)
 
 
+def probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The test predictions of a standardised L2 logistic regression fitted on ``train``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(*train).predict(test[0])
+
+
+def family_probe(splits: dict, checkpoint: str, crop_size: int) -> list[str]:
+    """Top-1 accuracy per family of a linear probe on the AI photos: backbone features against residual spectra."""
+    import torch
+    from PIL import Image
+
+    from app.data import source_targets
+    from app.model import load_checkpoint
+    from app.transforms import eval_preprocess, to_model_input
+
+    loaded = load_checkpoint(checkpoint)
+    families = list(loaded.model_cfg.source_families)
+    if not families:
+        raise SystemExit(f"{checkpoint} has no source head: its families are unknown")
+    model = loaded.model.eval()
+    inputs = {}
+    for name, split in splits.items():
+        ai = split[split["label"] == 1]
+        crops = []
+        for path in ai["path"]:
+            with Image.open(path) as image:
+                crops.append(eval_preprocess(image.convert("RGB"), crop_size))
+        with torch.inference_mode():
+            pooled = np.concatenate(
+                [
+                    model.backbone(model.stem(to_model_input(np.stack(crops[i : i + 64])))).numpy()
+                    for i in range(0, len(crops), 64)
+                ]
+            )
+        spectra = np.stack([residual_spectrum(crop) for crop in crops])
+        inputs[name] = (pooled, spectra, source_targets(ai, families))
+    lines = ["| features | " + " | ".join(families[1:]) + " |", "| --- |" + " --- |" * (len(families) - 1)]
+    for column, label in ((0, "the detector's pooled features"), (1, "the residual's log spectrum")):
+        truth = inputs["test"][2]
+        guess = probe((inputs["train"][column], inputs["train"][2]), (inputs["test"][column], truth))
+        cells = [f"{np.mean(guess[truth == k] == k):.3f}" for k in range(1, len(families))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def oracle_auroc(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -68,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a dataset with train and test splits (the demo set)")
     parser.add_argument("--crop", type=int, default=112, help="the crop evaluation takes (train.crop_size)")
+    parser.add_argument("--checkpoint", help="a checkpoint with a source head: probe where the family is written")
     args = parser.parse_args()
     index = index_dataset(args.data)
     splits = {name: index.split(name) for name in ("train", "test")}
@@ -82,6 +135,8 @@ def main() -> None:
         value = oracle_auroc(train, test)
         print(f"{name}: {value:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
         lines.append(f"| {name} | {value:.3f} |")
+    if args.checkpoint:
+        lines += ["", *family_probe(splits, args.checkpoint, args.crop)]
     print("\n".join(lines))
 
 
