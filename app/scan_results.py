@@ -34,8 +34,6 @@ COLUMNS = (
     "ai_declared",  # a manifest that verifies declares generative media
     "ai_hinted_unsigned",  # only unverified evidence (unsigned metadata, a failing manifest) says generative media
 )
-# What a scan's provenance columns count as, in the report's "provenance" line: the evidence beside the pixels.
-PROVENANCE_COUNTS = ("c2pa_present", "c2pa_valid", "c2pa_invalid", "ai_declared", "ai_hinted_unsigned")
 HISTOGRAM_BINS = 20
 
 
@@ -77,7 +75,7 @@ class ScanOverview:
     model_versions: list[str]
     suspicious: pd.DataFrame  # the top files by probability: path, probability, prediction, confidence
     scores: dict[str, float] = field(default_factory=dict)  # auroc, accuracy, n for a labelled scan
-    provenance: dict[str, int] = field(default_factory=dict)  # PROVENANCE_COUNTS; empty for an output without them
+    provenance: dict[str, int] = field(default_factory=dict)  # provenance_counts; empty for an output without them
     sources: dict[str, int] = field(default_factory=dict)  # files per most likely generator family
 
     @property
