@@ -58,10 +58,27 @@ def ensure_auth_token() -> None:
     )
 
 
+_handed_out: set[int] = set()  # ports this process gave to Ray's components: never handed out twice
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports, free now and not handed out before by this process. The kernel gives a port that
+    was bound and let go to the next asker again, and two of a node's components on one port stop it from starting
+    ("... is trying to use a port number that is used by other components"), so all are bound at once."""
+    found: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(found) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in _handed_out:
+                found.append(port)
+    _handed_out.update(found)
+    return found
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def port_free(port: int) -> bool:
@@ -95,7 +112,7 @@ def node_ports(used_bases: list[int]) -> dict[str, int]:
         "metrics-export-port",
         "runtime-env-agent-port",
     )
-    ports = {name: free_port() for name in names}
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     ports["min-worker-port"] = base
     ports["max-worker-port"] = base + WORKER_PORT_SPAN - 1
     return ports
@@ -175,15 +192,15 @@ def start_owned_cluster(
     log_dir = settings.log_file.parent.resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "ray-head.log"
-    gcs_port = free_port()
-    dashboard_port = free_port() if include_dashboard else None
+    gcs_port, dashboard_port, client_port = free_ports(3)
+    dashboard_port = dashboard_port if include_dashboard else None
     args = [
         "--head",
         f"--port={gcs_port}",
         f"--num-cpus={settings.local_num_cpus}",
         f"--include-dashboard={'true' if include_dashboard else 'false'}",
         *(["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard_port else []),
-        f"--ray-client-server-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
         *(f"--{k}={v}" for k, v in node_ports([]).items() if k != "metrics-export-port" or not metrics_port),
         *([f"--metrics-export-port={metrics_port}"] if metrics_port else []),
     ]

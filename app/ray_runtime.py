@@ -16,7 +16,7 @@ from typing import Any
 
 from app.config import Settings
 from app.errors import UserError
-from app.ray_nodes import OwnedCluster, free_port, port_free, start_owned_cluster
+from app.ray_nodes import OwnedCluster, free_port, free_ports, port_free, start_owned_cluster
 
 # HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -47,7 +47,8 @@ def node_environment(settings: Settings, *, local: bool, owned: bool = False) ->
     env = dict(HIGH_THROUGHPUT_ENV) if settings.serve.high_throughput else {}
     env["FORWARDED_ALLOW_IPS"] = ""
     if local:
-        env.update({name: str(free_port()) for name in _PER_CLUSTER_PORTS})
+        ports = free_ports(len(_PER_CLUSTER_PORTS))
+        env.update({name: str(port) for name, port in zip(_PER_CLUSTER_PORTS, ports, strict=True)})
         env["RAY_SERVE_HAPROXY_NBTHREAD"] = str(min(4, os.cpu_count() or 1))
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     if owned:

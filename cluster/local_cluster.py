@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import UserError
-from app.ray_nodes import ensure_auth_token, free_port, node_ports, ray_env, start_node, stop_groups
+from app.ray_nodes import ensure_auth_token, free_ports, node_ports, ray_env, start_node, stop_groups
 from app.ray_runtime import node_environment
 
 
@@ -68,7 +68,7 @@ def cluster_up(
     ensure_auth_token()
     used: list[int] = []
     head_ports = node_ports(used)
-    gcs_port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    gcs_port, dashboard_port, client_port = free_ports(3)
     head_args = [
         "--head",
         f"--port={gcs_port}",
