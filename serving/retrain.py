@@ -6,7 +6,9 @@ configured (`serve.retrain_data`, labelled photos such as recent moderated uploa
 records the job in the registry, where `aipd rollout status` shows it. The job trains on that data, registers its
 model in MLflow and starts it as a canary beside the champion; the rollout's own rules then promote nothing on their
 own and roll it back if it does worse. One retraining at a time: an alert that keeps firing while a job runs, or while
-its challenger is on trial, starts no second one.
+its challenger is on trial, starts no second one. Two alerts that arrive together (two drift rules firing, or two
+ingress replicas) could both find no job running; so each job's submission id is the champion's version and the
+count of retrainings of it so far, and Ray's job API, which refuses an id it has seen, lets only the first through.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def start_retraining(settings: Settings, reason: str) -> tuple[str | None, str]:
     from mlflow import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
-    from app.registry import setup_mlflow
+    from app.registry import get_alias_version, setup_mlflow
     from app.rollout import current_rollout
 
     if not settings.serve.retrain_data:
@@ -75,7 +77,20 @@ def start_retraining(settings: Settings, reason: str) -> tuple[str | None, str]:
             str(settings.serve.retrain_percent),
         ]
     )
-    job = jobs.submit_job(entrypoint=entrypoint, metadata={"reason": reason[:200], "by": "aipd drift webhook"})
+    champion = get_alias_version(settings)
+    prefix = f"aipd-retrain-v{champion.version if champion else 'none'}-"
+    earlier = sum(1 for info in jobs.list_jobs() if (info.submission_id or "").startswith(prefix))
+    submission_id = f"{prefix}{earlier + 1}"
+    try:
+        job = jobs.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            metadata={"reason": reason[:200], "by": "aipd drift webhook"},
+        )
+    except Exception:
+        if _submitted(jobs, submission_id):  # a concurrent alert won the id: its job is the one retraining
+            return None, f"retraining job {submission_id} was just submitted for another alert"
+        raise
     client.set_registered_model_tag(name, TAG + "retrain_reason", reason[:500])
     client.set_registered_model_tag(name, TAG + "retrain_at", str(time.time()))
     client.set_registered_model_tag(name, JOB_TAG, job)  # last: a reader that finds the job finds all of it
@@ -105,6 +120,14 @@ def retraining(settings: Settings, *, ask_cluster: bool) -> dict[str, Any] | Non
         "reason": tags.get(TAG + "retrain_reason", ""),
         "submitted_at": float(tags.get(TAG + "retrain_at", 0.0)),
     }
+
+
+def _submitted(jobs: Any, job: str) -> bool:
+    try:
+        jobs.get_job_info(job)
+    except Exception:  # noqa: BLE001 - the job API says "not found" with a RuntimeError
+        return False
+    return True
 
 
 def _state(jobs: Any, job: str) -> str:
