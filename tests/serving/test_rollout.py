@@ -164,6 +164,8 @@ def test_a_shadow_that_disagrees_is_rolled_back_on_its_own_and_the_champion_answ
     with Trickle(service.url, photos[:8], interval_s=0.1) as trickle:
         wait_until(lambda: _trial(service) is None, 60, what="the automatic rollback")
         took = time.monotonic() - reached
+        # the rollback can come before the trickle's first answer: it must still answer, and by the champion
+        wait_until(lambda: len(trickle.versions_since(0)) >= 5, 30, what="the trickle's answers after the rollback")
     ended = last_ended(registry.settings)
     assert ended.outcome == "rolled_back" and ended.version == inverted and "disagree" in ended.reason, ended
     assert took <= 60 and trickle.failures() == [] and set(trickle.versions_since(0)) == {champion}
