@@ -72,9 +72,9 @@ def demo(
 
 
 def main() -> None:
-    from app.ray_nodes import use_token_auth
+    from app.ray_nodes import use_ray_defaults
 
-    use_token_auth()
+    use_ray_defaults()
     app()
 
 

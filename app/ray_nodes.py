@@ -33,17 +33,25 @@ def ray_binary() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+# Ray's settings in every process of this project, below the user's own environment. Token auth: every node this
+# project starts speaks it. No Ray Data usage poller: its thread outlives ray.shutdown(), and its next poll touches
+# the shut-down core worker, which ends the process with exit status 1 before the command has stopped what it started.
+RAY_DEFAULTS = {"RAY_AUTH_MODE": "token", "RAY_DATA_USAGE_DISABLED": "1"}
+
+
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for a `ray` command, with Ray's token auth (its default) and ``extra``."""
+    """This process's environment for a `ray` command, with the project's Ray defaults and ``extra``."""
     env = {**os.environ, **(extra or {})}
-    env.setdefault("RAY_AUTH_MODE", "token")
+    for name, value in RAY_DEFAULTS.items():
+        env.setdefault(name, value)
     return env
 
 
-def use_token_auth() -> None:
-    """Speak Ray's token auth in this process, as every node this project starts does. Ray reads the mode once, when
-    it is first imported, so the command's entry point calls this before anything imports Ray."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+def use_ray_defaults() -> None:
+    """The project's Ray defaults in this process. Ray reads them once, when it is first imported, so the command's
+    entry point calls this before anything imports Ray."""
+    for name, value in RAY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def ensure_auth_token() -> None:

@@ -7,6 +7,8 @@ version tags carry the threshold and preprocessing settings.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+# The registry's answers for an alias or a model that does not exist (a store may answer either of the first two)
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def is_server(tracking_uri: str) -> bool:
@@ -118,9 +122,26 @@ def get_alias_version(settings: Settings, alias: str | None = None) -> Registere
     client = MlflowClient()
     try:
         mv = client.get_model_version_by_alias(settings.registered_model, alias or settings.champion_alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        # only "no such alias" (or model) means unset: a registry that fails to answer must not read as an alias
+        # removed, or a service following it would drop its challenger on one locked read
+        if err.error_code in MISSING_CODES:
+            return None
+        raise
     return RegisteredVersion(mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+
+
+@contextlib.contextmanager
+def missing_ok() -> Iterator[None]:
+    """Let "no such alias, tag or model" pass (another process removed it first); any other failure of the
+    registry still raises."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        if err.error_code not in MISSING_CODES:
+            raise
 
 
 def set_alias(settings: Settings, version: str, alias: str | None = None) -> None:

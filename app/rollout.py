@@ -10,7 +10,6 @@ P% takes P% of the distinct photos, whatever their order.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -155,24 +154,29 @@ def _require(settings: Settings) -> Rollout:
 
 def _end(settings: Settings, rollout: Rollout, outcome: str, reason: str) -> None:
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from app.registry import missing_ok
 
     client = MlflowClient()
     name = settings.registered_model
     ended = {"ended_version": rollout.version, "ended_outcome": outcome, "ended_reason": reason}
     for key, value in {**ended, "ended_at": str(time.time())}.items():
         client.set_registered_model_tag(name, TAG + key, value)
-    with contextlib.suppress(MlflowException):  # another replica ended it first
+    with missing_ok():  # another replica ended it first
         client.delete_registered_model_alias(name, settings.challenger_alias)
     for key in _STATE_TAGS:
-        with contextlib.suppress(MlflowException):
+        with missing_ok():
             client.delete_registered_model_tag(name, TAG + key)
 
 
 def _model_tags(client: object, name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
+    from app.registry import MISSING_CODES
+
     try:
         return dict(client.get_registered_model(name).tags or {})  # type: ignore[attr-defined]
-    except MlflowException:
-        return {}
+    except MlflowException as err:
+        if err.error_code in MISSING_CODES:
+            return {}
+        raise

@@ -88,12 +88,14 @@ def alias_version(ref: ModelRef) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from app.registry import MISSING_CODES
+
     if ref.kind != "alias":
         raise ValueError(f"{ref.uri} is not an alias URI")
     try:
         return str(MlflowClient().get_model_version_by_alias(ref.name, ref.alias).version)
     except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if err.error_code in MISSING_CODES:
             raise ModelNotFoundYet(
                 f"no model under {ref.uri} yet; train and register one (`aipd train`) and the service picks it up"
             ) from err

@@ -129,6 +129,13 @@ def test_a_canary_takes_its_share_of_distinct_photos_and_the_same_photo_meets_th
         abort(registry.settings, "test over")
 
 
+def _only(trickle: Trickle, version: str, since: float, run: int = 16) -> bool:
+    """The last ``run`` answers since ``since`` all came from ``version``: a run as long as the trickle's cycle of
+    photos, so with a trial still on about half of them would have met the challenger."""
+    versions = trickle.versions_since(since)
+    return len(versions) >= run and set(versions[-run:]) == {version}
+
+
 def test_promote_and_abort_switch_under_a_trickle_without_a_failed_request(
     service: ServeApp, registry: Registry
 ) -> None:
@@ -141,16 +148,18 @@ def test_promote_and_abort_switch_under_a_trickle_without_a_failed_request(
         wait_until(lambda: promoted in trickle.versions_since(0), 60, what="the canary to answer")
         promote(registry.settings)
         switched = time.time()
-        wait_until(lambda: set(trickle.versions_since(switched)[-16:]) == {promoted}, 60, what="the promotion")
+        wait_until(lambda: _only(trickle, promoted, since=switched), 60, what="the promotion")
         aborted = registry.register(seed=4)
         start_rollout(registry.settings, aborted, 50.0)
         wait_until(lambda: aborted in trickle.versions_since(0), 60, what="the second canary to answer")
         abort(registry.settings, "not good enough")
         ended = time.time()
-        wait_until(lambda: set(trickle.versions_since(ended)[-16:]) == {promoted}, 60, what="the abort")
+        wait_until(lambda: _only(trickle, promoted, since=ended), 60, what="the abort")
     assert trickle.failures() == [], trickle.failures()[:3]
     assert _champion(registry) == promoted != first
-    assert last_ended(registry.settings).outcome == "aborted" and _trial(service) is None
+    ended_by = last_ended(registry.settings)
+    assert (ended_by.outcome, ended_by.version, ended_by.reason) == ("aborted", aborted, "not good enough")
+    assert _trial(service) is None
 
 
 def test_a_shadow_that_disagrees_is_rolled_back_on_its_own_and_the_champion_answers_throughout(
