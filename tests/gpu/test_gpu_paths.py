@@ -1,8 +1,9 @@
 """The CUDA paths, run for real on the GPU machine (skipped elsewhere): a Ray Train worker trains on the GPU in bf16
 and registers its model, and a Serve detector replica that holds a GPU answers the HTTP API with the probabilities
-the CPU model gives for the same photos (bf16 on the GPU, float32 on the CPU: close, not equal).
+the CPU model gives for the same photos (bf16 on the GPU, float32 on the CPU: close, not equal), and so does a scan.
 
 On the GPU machine:  python -m pytest -q -m gpu tests/gpu
+(with `mlflow-skinny`, which has no SQLite store: MLFLOW_ALLOW_FILE_STORE=true AIPD_MLFLOW_TRACKING_URI=file:///tmp/m)
 """
 
 from __future__ import annotations
