@@ -49,6 +49,9 @@ class ModelSettings(BaseModel):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     forensic_stem: bool = True
     stem_norm: bool = Field(False, description="scale each photo's residual to unit RMS (its pattern, not its energy)")
+    source_spectrum: int = Field(
+        16, ge=0, le=64, description="side of the residual spectrum grid the source head reads too (0: features only)"
+    )
     pretrained_weights: str | None = None
 
 

@@ -68,6 +68,9 @@ class ModelConfig:
     # The source head's classes: "none" (a camera, app.data.NO_SOURCE) first, then the generator families the
     # training data named; empty: the binary head alone.
     source_families: list[str] = field(default_factory=list)
+    # The side of the residual's log power spectrum grid the source head reads beside the pooled features (0: the
+    # features alone, as checkpoints from before it were trained).
+    source_spectrum: int = 0
 
 
 @dataclass
@@ -100,6 +103,29 @@ class ForensicStem(nn.Module):
         # photo's (nearly zero) residual from being blown up to noise
         energy = residual.float().pow(2).mean(dim=(1, 2, 3), keepdim=True)
         return (residual.float() * torch.rsqrt(energy + STEM_NORM_FLOOR)).to(residual.dtype)
+
+
+class ResidualSpectrum(nn.Module):
+    """A photo's high-pass residual (grey) as its log power spectrum, averaged onto a ``grid`` x ``grid`` frequency
+    grid and standardised per photo. Fixed, like the stem: a generator's upsampling leaves peaks at the frequencies
+    of its layers, which a linear probe on this spectrum tells apart and the verdict's pooled features do not keep
+    (benchmarks/RESULTS.md, "Which generator"). The grid spans the whole frequency range at any crop size."""
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(grid * grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32 and outside autocast: the FFT has no bf16 kernel, and the log of a small power needs the range
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grey = x.float().mean(dim=1, keepdim=True)
+            residual = grey - F.avg_pool2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+            power = torch.fft.fftshift(torch.fft.fft2(residual.squeeze(1)).abs().pow(2), dim=(-2, -1))
+            spectrum = F.adaptive_avg_pool2d(torch.log(power + 1e-12).unsqueeze(1), self.grid).flatten(1)
+            # the norm's weights cast to float32 here: a bf16 copy of the model keeps this part in float32
+            weight, bias = self.norm.weight.float(), self.norm.bias.float()
+            return F.layer_norm(spectrum, spectrum.shape[1:], weight, bias, self.norm.eps)
 
 
 class ImageNetNormalize(nn.Module):
@@ -150,8 +176,10 @@ class Detector(nn.Module):
             nn.Linear(cfg.hidden, 1),
         )
         self.calibrate = Calibrate()
-        # on the pooled features beside the binary head: which generator made it is a question about the same traces
-        self.source_head = nn.Linear(features, len(cfg.source_families)) if cfg.source_families else None
+        # on the pooled features beside the binary head, and on the residual's spectrum where the config asks for it
+        self.spectrum = ResidualSpectrum(cfg.source_spectrum) if cfg.source_families and cfg.source_spectrum else None
+        width = features + (cfg.source_spectrum**2 if self.spectrum is not None else 0)
+        self.source_head = nn.Linear(width, len(cfg.source_families)) if cfg.source_families else None
 
     def forward(self, x: torch.Tensor, with_sources: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(self.stem(x))
@@ -160,6 +188,8 @@ class Detector(nn.Module):
             return logit
         if self.source_head is None:
             return logit, features.new_zeros((features.shape[0], 0))
+        if self.spectrum is not None:
+            features = torch.cat([features, self.spectrum(x).to(features.dtype)], dim=1)
         return logit, self.source_head(features)
 
 

@@ -43,10 +43,13 @@ def make_checkpoint(
     `source_families` gives it the source head."""
     import torch
 
+    from app.config import ModelSettings
     from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32, source_families=list(source_families or []))
+    families = list(source_families or [])
+    spectrum = ModelSettings().source_spectrum if families else 0  # the head a training with families builds
+    cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32, source_families=families, source_spectrum=spectrum)
     return save_checkpoint(
         directory,
         build_model(cfg),

@@ -240,9 +240,10 @@ FAMILIES = ["none", "autoencoder", "bilinear_conv"]
 def test_the_source_head_gives_one_logit_per_family_beside_the_same_verdict(tmp_path: Path):
     from app.model import AllLogits, source_probabilities
 
-    cfg = ModelConfig(backbone=SMALL, hidden=16, source_families=FAMILIES)
+    cfg = ModelConfig(backbone=SMALL, hidden=16, source_families=FAMILIES, source_spectrum=8)
     torch.manual_seed(2)
     model = build_model(cfg).eval()
+    assert model.source_head.in_features == model.head[0].in_features + 8 * 8, "the features and the spectrum"
     x = _batch(3)
     with torch.no_grad():
         verdict = model(x)
@@ -281,3 +282,22 @@ def test_a_normalised_stem_sees_the_residuals_pattern_not_its_energy():
     assert torch.allclose(stem(soft), stem(x), rtol=0.01, atol=0.01)  # the floor moves it a little
     assert stem(x).pow(2).mean(dim=(1, 2, 3)) == pytest.approx([1.0, 1.0], abs=1e-4)
     assert stem(torch.full((1, 3, 16, 16), 0.5)).abs().max() < 1e-3, "a flat photo's rounding noise stays small"
+
+
+def test_the_residual_spectrum_tells_upsampling_from_camera_noise_whatever_the_contrast():
+    """What the source head reads beside the features: a nearest-neighbour 2x upsampling leaves its mark at half the
+    sampling rate (the spectrum's edge), plain noise does not; scaling the contrast changes nothing (log power,
+    standardised per photo), and a bf16 copy of the model gives the float32 answer (the spectrum stays float32)."""
+    from app.model import ResidualSpectrum
+
+    spectrum = ResidualSpectrum(8).eval()
+    noise = _batch(4, size=64, seed=5)
+    upsampled = torch.nn.functional.interpolate(_batch(4, size=32, seed=6), scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        plain, made = spectrum(noise), spectrum(upsampled)
+        assert plain.shape == (4, 64)
+        assert torch.allclose(spectrum(0.5 + 0.1 * (noise - 0.5)), plain, atol=1e-3)
+        edge = lambda z: z.reshape(-1, 8, 8)[:, 0, :].mean(dim=1)  # the highest vertical frequencies  # noqa: E731
+        assert (edge(made) < edge(plain) - 0.5).all(), (edge(made), edge(plain))
+        half = ResidualSpectrum(8).eval().to(torch.bfloat16)
+        assert torch.allclose(half(noise.to(torch.bfloat16)), plain, atol=0.05)

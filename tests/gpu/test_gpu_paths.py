@@ -43,11 +43,12 @@ def test_a_ray_train_worker_trains_on_the_gpu_and_registers(ray_cluster, small_d
 def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Path) -> None:
     from app.config import Settings
     from app.images import decode_image
-    from app.model import load_checkpoint
+    from app.model import AllLogits, load_checkpoint, source_probabilities
     from app.transforms import eval_preprocess, to_model_input
     from serving.config import AppArgs
 
-    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=5)
+    families = ["none", "autoencoder", "bilinear_conv"]  # the source head and its spectrum, in the CUDA graphs too
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=5, source_families=families)
     settings = Settings(
         work_dir=tmp_path / "work",
         serve={
@@ -68,18 +69,21 @@ def test_a_gpu_detector_replica_answers_like_the_cpu_model(deploy, tmp_path: Pat
         assert explained.status_code == 200 and explained.json()["heatmap_base64"], explained.text
 
         photos = [jpeg(seed=seed) for seed in range(6)]
-        served = []
+        served, served_sources = [], []
         for data in photos:
             response = app.predict(data)
             assert response.status_code == 200, response.text
             served.append(response.json()["probability"])
+            served_sources.append([response.json()["source_scores"][f] for f in families])
 
         loaded = load_checkpoint(checkpoint, device="cpu")
         loaded.model.eval()
         crops = np.stack([eval_preprocess(decode_image(data), CROP) for data in photos])
         with torch.inference_mode():
-            expected = torch.sigmoid(loaded.model(to_model_input(crops)).float()).reshape(-1).numpy()
+            logits = AllLogits(loaded.model)(to_model_input(crops)).double().numpy()
+        expected = 1.0 / (1.0 + np.exp(-logits[:, 0]))
         np.testing.assert_allclose(served, expected, atol=0.02)
+        np.testing.assert_allclose(served_sources, source_probabilities(logits[:, 1:]), atol=0.02)
 
         # six photos in one request reach the detector together: a batch padded to 8 on the GPU, cut back to 6
         files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
