@@ -75,6 +75,7 @@ def start_retraining(settings: Settings, reason: str) -> tuple[str | None, str]:
             settings.serve.retrain_data,
             "--challenger",
             str(settings.serve.retrain_percent),
+            *_this_cluster(),
         ]
     )
     champion = get_alias_version(settings)
@@ -95,6 +96,15 @@ def start_retraining(settings: Settings, reason: str) -> tuple[str | None, str]:
     client.set_registered_model_tag(name, TAG + "retrain_at", str(time.time()))
     client.set_registered_model_tag(name, JOB_TAG, job)  # last: a reader that finds the job finds all of it
     return job, f"retraining job {job} submitted: {reason}"
+
+
+def _this_cluster() -> list[str]:
+    """The job's `--address`: the GCS of the cluster this replica runs on. Without it the job's driver joins the
+    cluster Ray's job supervisor finds in the machine's address file, which names the last cluster `ray start` made
+    there: another one, on a machine that runs two."""
+    import ray
+
+    return ["--address", ray.get_runtime_context().gcs_address] if ray.is_initialized() else []
 
 
 def retraining(settings: Settings, *, ask_cluster: bool) -> dict[str, Any] | None:
