@@ -95,6 +95,9 @@ class TrainSettings(BaseModel):
         description="weight of the source head's loss (which generator family) beside the verdict's; the head is "
         "trained when the data names each AI photo's generator; 0: the binary head alone",
     )
+    source_clean_only: bool = Field(
+        False, description="train the source head on the crops no degradation changed (the verdict on all of them)"
+    )
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     challenger_percent: float | None = Field(

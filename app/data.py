@@ -32,6 +32,7 @@ LABELS: dict[str, int] = {"real": 0, "ai_generated": 1}
 CLASS_NAMES: tuple[str, str] = ("real", "ai_generated")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 NO_SOURCE = "none"  # the generator family of a real photo
+NO_TARGET = -1  # a photo's source class where the head is taught nothing (an unknown family, a degraded crop)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".parquet", ".pq"})
 
@@ -191,9 +192,9 @@ def source_targets(records: pd.DataFrame, families: list[str]) -> np.ndarray:
     """Each record's class of the source head (its index in ``families``), -1 where it has none the head knows:
     the loss ignores those photos."""
     if not families or "generator" not in records.columns:
-        return np.full(len(records), -1, dtype=np.int64)
+        return np.full(len(records), NO_TARGET, dtype=np.int64)
     position = {family: i for i, family in enumerate(families)}
-    return np.asarray([position.get(g, -1) for g in records["generator"]], dtype=np.int64)
+    return np.asarray([position.get(g, NO_TARGET) for g in records["generator"]], dtype=np.int64)
 
 
 def _read_manifest_table(fs: pafs.FileSystem, root: str, uri: str, required: set[str]) -> tuple[pd.DataFrame, list]:
@@ -318,13 +319,15 @@ class DecodeOptions:
     # and decoded once and gives one crop per variant, tagged in the `variant` column.
     variants: tuple[tuple[str, Callable[[Any], Any] | None], ...] = ()
     seed: int | None = None  # training: the data order and the augmentations follow it, so a rerun repeats them
+    # training: a crop a degradation changed gets NO_TARGET, so the source head learns on clean crops only
+    source_clean_only: bool = False
 
 
 def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
     """Read, decode and preprocess one batch; unreadable files are dropped and logged, never fatal."""
     from app.images import ImageError, read_and_decode
     from app.logging import configure_logging, get_logger
-    from app.transforms import eval_preprocess, train_augment
+    from app.transforms import eval_preprocess, train_augment_degraded
 
     configure_logging(options.log_format)
     rng = np.random.default_rng(_batch_seed(batch["path"], options.seed))
@@ -334,7 +337,7 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
     paths: list[str] = []
     names: list[str] = []
     sources: list[int] = []
-    given_sources = batch["source"] if "source" in batch else np.full(len(batch["path"]), -1)
+    given_sources = batch["source"] if "source" in batch else np.full(len(batch["path"]), NO_TARGET)
     for path, label, source in zip(batch["path"], batch["label"], given_sources, strict=True):
         try:
             image = read_and_decode(str(path), options.limits)
@@ -342,8 +345,11 @@ def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[s
             get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
             continue
         if options.train:
-            crops.append(train_augment(image, options.crop_size, options.augment, rng))
+            crop, degraded = train_augment_degraded(image, options.crop_size, options.augment, rng)
+            crops.append(crop)
             names.append("")
+            if degraded and options.source_clean_only:
+                source = NO_TARGET
         else:
             for name, change in variants:
                 crops.append(eval_preprocess(change(image) if change is not None else image, options.crop_size))

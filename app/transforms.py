@@ -43,7 +43,16 @@ def eval_preprocess(image: Image.Image, crop_size: int) -> np.ndarray:
 
 
 def train_augment(image: Image.Image, crop_size: int, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """A random chain of degradations -> random crop at native resolution -> random h-flip.
+    """A random chain of degradations -> random crop at native resolution -> random h-flip (see
+    `train_augment_degraded`)."""
+    return train_augment_degraded(image, crop_size, aug, rng)[0]
+
+
+def train_augment_degraded(
+    image: Image.Image, crop_size: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    """A random chain of degradations -> random crop at native resolution -> random h-flip; and whether a
+    degradation fired (the source head may skip those crops: a degradation wipes the traces it reads).
 
     Every random number is drawn on every call, in a fixed order, so the crop position for a given rng state does
     not depend on which degradations fired. A photo much larger than the crop is degraded only in a window around
@@ -77,7 +86,7 @@ def train_augment(image: Image.Image, crop_size: int, aug: AugmentConfig, rng: n
     crop = image.crop((left, top, left + crop_size, top + crop_size))
     if flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(crop, dtype=np.uint8)
+    return np.array(crop, dtype=np.uint8), bool(chain.steps)
 
 
 def to_model_input(

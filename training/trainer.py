@@ -52,6 +52,7 @@ def decode_options(
         augment=AugmentConfig(degradations=degradations) if train else None,
         log_format=settings.log_format,
         seed=settings.train.seed if train else None,
+        source_clean_only=settings.train.source_clean_only,
     )
 
 

@@ -135,3 +135,34 @@ def test_decoding_carries_each_photos_source_class(tmp_path: Path) -> None:
     out = decode_batch(batch, DecodeOptions(crop_size=32, train=False, limits=ImageLimits()))
     assert out["source"].tolist() == [0, 1, -1]  # the unreadable photo's row went with it
     assert out["image"].shape == (3, 32, 32, 3)
+
+
+def test_with_source_clean_only_a_degraded_crop_teaches_the_source_head_nothing(tmp_path: Path) -> None:
+    """A degradation wipes the traces the source head reads: such a crop keeps its label, loses its source class."""
+    import numpy as np
+
+    from app.config import ImageLimits
+    from app.data import NO_TARGET, DecodeOptions, decode_batch
+    from app.degradations import DegradationConfig
+    from app.transforms import AugmentConfig
+
+    paths = [str(_image(tmp_path / f"{i}.jpg")) for i in range(3)]
+    batch = {"path": np.array(paths, dtype=object), "label": np.array([0, 1, 1]), "source": np.array([0, 1, 2])}
+
+    def sources(blur_prob: float, clean_only: bool) -> list[int]:
+        degradations = DegradationConfig(blur_prob=blur_prob, downscale_prob=0.0, jpeg_prob=0.0)
+        options = DecodeOptions(
+            crop_size=32,
+            train=True,
+            limits=ImageLimits(),
+            augment=AugmentConfig(degradations=degradations),
+            seed=0,
+            source_clean_only=clean_only,
+        )
+        out = decode_batch(batch, options)
+        assert out["label"].tolist() == [0, 1, 1]
+        return out["source"].tolist()
+
+    assert sources(blur_prob=1.0, clean_only=True) == [NO_TARGET] * 3
+    assert sources(blur_prob=0.0, clean_only=True) == [0, 1, 2]
+    assert sources(blur_prob=1.0, clean_only=False) == [0, 1, 2]
