@@ -114,14 +114,14 @@ class ResidualSpectrum(nn.Module):
     def __init__(self, grid: int) -> None:
         super().__init__()
         self.grid = grid
+        self.highpass = ForensicStem(scale=1.0)  # the stem's residual; its scale is a constant the norm removes
         self.norm = nn.LayerNorm(grid * grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32 and outside autocast: the FFT has no bf16 kernel, and the log of a small power needs the range
         with torch.autocast(device_type=x.device.type, enabled=False):
-            grey = x.float().mean(dim=1, keepdim=True)
-            residual = grey - F.avg_pool2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
-            power = torch.fft.fftshift(torch.fft.fft2(residual.squeeze(1)).abs().pow(2), dim=(-2, -1))
+            residual = self.highpass(x.float()).mean(dim=1)  # grey: the residual is linear in the channels
+            power = torch.fft.fftshift(torch.fft.fft2(residual).abs().pow(2), dim=(-2, -1))
             spectrum = F.adaptive_avg_pool2d(torch.log(power + 1e-12).unsqueeze(1), self.grid).flatten(1)
             # the norm's weights cast to float32 here: a bf16 copy of the model keeps this part in float32
             weight, bias = self.norm.weight.float(), self.norm.bias.float()

@@ -41,10 +41,7 @@ RAY_DEFAULTS = {"RAY_AUTH_MODE": "token", "RAY_DATA_USAGE_DISABLED": "1"}
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a `ray` command, with the project's Ray defaults and ``extra``."""
-    env = {**os.environ, **(extra or {})}
-    for name, value in RAY_DEFAULTS.items():
-        env.setdefault(name, value)
-    return env
+    return {**RAY_DEFAULTS, **os.environ, **(extra or {})}
 
 
 def use_ray_defaults() -> None:

@@ -117,18 +117,13 @@ def log_detector(settings: Settings, checkpoint_dir: Path, *, run_id: str, tags:
 def get_alias_version(settings: Settings, alias: str | None = None) -> RegisteredVersion | None:
     """The version an alias points at, or None when the alias (or the model) does not exist yet."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
-    try:
-        mv = client.get_model_version_by_alias(settings.registered_model, alias or settings.champion_alias)
-    except MlflowException as err:
-        # only "no such alias" (or model) means unset: a registry that fails to answer must not read as an alias
-        # removed, or a service following it would drop its challenger on one locked read
-        if err.error_code in MISSING_CODES:
-            return None
-        raise
-    return RegisteredVersion(mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+    # only "no such alias" (or model) means unset: a registry that fails to answer must not read as an alias
+    # removed, or a service following it would drop its challenger on one locked read
+    with missing_ok():
+        mv = MlflowClient().get_model_version_by_alias(settings.registered_model, alias or settings.champion_alias)
+        return RegisteredVersion(mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+    return None
 
 
 @contextlib.contextmanager

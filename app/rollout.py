@@ -170,13 +170,8 @@ def _end(settings: Settings, rollout: Rollout, outcome: str, reason: str) -> Non
 
 
 def _model_tags(client: object, name: str) -> dict[str, str]:
-    from mlflow.exceptions import MlflowException
+    from app.registry import missing_ok
 
-    from app.registry import MISSING_CODES
-
-    try:
+    with missing_ok():
         return dict(client.get_registered_model(name).tags or {})  # type: ignore[attr-defined]
-    except MlflowException as err:
-        if err.error_code in MISSING_CODES:
-            return {}
-        raise
+    return {}

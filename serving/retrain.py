@@ -100,8 +100,8 @@ def start_retraining(settings: Settings, reason: str) -> tuple[str | None, str]:
 
 def _this_cluster() -> list[str]:
     """The job's `--address`: the GCS of the cluster this replica runs on. Without it the job's driver joins the
-    cluster Ray's job supervisor finds in the machine's address file, which names the last cluster `ray start` made
-    there: another one, on a machine that runs two."""
+    cluster Ray's job supervisor finds in the machine's address file, which names the last cluster made there:
+    another one, on a machine that runs two."""
     import ray
 
     return ["--address", ray.get_runtime_context().gcs_address] if ray.is_initialized() else []
