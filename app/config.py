@@ -226,6 +226,19 @@ class ServeSettings(DetectorSettings):
         description="split: an ingress deployment in front of a detector deployment; colocated: one deployment that "
         "decodes and runs the batched model (no hop between processes); auto: split when the detector gets a GPU",
     )
+    decode_on: Literal["auto", "ingress", "detector"] = Field(
+        "auto",
+        description="where uploads are decoded and cropped: ingress (on its CPUs, one photo at a time) or detector "
+        "(in the batch, on the model's device: nvJPEG on a GPU, so only bytes cross between deployments); auto: the "
+        "detector when it has a GPU",
+    )
+    gpus_per_replica: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the GPU share each model replica asks for where GPUs are used: below 1, several replicas (e.g. "
+        "colocated ones, each decoding and running the model in one process) share a card",
+    )
     high_throughput: bool = Field(
         True,
         description="Ray Serve's HAProxy ingress and gRPC between deployments on clusters this project starts "

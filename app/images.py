@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,10 +58,53 @@ def sniff_type(data: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a photo's header says, read without decoding a pixel: enough to refuse it, or to hand it to a batch
+    decoder on another device (`app.pixels`)."""
+
+    kind: str  # jpeg, png, webp
+    mode: str  # Pillow's mode of the stored pixels (RGB, L, CMYK, RGBA, ...)
+    width: int  # as stored, before the EXIF orientation
+    height: int
+    orientation: int  # EXIF orientation 1-8; 1 when there is none or it cannot be read
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the orientation is applied: orientations 5-8 turn the photo on its side."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
+
+
+def check_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """The cheap checks of `decode_image` alone - size, type from the content, the pixel limit from the header - so a
+    service can refuse a photo (400/413/415) before anything decodes it."""
+    image, kind = _checked_header(data, max_bytes, max_pixels)
+    return Header(kind, image.mode, image.width, image.height, _orientation(image))
+
+
 def decode_image(
     data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Validate and decode to an upright RGB image (EXIF orientation applied, alpha on white)."""
+    image, kind = _checked_header(data, max_bytes, max_pixels)
+    try:
+        image.load()  # first frame only for animated PNG/WebP
+    except Exception as err:  # noqa: BLE001 - every decoder failure is reported as one ImageError
+        raise _decoder_error(err, data, kind, "data") from err
+
+    try:
+        return to_rgb(_upright(image))
+    except Exception as err:  # noqa: BLE001 - a mode Pillow cannot convert is a corrupt file, not a 500
+        raise ImageError("corrupt", f"the {kind.upper()} image cannot be converted to RGB ({err})") from err
+
+
+def jpeg_ends_early(data: bytes) -> bool:
+    """Whether a JPEG's bytes stop before its end marker: Pillow calls such a file truncated, where a device decoder
+    may fill the rest with grey and answer."""
+    return _jpeg_ends_early(data)
+
+
+def _checked_header(data: bytes, max_bytes: int, max_pixels: int) -> tuple[ImageFile.ImageFile, str]:
     if len(data) == 0:
         raise ImageError("empty", "the file is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -78,15 +122,16 @@ def decode_image(
             "too_many_pixels",
             f"the image declares {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
         )
-    try:
-        image.load()  # first frame only for animated PNG/WebP
-    except Exception as err:  # noqa: BLE001 - every decoder failure is reported as one ImageError
-        raise _decoder_error(err, data, kind, "data") from err
+    return image, kind
 
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation `ImageOps.exif_transpose` would apply; 1 for none or a broken EXIF block."""
     try:
-        return to_rgb(_upright(image))
-    except Exception as err:  # noqa: BLE001 - a mode Pillow cannot convert is a corrupt file, not a 500
-        raise ImageError("corrupt", f"the {kind.upper()} image cannot be converted to RGB ({err})") from err
+        value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - metadata damage leaves the pixels as stored (see _upright)
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

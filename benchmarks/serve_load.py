@@ -11,6 +11,12 @@ background load hits every target alike; an idle target costs next to nothing):
              between deployments) and continuous batching up to --max-batch-size, in the layout `aipd serve` picks
              (split on a GPU; colocated, one deployment, on a CPU-only node).
   split      the same, always in the split layout (ingress and detector deployments): on a CPU node, the hop's cost.
+  ingress_decode  split, the ingress decoding each upload on its CPUs and sending the crop (`serve.decode_on:
+             ingress`): a GPU node's layout before the detector decoded on the GPU, the baseline of that change.
+  colocated_gpu   one deployment of --ingress-replicas replicas, each holding an equal share of the GPU and doing
+             everything in one process (checks, GPU decode, batch, forward): no hop between deployments.
+  sized      `aipd serve` with no flags on this node (the rate limit aside): the replica counts and batch size
+             `serving.config.sized_for_node` picks from the cluster's CPUs and GPUs.
   unbatched  the same as batched with max_batch_size=1: the cost of the architecture alone.
   cached     the same as batched with the answer cache on: the uploads repeat, so after the warm-up every answer is a
              cache hit (the photo hashed, the answer looked up); the other Serve targets run with the cache off, so
@@ -19,10 +25,10 @@ background load hits every target alike; an idle target costs next to nothing):
              Ray cluster after the first one stops, since Serve reads the switch once per process.
   hops       not a server: the in-process cost of decode + crop per upload size and of one forward per batch size.
 
-Per hop: every answer of the service carries a `Server-Timing` header (read, decode, queue, forward, hop, total; see
-serving/ingress.py); the table gives their medians per cell, and "edge" is the client's latency minus the service's
-total: HAProxy (or the Python proxy) and HTTP. Each cell is a closed loop: `c` clients send back to back for
---duration seconds after --warmup seconds; only answers completed inside the window count.
+Per hop: every answer of the service carries a `Server-Timing` header (read, decode, queue, device_decode, forward,
+hop, total; see serving/ingress.py); the table gives their medians per cell, and "edge" is the client's latency minus
+the service's total: HAProxy (or the Python proxy) and HTTP. Each cell is a closed loop: `c` clients send back to
+back for --duration seconds after --warmup seconds; only answers completed inside the window count.
 
 Uploads are real JPEGs (photo-like texture, quality 90) of 224x224 and larger, mixed, sent as multipart/form-data
 exactly as `curl -F file=@photo.jpg` does. The model is --backbone at --crop px, untrained: inference cost does not
@@ -59,9 +65,20 @@ from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
-SERVE_TARGETS = ("batched", "split", "unbatched", "cached")
-ORDER = ("noop", "plain", "unbatched", "split", "batched", "cached", "default")
-HOPS = ("edge", "read", "decode", "hop", "queue", "forward")
+SERVE_TARGETS = ("batched", "split", "ingress_decode", "colocated_gpu", "sized", "unbatched", "cached")
+ORDER = (
+    "noop",
+    "plain",
+    "unbatched",
+    "split",
+    "ingress_decode",
+    "batched",
+    "colocated_gpu",
+    "sized",
+    "cached",
+    "default",
+)
+HOPS = ("edge", "read", "decode", "hop", "queue", "device_decode", "forward")
 
 
 @dataclass
@@ -228,11 +245,31 @@ def profile_hops(checkpoint: str, jpegs: list[bytes], sizes: list[tuple[int, int
 
     lines = ["| step | size | ms |", "| --- | --- | ---: |"]
     per_size = len(jpegs) // len(sizes)
+    from app.pixels import decode_crops
+    from serving.image_checks import check_upload
+
     for index, (width, height) in enumerate(sizes):
         sample = jpegs[index * per_size]
         ms = _median_ms(functools.partial(decode_and_crop, sample, args.crop, ImageLimits()), 20)
         lines.append(f"| decode + crop (ingress) | {width}x{height} JPEG, {len(sample) // 1024} KiB | {ms:.2f} |")
+        ms = _median_ms(functools.partial(check_upload, sample, ImageLimits()), 20)
+        lines.append(f"| header check (ingress, detector decodes) | {width}x{height} JPEG | {ms:.3f} |")
     device = pick_device(args.device == "cuda")
+    for batch in sorted({1, 16, args.max_batch_size}):
+        chunk = [jpegs[i % len(jpegs)] for i in range(batch)]
+
+        def decode(chunk: list[bytes] = chunk) -> None:
+            decode_crops(chunk, args.crop, device, ImageLimits())
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+
+        ms = _median_ms(decode, 10)
+        lines.append(
+            f"| batch decode + crop ({device.type}, app.pixels), mixed sizes | batch {batch} | "
+            f"{ms:.2f} ({ms / batch:.3f} per image) |"
+        )
     if device.type == "cpu":
         import torch
 
@@ -328,6 +365,7 @@ class ServeTarget:
         num_gpus: float,
         layout: str = "auto",
         cache: bool = False,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         from app.config import Settings
         from serving.config import AppArgs
@@ -353,6 +391,7 @@ class ServeTarget:
                 "champion_poll_s": 0,
                 "torch_threads": args.torch_threads,
                 "precision": args.precision,
+                **(overrides or {}),
             },
         )
         self.app_args = AppArgs(autoscaling={})
@@ -518,12 +557,35 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     started = {}
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
-        layout = "split" if name == "split" else "auto"
+        layout = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}.get(name, "auto")
+        share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
+        if name == "colocated_gpu":
+            share = min(gpus, 1.0) / args.ingress_replicas
+        if name == "sized":
+            batch = overrides["max_batch_size"]
         started[name] = ServeTarget(
-            name, cluster.port, checkpoint, args, batch, min(gpus, 1.0), layout, cache=name == "cached"
+            name, cluster.port, checkpoint, args, batch, share, layout, cache=name == "cached", overrides=overrides
         )
         started[name].start()
     return started
+
+
+def _target_overrides(name: str, args, resources: dict[str, float]) -> dict[str, Any]:
+    """What a target sets beyond the command line's values (see the module docstring)."""
+    if name == "ingress_decode":
+        return {"decode_on": "ingress"}
+    if name == "colocated_gpu":
+        replicas = args.ingress_replicas
+        return {"decode_on": "detector", "detector_min_replicas": replicas, "detector_max_replicas": replicas}
+    if name == "sized":
+        from app.config import Settings
+        from serving.config import sized_for_node
+
+        gpus = resources.get("GPU", 0.0) if args.device == "cuda" else 0.0
+        serve = sized_for_node(Settings(), resources.get("CPU", 0.0), gpus).serve
+        fields = ("ingress_min_replicas", "ingress_max_replicas", "max_batch_size", "detector_max_replicas")
+        return {field: getattr(serve, field) for field in fields} | {"detector_min_replicas": 1}
+    return {}
 
 
 def main() -> None:

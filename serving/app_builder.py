@@ -19,7 +19,7 @@ from serving.config import (
     detector_gpus,
     detector_options,
     ingress_options,
-    resolve_layout,
+    resolved,
 )
 
 
@@ -36,8 +36,9 @@ def build_application(settings: Settings, args: AppArgs | None = None, num_gpus:
 
     args = args or AppArgs()
     gpus = detector_gpus(settings) if num_gpus is None else num_gpus
+    settings = resolved(settings, gpus)
     payload = settings.model_dump(mode="json")
-    if resolve_layout(settings, gpus) == "colocated":
+    if settings.serve.layout == "colocated":
         return IngressDeployment.options(**colocated_options(settings, args, gpus)).bind(None, payload)
     detector = DetectorDeployment.options(**detector_options(settings, args, gpus)).bind(payload)
     return IngressDeployment.options(**ingress_options(settings, args)).bind(detector, payload)

@@ -114,6 +114,7 @@ def serve_command(
         return
     _check_model(settings)
     with _cluster(settings, ray_metrics_port) as gpus:
+        settings = _sized(settings)
         path = write_serve_config(target, serve_config(settings, args, gpus))
         console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
         _deploy_and_wait(settings, args, ray_metrics_port)
@@ -334,6 +335,17 @@ def _cluster(settings: Settings, ray_metrics_port: int | None) -> Iterator[float
             ray.shutdown()
             owned.stop()
         console.print(f"stopped in {time.perf_counter() - started:.1f} s")
+
+
+def _sized(settings: Settings) -> Settings:
+    """The settings sized for the cluster the service runs on (serving.config.sized_for_node)."""
+    import ray
+
+    from serving.config import detector_gpus, sized_for_node
+
+    totals = ray.cluster_resources()
+    gpus = float(totals.get("GPU", 0.0)) if detector_gpus(settings) else 0.0
+    return sized_for_node(settings, float(totals.get("CPU", 0.0)), gpus)
 
 
 def _gpus(settings: Settings) -> float:

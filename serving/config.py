@@ -24,6 +24,10 @@ DETECTOR = "DetectorDeployment"
 INGRESS_MAX_ONGOING = 256  # the ingress mostly waits on the detector; it needs many requests in flight, not CPUs
 DETECTOR_MIN_ONGOING = 256  # see detector_options
 
+# What a GPU cluster's defaults are sized to (sized_for_node; benchmarks/RESULTS.md has the measurements).
+GPU_MAX_BATCH_SIZE = 64
+GPU_MAX_INGRESS_REPLICAS = 32
+
 # OpenMP threads that finish an operator spin before sleeping (libgomp spins 300,000 rounds by default); on a CPU node
 # the proxy and the ingress need those cores between the operators of a forward pass (benchmarks/RESULTS.md).
 DETECTOR_ENV = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
@@ -140,16 +144,61 @@ def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split
     return "colocated" if num_gpus == 0 else "split"
 
 
+def resolve_decode_on(settings: Settings, num_gpus: float | None) -> Literal["ingress", "detector"]:
+    """`serve.decode_on`, with "auto" decided by the model's GPUs: a GPU decodes a batch of JPEGs several times faster
+    than the node's cores (nvJPEG), and bytes cross between deployments in a fraction of a crop's size; on a CPU the
+    ingress replicas spread the decoding over the cores. Unknown GPUs give "ingress", which runs everywhere."""
+    decode_on = settings.serve.decode_on
+    if decode_on != "auto":
+        return decode_on
+    return "detector" if num_gpus else "ingress"
+
+
+def resolved(settings: Settings, num_gpus: float | None) -> Settings:
+    """The settings with `serve.layout` and `serve.decode_on` decided for these GPUs, as the replicas must see them.
+    Unknown GPUs (a file written away from the cluster) leave `decode_on` to the builder, which knows them: unlike the
+    layout, it does not change the deployments the file lists."""
+    update: dict[str, Any] = {"layout": resolve_layout(settings, num_gpus)}
+    if num_gpus is not None:
+        update["decode_on"] = resolve_decode_on(settings, num_gpus)
+    return settings.model_copy(update={"serve": settings.serve.model_copy(update=update)})
+
+
+def sized_for_node(settings: Settings, cpus: float, gpus: float) -> Settings:
+    """On a cluster with GPUs, what the user left at its default sized from the cluster: ingress replicas for the
+    cores (HTTP, multipart and the header checks run there; with `decode_on: detector` nothing heavier), a batch a GPU
+    fills, and as many model replicas as the GPUs hold. A CPU cluster keeps the defaults; any value set in the
+    settings, the environment or on the command line is kept."""
+    if gpus <= 0:
+        return settings
+    serve = settings.serve
+    chosen = serve.model_fields_set
+    ingress = max(2, min(GPU_MAX_INGRESS_REPLICAS, int(cpus // 2)))
+    defaults = {  # the bounds stay in order around a bound the user chose
+        "ingress_min_replicas": min(ingress, serve.ingress_max_replicas)
+        if "ingress_max_replicas" in chosen
+        else ingress,
+        "ingress_max_replicas": max(ingress, serve.ingress_min_replicas)
+        if "ingress_min_replicas" in chosen
+        else ingress,
+        "max_batch_size": GPU_MAX_BATCH_SIZE,
+        "detector_max_replicas": max(1, int(gpus / serve.gpus_per_replica)),
+    }
+    update = {key: value for key, value in defaults.items() if key not in chosen}
+    return settings.model_copy(update={"serve": serve.model_copy(update=update)})
+
+
 def detector_gpus(settings: Settings) -> float:
-    """1 GPU per detector replica when asked for, or when left to us (`use_gpu: null`) and the cluster has one."""
+    """`serve.gpus_per_replica` per model replica when asked for, or when left to us (`use_gpu: null`) and the
+    cluster has a GPU; 0 otherwise."""
     use_gpu = settings.serve.use_gpu
     if use_gpu is not None:
-        return 1.0 if use_gpu else 0.0
+        return settings.serve.gpus_per_replica if use_gpu else 0.0
     import ray
 
     from app.ray_runtime import cluster_has_gpus
 
-    return 1.0 if ray.is_initialized() and cluster_has_gpus() else 0.0
+    return settings.serve.gpus_per_replica if ray.is_initialized() and cluster_has_gpus() else 0.0
 
 
 def serve_config(settings: Settings, args: AppArgs | None = None, num_gpus: float | None = None) -> dict[str, Any]:
@@ -157,10 +206,10 @@ def serve_config(settings: Settings, args: AppArgs | None = None, num_gpus: floa
     ``num_gpus`` is not given, so one file serves a laptop and a GPU cluster; the layout is resolved here, since the
     deployments the file lists must be the ones the builder makes."""
     args = args or AppArgs()
-    fixed_gpus = None if settings.serve.use_gpu is None else (1.0 if settings.serve.use_gpu else 0.0)
+    fixed_gpus = None if settings.serve.use_gpu is None else detector_gpus(settings)
     gpus = fixed_gpus if fixed_gpus is not None else num_gpus
-    layout = resolve_layout(settings, gpus)
-    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"layout": layout})})
+    settings = resolved(settings, gpus)
+    layout = settings.serve.layout
     args = args.model_copy(update={"settings": {**portable_settings(settings), **args.settings}})
     if layout == "colocated":
         deployments = [{"name": INGRESS, **colocated_options(settings, args, fixed_gpus)}]

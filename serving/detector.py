@@ -59,6 +59,9 @@ COALESCE_MAX_BYTES = 3 * 1024 * 1024
 COALESCE_CALLS_IN_FLIGHT = 2
 
 RegistryState = Literal["reachable", "unreachable"]
+# What a photo reaches the detector as: its uint8 crop (decoded by the ingress) or its checked bytes, decoded in the
+# batch on the model's device (`serve.decode_on`, app/pixels.py).
+Pixels = np.ndarray | bytes
 
 
 class DetectorCore:
@@ -72,7 +75,7 @@ class DetectorCore:
         self._metrics = metrics
         self._device = pick_device(settings.serve.use_gpu)
         self._config = settings.serve.detector(settings.default_model_uri)
-        self._batcher: Batcher[tuple[np.ndarray, Arm], Scored | Refused] = Batcher(
+        self._batcher: Batcher[tuple[Pixels, Arm], Scored | Refused] = Batcher(
             self._run, max_batch_size=self._config.max_batch_size, on_batch=self._record
         )
         self._active: ActiveModel | None = None
@@ -293,50 +296,80 @@ class DetectorCore:
         return False
 
     # ------------------------------------------------------------------------------------------------- requests
-    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
-        """One uint8 crop in, with the arm its content hash chose (app/rollout.py); joins the next batch. Its score
-        (with its queue and forward time), or a refusal."""
+    async def predict(self, photo: Pixels, arm: Arm = "champion") -> Scored | Refused:
+        """One uint8 crop or checked upload in, with the arm its content hash chose (app/rollout.py); joins the next
+        batch. Its score (with its queue, decode and forward time), or a refusal."""
         submitted = time.perf_counter()
         try:
-            result = await self._batcher.submit((crop, arm))
+            result = await self._batcher.submit((photo, arm))
         except Exception as err:  # noqa: BLE001 - one bad batch must not take the replica down
             self._log.error("inference failed", error=str(err))
             return Refused("inference_failed", f"the model failed on this batch: {err}")
         if isinstance(result, Scored):
             waited_ms = (time.perf_counter() - submitted) * 1000.0
-            result = dataclasses.replace(result, queue_ms=max(0.0, waited_ms - result.forward_ms))
+            busy_ms = result.forward_ms + result.decode_ms
+            result = dataclasses.replace(result, queue_ms=max(0.0, waited_ms - busy_ms))
         return result
 
-    async def predict_many(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+    async def predict_many(self, items: list[tuple[Pixels, Arm]]) -> list[Scored | Refused]:
         """Several crops from one ingress call; each joins the batches like a single one, with other callers' crops."""
-        return list(await asyncio.gather(*(self.predict(crop, arm) for crop, arm in items)))
+        return list(await asyncio.gather(*(self.predict(photo, arm) for photo, arm in items)))
 
-    def _run(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+    def _run(self, items: list[tuple[Pixels, Arm]]) -> list[Scored | Refused]:
         """One batch, on the batcher's worker thread: the champion scores what it answers and what a shadow is
         compared on, the challenger what its arm sends it; a model that fails fails its own photos only."""
         champion, challenger = self._active, self._challenger
         if champion is None:
             return [Refused("not_ready", self._problem)] * len(items)
-        tried = challenger is not None and challenger is not champion
-        main = [i for i, (_, arm) in enumerate(items) if arm != "challenger" or not tried]
-        trial = [i for i, (_, arm) in enumerate(items) if arm != "champion" and tried]
         results: list[Scored | Refused] = [Refused("not_ready", self._problem)] * len(items)
-        champion_p = self._score(champion, items, main, results)
+        items, decode_ms = self._decoded(champion, items, results)
+        tried = challenger is not None and challenger is not champion
+        ok = [i for i, result in enumerate(results) if not isinstance(result, Refused) or result.kind != "bad_image"]
+        main = [i for i in ok if items[i][1] != "challenger" or not tried]
+        trial = [i for i in ok if items[i][1] != "champion" and tried]
+        champion_p = self._score(champion, items, main, results, decode_ms=decode_ms)
         if tried:
             assert challenger is not None
             challenger_p = self._score(
-                challenger, items, trial, results, answers=[i for i in trial if items[i][1] == "challenger"]
+                challenger,
+                items,
+                trial,
+                results,
+                answers=[i for i in trial if items[i][1] == "challenger"],
+                decode_ms=decode_ms,
             )
             self._compare(champion, challenger, main, champion_p, trial, challenger_p, items)
         return results
 
+    def _decoded(
+        self, active: ActiveModel, items: list[tuple[Pixels, Arm]], results: list[Scored | Refused]
+    ) -> tuple[list[tuple[Pixels, Arm]], dict[int, float]]:
+        """The batch with every photo sent as bytes decoded and cropped on the model's device, in one go; a photo that
+        does not decode gets its refusal in ``results``. The decode time is shared out over the photos it decoded."""
+        sent = [i for i, (photo, _) in enumerate(items) if isinstance(photo, bytes)]
+        if not sent:
+            return items, {}
+        from app.pixels import decode_crops
+
+        started = time.perf_counter()
+        crops = decode_crops([items[i][0] for i in sent], active.crop_size, active.device, self._settings.images)
+        decode_ms = (time.perf_counter() - started) * 1000.0
+        decoded = list(items)
+        for i, crop in zip(sent, crops, strict=True):
+            if isinstance(crop, Exception):
+                results[i] = Refused("bad_image", str(crop), getattr(crop, "reason", "corrupt"))
+            else:
+                decoded[i] = (crop, items[i][1])
+        return decoded, dict.fromkeys(sent, decode_ms)
+
     def _score(
         self,
         active: ActiveModel,
-        items: list[tuple[np.ndarray, Arm]],
+        items: list[tuple[Pixels, Arm]],
         indices: list[int],
         results: list[Scored | Refused],
         answers: list[int] | None = None,
+        decode_ms: dict[int, float] | None = None,
     ) -> dict[int, float]:
         """Run one model on its share of the batch; the photos it answers (``answers``, default all) get results."""
         if not indices:
@@ -357,7 +390,12 @@ class DetectorCore:
         sources = dict(zip(indices, (source_scores(active, row) for row in rows), strict=True))
         for i in answers:
             results[i] = Scored(
-                scored[i], facts, batch_size=len(items), forward_ms=forward_s * 1000.0, source_scores=sources[i]
+                scored[i],
+                facts,
+                batch_size=len(items),
+                forward_ms=forward_s * 1000.0,
+                decode_ms=(decode_ms or {}).get(i, 0.0),
+                source_scores=sources[i],
             )
         for p in scored.values():
             verdict = "ai_generated" if p >= active.threshold else "real"
@@ -373,7 +411,7 @@ class DetectorCore:
         champion_p: dict[int, float],
         trial: list[int],
         challenger_p: dict[int, float],
-        items: list[tuple[np.ndarray, Arm]],
+        items: list[tuple[Pixels, Arm]],
     ) -> None:
         """A shadow's verdict against the champion's on the same photo."""
         for i in trial:
@@ -444,8 +482,8 @@ class LocalDetector:
     def __init__(self, core: DetectorCore) -> None:
         self.core = core
 
-    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
-        return await self.core.predict(crop, arm)
+    async def predict(self, photo: Pixels, arm: Arm = "champion") -> Scored | Refused:
+        return await self.core.predict(photo, arm)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:
         return await self.core.explain(crop)
@@ -464,15 +502,16 @@ class RemoteDetector:
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self._calls: Batcher[tuple[np.ndarray, Arm], Scored | Refused] = Batcher(
+        self._calls: Batcher[tuple[Pixels, Arm], Scored | Refused] = Batcher(
             self._send, max_batch_size=COALESCE_MAX_CROPS, max_in_flight=COALESCE_CALLS_IN_FLIGHT
         )
 
-    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
-        self._calls.max_batch_size = max(1, min(COALESCE_MAX_CROPS, COALESCE_MAX_BYTES // max(1, crop.nbytes)))
-        return await self._calls.submit((crop, arm))
+    async def predict(self, photo: Pixels, arm: Arm = "champion") -> Scored | Refused:
+        size = len(photo) if isinstance(photo, bytes) else photo.nbytes
+        self._calls.max_batch_size = max(1, min(COALESCE_MAX_CROPS, COALESCE_MAX_BYTES // max(1, size)))
+        return await self._calls.submit((photo, arm))
 
-    async def _send(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+    async def _send(self, items: list[tuple[Pixels, Arm]]) -> list[Scored | Refused]:
         return await self.handle.predict_many.remote(items)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:
@@ -502,10 +541,10 @@ class DetectorDeployment:
     def check_health(self) -> None:
         self._core.check_health()
 
-    async def predict(self, crop: np.ndarray, arm: Arm = "champion") -> Scored | Refused:
-        return await self._core.predict(crop, arm)
+    async def predict(self, photo: Pixels, arm: Arm = "champion") -> Scored | Refused:
+        return await self._core.predict(photo, arm)
 
-    async def predict_many(self, items: list[tuple[np.ndarray, Arm]]) -> list[Scored | Refused]:
+    async def predict_many(self, items: list[tuple[Pixels, Arm]]) -> list[Scored | Refused]:
         return await self._core.predict_many(items)
 
     async def explain(self, crop: np.ndarray) -> Explained | Refused:

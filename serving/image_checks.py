@@ -65,6 +65,33 @@ def decode_and_crop(data: bytes, crop_size: int, limits: ImageLimits) -> np.ndar
         raise ApiError(400, "corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})") from err
 
 
+def check_upload(data: bytes, limits: ImageLimits) -> None:
+    """The cheap half of `decode_and_crop`, for photos the detector decodes: the same refusals, from the header."""
+    from app.images import ImageError, check_header
+
+    try:
+        check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+    except ImageError as err:
+        raise image_error(err, data) from err
+    except Exception as err:  # noqa: BLE001 - no header surprise may become a 500
+        raise ApiError(400, "corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})") from err
+
+
+def check_with_evidence(data: bytes, limits: ImageLimits) -> tuple[bytes, dict]:
+    """The upload as it goes to a detector that decodes (checked, not decoded) and its provenance evidence."""
+    from serving.provenance import read_provenance
+
+    check_upload(data, limits)
+    return data, read_provenance(data, max_bytes=limits.max_bytes).model_dump()
+
+
+def refused_image(reason: str, detail: str) -> ApiError:
+    """A photo the detector could not decode, answered as the ingress would have answered it."""
+    from app.images import ImageError
+
+    return image_error(ImageError(reason, detail), b"")
+
+
 def decode_with_evidence(data: bytes, crop_size: int, limits: ImageLimits) -> tuple[np.ndarray, dict]:
     """The crop and the file's provenance evidence (C2PA, IPTC/XMP, EXIF), in one trip to a worker thread: both read
     the same bytes, and the evidence never refuses an image the crop accepts."""

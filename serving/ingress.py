@@ -59,9 +59,10 @@ from app.contract import (
 from app.rollout import Arm, Rollout, arm_of, content_digest
 from serving import compat
 from serving.cache import build_cache, content_key
+from serving.detector import COALESCE_MAX_BYTES
 from serving.guards import RateLimiter, addresses_trusted, check_api_key, client_identity
 from serving.health import health_body
-from serving.image_checks import decode_with_evidence
+from serving.image_checks import check_with_evidence, decode_with_evidence, refused_image
 from serving.openapi import HEALTH_NOT_READY, ROUTE_PREFIXES, UPLOAD_ERRORS, errors, openapi_document, served_openapi
 from serving.results import DetectorStatus, Explained, ModelFacts, Refused, Scored
 from serving.uploads import UploadedFile, read_files
@@ -106,18 +107,23 @@ def refusal_error(refused: Refused) -> ApiError:
         return unavailable("not_ready", f"{refused.detail}; retry in a few seconds")
     if refused.kind == "explain_unsupported":
         return ApiError(422, refused.kind, refused.detail)
+    if refused.kind == "bad_image" and refused.reason is not None:
+        return refused_image(refused.reason, refused.detail)
     return ApiError(500, refused.kind, refused.detail)
 
 
 def server_timing(started: float, read: float, decoded: float, called: float, result: Scored | Explained) -> str:
     """The `Server-Timing` header (W3C): milliseconds per hop of one request inside the service."""
-    queue, forward = (result.queue_ms, result.forward_ms) if isinstance(result, Scored) else (0.0, 0.0)
+    queue, forward, device_decode = (
+        (result.queue_ms, result.forward_ms, result.decode_ms) if isinstance(result, Scored) else (0.0, 0.0, 0.0)
+    )
     spans = {
         "read": read - started,
         "decode": decoded - read,
         "queue": queue / 1000.0,
+        "device_decode": device_decode / 1000.0,
         "forward": forward / 1000.0,
-        "hop": max(0.0, called - decoded - (queue + forward) / 1000.0),
+        "hop": max(0.0, called - decoded - (queue + device_decode + forward) / 1000.0),
         "total": called - started,
     }
     return ", ".join(f"{name};dur={seconds * 1000.0:.2f}" for name, seconds in spans.items())
@@ -192,6 +198,7 @@ class IngressDeployment:
         self._metrics = MetricsRecorder(serve.get_replica_context().app_name, in_flight=compat.active_requests)
         self._core = None if detector is not None else DetectorCore(self._settings, self._metrics)
         self._detector = RemoteDetector(detector) if self._core is None else LocalDetector(self._core)
+        self._decode_at_detector = self._settings.serve.decode_on == "detector"
         serve_settings = self._settings.serve
         self._limiter = RateLimiter(serve_settings.rate_limit_per_minute)
         self._keys = list(self._settings.api_keys)
@@ -502,9 +509,9 @@ class IngressDeployment:
                 looked = time.perf_counter()
                 timing = f"read;dur={(read - started) * 1000:.2f}, cache;dur={(looked - read) * 1000:.2f}"
                 return JSONResponse(hit, headers={"Server-Timing": timing})
-            crop, provenance = await self._decode(data, crop_size)
+            pixels, provenance = await self._prepare(data, crop_size, bytes_ok=method == self._detector.predict)
             decoded = time.perf_counter()
-            result = await self._call(method(crop, photo.arm))
+            result = await self._call(method(pixels, photo.arm))
             called = time.perf_counter()
             body = answer(result, self._prediction(result, started, provenance))
             version = body["model_version"]
@@ -517,8 +524,13 @@ class IngressDeployment:
             elapsed = time.perf_counter() - started
             self._metrics.observe("prediction_latency_seconds", elapsed, {"route": label, "version": version})
 
-    async def _decode(self, data: bytes, crop_size: int) -> tuple[np.ndarray, dict[str, Any]]:
-        return await asyncio.to_thread(decode_with_evidence, data, crop_size, self._settings.images)
+    async def _prepare(self, data: bytes, crop_size: int, bytes_ok: bool) -> tuple[np.ndarray | bytes, dict[str, Any]]:
+        """What the detector gets, with the photo's provenance evidence: the checked bytes where the detector decodes
+        (`serve.decode_on`) and the upload fits in one call, else the crop decoded here."""
+        limits = self._settings.images
+        if bytes_ok and self._decode_at_detector and len(data) <= COALESCE_MAX_BYTES:
+            return await asyncio.to_thread(check_with_evidence, data, limits)
+        return await asyncio.to_thread(decode_with_evidence, data, crop_size, limits)
 
     async def _batch_item(self, upload: UploadedFile, crop_size: int, started: float) -> BatchItem:
         try:
@@ -528,8 +540,8 @@ class IngressDeployment:
             hit = await self._cached(photo, started)
             if hit is not None:
                 return BatchItem(filename=upload.filename, **hit)
-            crop, provenance = await self._decode(upload.data, crop_size)
-            result = await self._call(self._detector.predict(crop, photo.arm))
+            pixels, provenance = await self._prepare(upload.data, crop_size, bytes_ok=True)
+            result = await self._call(self._detector.predict(pixels, photo.arm))
             body = self._prediction(result, started, provenance)
             self._answered(body)
             await self._remember(photo, body)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from app.rollout import Ended, Rollout
 
-RefusalKind = Literal["not_ready", "explain_unsupported", "inference_failed"]
+RefusalKind = Literal["not_ready", "explain_unsupported", "inference_failed", "bad_image"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Scored:
     batch_size: int = 1
     forward_ms: float = 0.0
     queue_ms: float = 0.0
+    decode_ms: float = 0.0  # decoding and cropping in the detector's batch (photos sent as bytes), else 0
     source_scores: dict[str, float] | None = None  # per generator family (and "none"), when the model has the head
 
 
@@ -48,11 +49,12 @@ class Explained:
 
 @dataclass(frozen=True)
 class Refused:
-    """The detector could not answer this crop: it has no model yet, Grad-CAM does not fit the model, or the
-    forward pass failed."""
+    """The detector could not answer this photo: it has no model yet, Grad-CAM does not fit the model, the forward
+    pass failed, or a photo sent as bytes did not decode (`reason`: `app.images.REASONS`)."""
 
     kind: RefusalKind
     detail: str
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

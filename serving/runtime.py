@@ -312,15 +312,17 @@ def frozen_trace(model: Any, crop_size: int, dtype: Any = None) -> Any:
         return torch.jit.freeze(torch.jit.trace(model, example))
 
 
-def fit_crop(crop: np.ndarray, crop_size: int) -> np.ndarray:
-    """A crop made for another crop size (a model switch in flight) is re-cropped, not refused."""
-    if crop.shape == (crop_size, crop_size, 3) and crop.dtype == np.uint8:
+def fit_crop(crop: Any, crop_size: int) -> Any:
+    """A crop made for another crop size (a model switch in flight) is re-cropped, not refused. Crops decoded on the
+    model's device (torch tensors, app/pixels.py) stay there when they fit."""
+    if tuple(crop.shape) == (crop_size, crop_size, 3) and str(crop.dtype) in ("uint8", "torch.uint8"):
         return crop
     from PIL import Image
 
     from app.transforms import eval_preprocess
 
-    return eval_preprocess(Image.fromarray(np.asarray(crop, dtype=np.uint8)), crop_size)
+    pixels = crop if isinstance(crop, np.ndarray) else crop.cpu().numpy()
+    return eval_preprocess(Image.fromarray(np.asarray(pixels, dtype=np.uint8)), crop_size)
 
 
 def probabilities_of(logits: Any) -> Any:
@@ -346,28 +348,44 @@ def source_scores(active: ActiveModel, row: np.ndarray) -> dict[str, float] | No
     return {family: round(float(p), 6) for family, p in zip(active.source_families, row[1:], strict=True)}
 
 
-def score_batch(active: ActiveModel, crops: list[np.ndarray]) -> np.ndarray:
-    """(N, 1 + families) float32 for uint8 crops: the probability of ai_generated, then each source family's
-    probability; a graph replay on a GPU, else channels_last in inference mode."""
+def score_batch(active: ActiveModel, crops: list[Any]) -> np.ndarray:
+    """(N, 1 + families) float32 for uint8 crops (arrays, or tensors decoded on the model's device): the probability
+    of ai_generated, then each source family's probability; a graph replay on a GPU, else channels_last in inference
+    mode."""
     crops = [fit_crop(crop, active.crop_size) for crop in crops]
     n = len(crops)
     padded = padded_batch_size(n, active.device.type, active.graphs)
     graphed = active.graphs.get(padded)
+    on_device = not all(isinstance(crop, np.ndarray) for crop in crops)
     if graphed is not None:
         import torch
 
-        np.stack(crops, out=graphed.host.numpy()[:n])  # rows past n keep old pixels; their outputs are dropped
         with torch.inference_mode():  # the graph's buffers were made in inference mode
-            graphed.device_in.copy_(graphed.host, non_blocking=True)
+            if on_device:
+                from app.pixels import stack_on
+
+                graphed.device_in[:n].copy_(stack_on(crops, active.device))
+            else:
+                np.stack(crops, out=graphed.host.numpy()[:n])  # rows past n keep old pixels; their outputs are dropped
+                graphed.device_in.copy_(graphed.host, non_blocking=True)
             graphed.graph.replay()
             return graphed.out[:n].cpu().numpy()
+    if on_device:
+        import torch
+
+        from app.pixels import stack_on
+
+        batch = stack_on(crops, active.device)
+        if padded > n:
+            batch = torch.cat([batch, batch.new_zeros((padded - n, *batch.shape[1:]))])
+        return _run_eager(active, batch, n)
     batch = np.stack(crops)
     if padded > n:
         batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
     return _run_eager(active, batch, n)
 
 
-def _run_eager(active: ActiveModel, batch: np.ndarray, n: int) -> np.ndarray:
+def _run_eager(active: ActiveModel, batch: Any, n: int) -> np.ndarray:
     import torch
 
     from app.model import AllLogits

@@ -1,8 +1,10 @@
 """`aipd scan`: the detector over a whole catalog, as Ray Data batch inference.
 
 Files are listed on the driver (names only, `app.data.index_catalog`), then stream through Ray Data: CPU tasks read
-each file within the byte limit, hash it and decode and crop it through the one decoding path (`app.images`,
-`app.transforms`); a pool of model actors (`map_batches` with a class, `concurrency` actors, a GPU each when there
+each file within the byte limit, hash it, check it and, on CPU-only clusters, decode and crop it through the one
+decoding path (`app.images`, `app.transforms`); with GPUs (`serve.decode_on`) the tasks pass the checked bytes on
+and the model actors decode them on the GPU in batches (`app.pixels`, the serving detector's decoder); a pool of
+model actors (`map_batches` with a class, `concurrency` actors, a GPU each when there
 are GPUs) runs the same model runtime as the Serve detector (`serving.runtime`), so a file gets the same probability
 from the scan as from `POST /predict`; `write_parquet` appends one row per file to the output. A file that cannot be
 read or decoded is a row with `error` and `detail`, never a failure of the scan.
@@ -24,6 +26,7 @@ import pandas as pd
 from app.config import ImageLimits, Settings
 from app.logging import get_logger
 from app.scan_results import COLUMNS, output_files, read_results
+from serving.config import resolve_decode_on
 
 log = get_logger("aipd.scan")
 
@@ -104,14 +107,18 @@ def scanned_paths(out: str) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
-def read_and_crop(batch: dict[str, np.ndarray], crop_size: int, limits: ImageLimits) -> dict[str, np.ndarray]:
-    """A CPU task's share: read, hash, validate, decode and crop each file; failures become rows, not exceptions."""
-    from app.images import ImageError, decode_image, read_image_bytes
+def read_and_crop(
+    batch: dict[str, np.ndarray], crop_size: int, limits: ImageLimits, decode: bool = True
+) -> dict[str, np.ndarray]:
+    """A CPU task's share: read, hash, validate and (``decode``) decode and crop each file, else pass its checked
+    bytes on as `data` for the model actors to decode; failures become rows, not exceptions."""
+    from app.images import ImageError, check_header, decode_image, read_image_bytes
     from app.transforms import eval_preprocess
     from serving.provenance import read_provenance
 
     n = len(batch["path"])
-    crops = np.zeros((n, crop_size, crop_size, 3), np.uint8)
+    crops = np.zeros((n if decode else 0, crop_size, crop_size, 3), np.uint8)
+    encoded = np.full(n, None, object)
     ok = np.zeros(n, bool)
     width, height, size = (np.full(n, -1, np.int64) for _ in range(3))
     digest, error, detail, c2pa = (np.full(n, None, object) for _ in range(4))
@@ -122,9 +129,14 @@ def read_and_crop(batch: dict[str, np.ndarray], crop_size: int, limits: ImageLim
             size[i], digest[i] = len(data), hashlib.sha256(data).hexdigest()
             evidence = read_provenance(data, max_bytes=limits.max_bytes)
             c2pa[i], declared[i], hinted[i] = evidence.c2pa.state, evidence.ai_declared, evidence.ai_hinted_unsigned
-            image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-            width[i], height[i] = image.size
-            crops[i] = eval_preprocess(image, crop_size)
+            if decode:
+                image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+                width[i], height[i] = image.size
+                crops[i] = eval_preprocess(image, crop_size)
+            else:
+                header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+                width[i], height[i] = header.upright_size
+                encoded[i] = data
             ok[i] = True
         except ImageError as err:
             error[i], detail[i] = _error_code(err.reason), str(err)
@@ -135,7 +147,7 @@ def read_and_crop(batch: dict[str, np.ndarray], crop_size: int, limits: ImageLim
     return {
         "path": batch["path"],
         "label": batch["label"],
-        "crop": crops,
+        **({"crop": crops} if decode else {"data": encoded}),
         "ok": ok,
         "width": width,
         "height": height,
@@ -172,19 +184,26 @@ class ScanModel:
         self.active = load_active(parsed, model_uri, device, warmup_sizes=(max_batch_size,))
         self.active.version = version
         self.max_batch_size = max_batch_size
+        self.limits = parsed.images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         """The rows for a batch: pandas, so that a file that failed has nulls where it has no value."""
         from app.contract import confidence_of, verdict_of
         from serving.runtime import score_batch
 
-        ok = batch["ok"]
+        ok = np.array(batch["ok"], dtype=bool)  # a copy: files the actor cannot decode turn into error rows
+        error, detail = np.array(batch["error"], dtype=object), np.array(batch["detail"], dtype=object)
         families = self.active.source_families
         scores = np.full((len(ok), 1 + len(families)), np.nan)
         rows = np.flatnonzero(ok)
         for start in range(0, len(rows), self.max_batch_size):
             chosen = rows[start : start + self.max_batch_size]
-            scores[chosen] = score_batch(self.active, [batch["crop"][i] for i in chosen])
+            if "data" in batch:
+                chosen, crops = self._decode(batch["data"], chosen, ok, error, detail)
+            else:
+                crops = [batch["crop"][i] for i in chosen]
+            if len(chosen):
+                scores[chosen] = score_batch(self.active, crops)
         probability = scores[:, 0]
         source, source_score = [None] * len(ok), pd.array([None] * len(ok), dtype="Float64")
         if families:
@@ -212,8 +231,8 @@ class ScanModel:
                 "height": nullable(batch["height"], ok),
                 "bytes": nullable(batch["bytes"], batch["bytes"] >= 0),
                 "sha256": batch["sha256"],
-                "error": batch["error"],
-                "detail": batch["detail"],
+                "error": error,
+                "detail": detail,
                 "label": batch["label"],
                 "source": pd.array(source, dtype="string"),
                 "source_score": source_score,
@@ -222,6 +241,23 @@ class ScanModel:
                 "ai_hinted_unsigned": batch["ai_hinted_unsigned"],
             }
         )[list(COLUMNS)]
+
+    def _decode(
+        self, data: np.ndarray, chosen: np.ndarray, ok: np.ndarray, error: np.ndarray, detail: np.ndarray
+    ) -> tuple[np.ndarray, list]:
+        """The chosen files decoded on the model's device in one batch; a file that does not decode becomes its row's
+        error, as the reading task would have written it."""
+        from app.pixels import decode_crops
+
+        decoded = decode_crops([bytes(data[i]) for i in chosen], self.active.crop_size, self.active.device, self.limits)
+        kept, crops = [], []
+        for i, crop in zip(chosen, decoded, strict=True):
+            if isinstance(crop, Exception):
+                ok[i], error[i], detail[i] = False, _error_code(getattr(crop, "reason", "corrupt")), str(crop)
+            else:
+                kept.append(i)
+                crops.append(crop)
+        return np.asarray(kept, dtype=np.int64), crops
 
 
 def run_scan(
@@ -264,12 +300,13 @@ def run_scan(
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
     model_resources = {"num_gpus": 1} if gpus else {"num_cpus": 2}
+    decode_in_tasks = resolve_decode_on(settings, gpus) == "ingress"
     _show_progress(settings.verbose)  # before the dataset exists: it takes a copy of the context
     dataset = (
         ray.data.from_pandas(blocks)
         .map_batches(
             read_and_crop,
-            fn_kwargs={"crop_size": plan.crop_size, "limits": settings.images},
+            fn_kwargs={"crop_size": plan.crop_size, "limits": settings.images, "decode": decode_in_tasks},
             batch_size=READ_BATCH,
             batch_format="numpy",
             num_cpus=1,

@@ -2,8 +2,9 @@
 huge uploads, batching, application-wide metrics, API keys and rate limits.
 
 Each layout runs the whole module: split (two ingress replicas in front of one detector replica, so the metrics must
-add up across replicas) and colocated (one replica that decodes and holds the model, the layout `aipd serve` picks on
-a CPU node). The model is a tiny untrained detector from a checkpoint.
+add up across replicas; the ingress checks each upload and the detector decodes it in its batch, as on a GPU node)
+and colocated (one replica that decodes and holds the model, the layout `aipd serve` picks on a CPU node). The model
+is a tiny untrained detector from a checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ APP = "contract"
 
 
 LAYOUTS = {
-    "split": {"layout": "split", "ingress_min_replicas": 2, "ingress_max_replicas": 2},
+    "split": {"layout": "split", "decode_on": "detector", "ingress_min_replicas": 2, "ingress_max_replicas": 2},
     "colocated": {"layout": "colocated"},
 }
 

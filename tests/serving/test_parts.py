@@ -235,6 +235,47 @@ def test_generated_config_is_a_valid_serve_config() -> None:
     assert "api_keys" not in config["applications"][0]["args"]["settings"], "no secrets in the file"
 
 
+def test_a_gpu_decodes_in_the_detector_and_a_cpu_node_in_the_ingress() -> None:
+    from app.config import Settings
+    from serving.config import AppArgs, serve_config
+
+    def written(config: dict) -> tuple[str, str, list[str]]:
+        app = config["applications"][0]
+        serve = app["args"]["settings"]["serve"]
+        return serve["layout"], serve["decode_on"], [d["name"] for d in app["deployments"]]
+
+    assert written(serve_config(Settings(), AppArgs(), num_gpus=1.0)) == (
+        "split",
+        "detector",
+        ["IngressDeployment", "DetectorDeployment"],
+    )
+    assert written(serve_config(Settings(), AppArgs(), num_gpus=0.0)) == ("colocated", "ingress", ["IngressDeployment"])
+    assert written(serve_config(Settings(), AppArgs()))[:2] == ("split", "auto"), "left to the builder on the cluster"
+    pinned = Settings(serve={"decode_on": "ingress"})
+    assert written(serve_config(pinned, AppArgs(), num_gpus=1.0))[1] == "ingress", "a choice made is kept"
+
+    shared = Settings(serve={"use_gpu": True, "gpus_per_replica": 0.25, "layout": "colocated"})
+    (one,) = serve_config(shared, AppArgs())["applications"][0]["deployments"]
+    assert one["ray_actor_options"]["num_gpus"] == 0.25, "colocated replicas share a card"
+
+
+def test_a_gpu_cluster_sizes_what_was_left_at_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import Settings
+    from serving.config import GPU_MAX_BATCH_SIZE, sized_for_node
+
+    sized = sized_for_node(Settings(), cpus=16, gpus=1).serve
+    assert (sized.ingress_min_replicas, sized.ingress_max_replicas) == (8, 8)
+    assert sized.max_batch_size == GPU_MAX_BATCH_SIZE and sized.detector_max_replicas == 1
+    shared = sized_for_node(Settings(serve={"gpus_per_replica": 0.5}), cpus=64, gpus=4).serve
+    assert shared.detector_max_replicas == 8 and shared.ingress_max_replicas == 32
+    assert sized_for_node(Settings(), cpus=16, gpus=0) == Settings(), "a CPU cluster keeps the defaults"
+
+    chosen = sized_for_node(Settings(serve={"max_batch_size": 16, "ingress_max_replicas": 3}), cpus=16, gpus=1).serve
+    assert (chosen.max_batch_size, chosen.ingress_max_replicas, chosen.ingress_min_replicas) == (16, 3, 3)
+    monkeypatch.setenv("AIPD_SERVE__MAX_BATCH_SIZE", "24")
+    assert sized_for_node(Settings(), cpus=16, gpus=1).serve.max_batch_size == 24, "the environment's value is kept"
+
+
 def test_the_repository_config_is_what_aipd_serve_writes_from_the_defaults(tmp_path: Path) -> None:
     from app.config import Settings
     from serving.config import serve_config, validate_serve_config, write_serve_config

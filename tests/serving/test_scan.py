@@ -117,10 +117,17 @@ def test_a_folder_gives_one_row_per_file_and_the_right_error_rows(registered, ca
 
 
 def test_the_scan_gives_the_services_probabilities(registered, catalog: Path, tmp_path: Path, deploy) -> None:
+    """The scan's model actors decode (as on a GPU node: the reading tasks pass the checked bytes on); the service
+    decodes in its ingress (a CPU node's layout): the same probabilities, and the same error rows."""
     from serving.config import AppArgs
 
     settings, checkpoint, _ = registered
-    _, rows = _scan(settings, [catalog], tmp_path / "out", model_uri=str(checkpoint))
+    actors_decode = settings.model_copy(update={"serve": settings.serve.model_copy(update={"decode_on": "detector"})})
+    _, rows = _scan(actors_decode, [catalog], tmp_path / "out", model_uri=str(checkpoint))
+    for name, (error, _) in BROKEN.items():
+        assert rows.loc[str(catalog / name), "error"] == error, name
+    a = rows.loc[str(catalog / "shop/a.jpg")]
+    assert (a["width"], a["height"]) == (200, 150)
     served = with_serve(settings, model_uri=str(checkpoint), champion_poll_s=0)
     app = deploy("scan-vs-predict", served, AppArgs(autoscaling={}))
     try:

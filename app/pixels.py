@@ -1,0 +1,135 @@
+"""Encoded photos to the detector's center crops on the model's device, in batches: nvJPEG on a GPU.
+
+On a GPU node the bytes travel to the process that holds the model, and the pixels never leave the card: the JPEGs of
+a batch are decoded together (`torchvision.io.decode_jpeg` on CUDA), turned upright by their EXIF orientation and
+center-cropped there. Anything the device decoder should not or cannot take goes through the one CPU decoding path
+(`app.images.decode_image`, `app.transforms.eval_preprocess`) with the same result: PNG and WebP, JPEGs that are not
+3-channel YCbCr/RGB (grey, CMYK), files that end early (Pillow calls them truncated, a device decoder would fill
+them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder refuses
+(some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ only
+by the decoders' rounding (benchmarks/RESULTS.md has the measured gap on a GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.images import Header, ImageError, check_header, decode_image, jpeg_ends_early
+
+if TYPE_CHECKING:
+    import torch
+
+    from app.config import ImageLimits
+
+
+def device_decodable(header: Header, crop_size: int) -> bool:
+    """Whether the batched device decoder takes this photo (see the module docstring for the others)."""
+    return header.kind == "jpeg" and header.mode == "RGB" and min(header.upright_size) >= crop_size
+
+
+def decode_crops(
+    photos: Sequence[bytes], crop_size: int, device: Any, limits: ImageLimits
+) -> list[torch.Tensor | np.ndarray | ImageError]:
+    """Each photo's uint8 (crop, crop, 3) center crop - a tensor on ``device`` when the device decoded it, an array
+    when the CPU path did - or the `ImageError` the CPU path gives it, in the order of ``photos``."""
+    import torch
+
+    results: list[Any] = [None] * len(photos)
+    batch: list[int] = []
+    headers: dict[int, Header] = {}
+    for i, data in enumerate(photos):
+        try:
+            header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+        except ImageError as err:
+            results[i] = err
+            continue
+        if device_decodable(header, crop_size) and not jpeg_ends_early(data):
+            batch.append(i)
+            headers[i] = header
+    decoded = _decode_on_device([photos[i] for i in batch], torch.device(device))
+    for i, image in zip(batch, decoded, strict=True):
+        if image is not None:
+            results[i] = _upright_center_crop(image, headers[i].orientation, crop_size)
+    for i, data in enumerate(photos):
+        if results[i] is None:
+            results[i] = cpu_crop(data, crop_size, limits)
+    return results
+
+
+def cpu_crop(data: bytes, crop_size: int, limits: ImageLimits) -> np.ndarray | ImageError:
+    """The CPU decoding path for one photo: its crop, or the reason it has none."""
+    from app.transforms import eval_preprocess
+
+    try:
+        return eval_preprocess(decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels), crop_size)
+    except ImageError as err:
+        return err
+    except MemoryError:
+        return ImageError("too_many_pixels", "the image is too large to decode")
+    except Exception as err:  # noqa: BLE001 - no decoder surprise may become a failure of the whole batch
+        return ImageError("corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})")
+
+
+def stack_on(crops: Sequence[torch.Tensor | np.ndarray], device: Any) -> torch.Tensor:
+    """One uint8 (N, H, W, 3) batch on ``device`` from crops decoded on either side."""
+    import torch
+
+    device = torch.device(device)
+    return torch.stack([_on(crop, device) for crop in crops])
+
+
+def _on(crop: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    import torch
+
+    if isinstance(crop, torch.Tensor):
+        return crop.to(device, non_blocking=True)
+    return torch.from_numpy(np.require(crop, np.uint8, ["C", "W"])).to(device, non_blocking=True)
+
+
+def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """(3, H, W) uint8 per photo; None where the device decoder refused it. One batched call, and one call per photo
+    only when the batch fails, to find which photo it failed on."""
+    if not photos:
+        return []
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except Exception:  # noqa: BLE001 - a photo the device cannot decode falls back to the CPU path, alone
+        pass
+    images: list[torch.Tensor | None] = []
+    for one in encoded:
+        try:
+            images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+        except Exception:  # noqa: BLE001 - see above
+            images.append(None)
+    return images
+
+
+def _upright_center_crop(image: torch.Tensor, orientation: int, crop_size: int) -> torch.Tensor:
+    """EXIF orientation as Pillow's `ImageOps.exif_transpose` applies it, then `eval_preprocess`'s box, (H, W, 3)."""
+    import torch
+
+    height_dim, width_dim = 1, 2
+    if orientation == 2:
+        image = image.flip(width_dim)
+    elif orientation == 3:
+        image = image.flip(height_dim, width_dim)
+    elif orientation == 4:
+        image = image.flip(height_dim)
+    elif orientation == 5:
+        image = image.transpose(height_dim, width_dim)
+    elif orientation == 6:
+        image = torch.rot90(image, -1, (height_dim, width_dim))
+    elif orientation == 7:
+        image = image.transpose(height_dim, width_dim).flip(height_dim, width_dim)
+    elif orientation == 8:
+        image = torch.rot90(image, 1, (height_dim, width_dim))
+    _, height, width = image.shape
+    left, top = (width - crop_size) // 2, (height - crop_size) // 2
+    return image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
