@@ -121,3 +121,50 @@ def test_a_scan_on_the_gpu_answers_like_the_cpu_model(ray_cluster, tmp_path: Pat
         expected = torch.sigmoid(loaded.model(to_model_input(crops)).float()).reshape(-1).numpy()
     scanned = [rows.loc[str(path), "probability"] for path in photos]
     np.testing.assert_allclose(scanned, expected, atol=0.02)
+
+
+def test_the_gpu_decoder_gives_the_cpu_paths_crops_probabilities_and_refusals(small_demo: Path) -> None:
+    """nvJPEG against the CPU decoding path on the demo test split. The stated tolerance: the crops' mean absolute
+    difference at most 1 grey level (IDCT and chroma upsampling round differently), the float32 model's probabilities
+    within 0.01; and every photo of the bad-input corpus refused with the same reason."""
+    import csv
+
+    from app.config import ImageLimits
+    from app.images import ImageError
+    from app.model import load_checkpoint
+    from app.pixels import cpu_crop, decode_crops
+    from serving.runtime import ActiveModel, score_batch
+    from tests import hostile_images as hostile
+
+    limits = ImageLimits()
+    with (small_demo / "manifest.csv").open(newline="") as fh:
+        paths = [small_demo / row["path"] for row in csv.DictReader(fh) if row["split"] == "test"]
+    photos = [path.read_bytes() for path in paths]
+    on_gpu = decode_crops(photos, CROP, "cuda", limits)
+    on_cpu = [cpu_crop(data, CROP, limits) for data in photos]
+    assert sum(isinstance(crop, torch.Tensor) for crop in on_gpu) >= len(photos) // 2, "most JPEGs decode on the GPU"
+    gaps = [
+        np.abs(torch.as_tensor(g).cpu().numpy().astype(float) - c).mean() for g, c in zip(on_gpu, on_cpu, strict=True)
+    ]
+    assert max(gaps) <= 1.0, gaps
+
+    checkpoint = make_checkpoint(small_demo.parent / "gpu-pixels-ckpt", seed=4)
+    cuda = torch.device("cuda")
+    loaded = load_checkpoint(checkpoint, device="cuda")
+    active = ActiveModel(
+        model=loaded.model.eval(), uri="", version="1", crop_size=CROP, threshold=0.5, device=cuda, bf16=False
+    )
+    np.testing.assert_allclose(score_batch(active, on_gpu)[:, 0], score_batch(active, on_cpu)[:, 0], atol=0.01)
+
+    bad = [
+        hostile.TEXT,
+        b"",
+        hostile.truncated(jpeg(seed=9), 0.4),
+        hostile.png_broken_idat(),
+        hostile.jpeg_claiming(40_000, 40_000),
+        hostile.SVG,
+    ]
+    for data, crop in zip(bad, decode_crops(bad, CROP, "cuda", limits), strict=True):
+        expected = cpu_crop(data, CROP, limits)
+        assert isinstance(crop, ImageError) and isinstance(expected, ImageError)
+        assert crop.reason == expected.reason
