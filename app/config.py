@@ -98,6 +98,12 @@ class TrainSettings(BaseModel):
     source_clean_only: bool = Field(
         False, description="train the source head on the crops no degradation changed (the verdict on all of them)"
     )
+    decode_on: Literal["auto", "tasks", "workers"] = Field(
+        "auto",
+        description="where training photos are decoded and augmented: tasks (Ray Data's CPU tasks, Pillow) or "
+        "workers (each Ray Train worker, in batches on its device: nvJPEG and the degradations on the GPU; the "
+        "tasks only read and check); auto: workers when training on GPUs",
+    )
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     challenger_percent: float | None = Field(

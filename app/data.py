@@ -12,6 +12,7 @@ URI pyarrow reads (``s3://``, ``gs://``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 import zlib
@@ -321,6 +322,98 @@ class DecodeOptions:
     seed: int | None = None  # training: the data order and the augmentations follow it, so a rerun repeats them
     # training: a crop a degradation changed gets NO_TARGET, so the source head learns on clean crops only
     source_clean_only: bool = False
+    # the Ray Train workers decode and augment (`pixels_on_device`); the tasks only read and check (`read_batch`)
+    on_workers: bool = False
+
+    def to_plain(self) -> dict[str, Any]:
+        """What a training worker needs of these options, as plain values (they cross in the loop's config)."""
+        return {
+            "crop_size": self.crop_size,
+            "train": self.train,
+            "limits": self.limits.model_dump(),
+            "augment": dataclasses.asdict(self.augment) if self.augment is not None else None,
+            "seed": self.seed,
+            "source_clean_only": self.source_clean_only,
+            "on_workers": self.on_workers,
+        }
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> DecodeOptions:
+        from app.config import ImageLimits
+        from app.degradations import DegradationConfig
+        from app.transforms import AugmentConfig
+
+        augment = plain.get("augment")
+        if augment is not None:
+            degradations = {k: tuple(v) if isinstance(v, list) else v for k, v in augment["degradations"].items()}
+            augment = AugmentConfig(DegradationConfig(**degradations), flip_prob=augment["flip_prob"])
+        return cls(**{**plain, "limits": ImageLimits(**plain["limits"]), "augment": augment})
+
+
+def read_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
+    """Read and check one batch, for workers that decode on their device (`pixels_on_device`): the checked bytes in
+    `data`; unreadable files are dropped and logged, never fatal."""
+    from app.images import ImageError, check_header, read_image_bytes
+    from app.logging import configure_logging, get_logger
+
+    configure_logging(options.log_format)
+    limits = options.limits
+    kept: list[int] = []
+    data: list[bytes] = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            encoded = read_image_bytes(str(path), max_bytes=limits.max_bytes)
+            check_header(encoded, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+        except (ImageError, OSError) as err:
+            get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(err))
+            continue
+        kept.append(i)
+        data.append(encoded)
+    given_sources = batch["source"] if "source" in batch else np.full(len(batch["path"]), NO_TARGET)
+    encoded_column = np.empty(len(data), dtype=object)
+    encoded_column[:] = data
+    return {
+        "data": encoded_column,
+        "label": np.asarray(batch["label"], dtype=np.float32)[kept],
+        "source": np.asarray(given_sources, dtype=np.int64)[kept],
+        "path": np.asarray(batch["path"], dtype=object)[kept],
+        "variant": np.full(len(kept), "", dtype=object),
+    }
+
+
+def pixels_on_device(
+    batch: dict[str, np.ndarray], options: DecodeOptions, device: Any
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """A `read_batch` batch decoded and preprocessed on ``device``, as `decode_batch` does it on a CPU: (uint8
+    (N, crop, crop, 3) tensor on the device, labels, source targets); a photo that does not decode is dropped and
+    logged. Training draws the same augmentation per photo as `decode_batch` (`app.transforms`), from the same seed."""
+    import torch
+
+    from app.logging import get_logger
+    from app.pixels import decode_crops, decode_upright
+    from app.transforms import train_augment_tensor
+
+    photos = [bytes(data) for data in batch["data"]]
+    sources = np.asarray(batch["source"], dtype=np.int64).copy()
+    if options.train:
+        rng = np.random.default_rng(_batch_seed(batch["path"], options.seed))
+        decoded = decode_upright(photos, device, options.limits)
+    else:
+        decoded = decode_crops(photos, options.crop_size, device, options.limits)
+    crops, kept = [], []
+    for i, (image, path) in enumerate(zip(decoded, batch["path"], strict=True)):
+        if isinstance(image, Exception):
+            get_logger("aipd.data").warning("image_skipped", path=str(path), reason=str(image))
+            continue
+        if options.train:
+            image, degraded = train_augment_tensor(image, options.crop_size, options.augment, rng)
+            if degraded and options.source_clean_only:
+                sources[i] = NO_TARGET
+        crops.append(torch.as_tensor(image).to(device))
+        kept.append(i)
+    size = options.crop_size
+    pixels = torch.stack(crops) if crops else torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device)
+    return pixels, np.asarray(batch["label"], dtype=np.float32)[kept], sources[kept]
 
 
 def decode_batch(batch: dict[str, np.ndarray], options: DecodeOptions) -> dict[str, np.ndarray]:
@@ -389,7 +482,8 @@ def to_ray_dataset(records: pd.DataFrame, options: DecodeOptions, *, batch_size:
         # Shuffling the rows while they are still only paths is cheap; shuffling decoded pixels is not. A seed gives
         # every epoch its own order, the same in every rerun.
         ds = ds.random_shuffle(seed=_shuffle_seed(options.seed))
-    return ds.map_batches(decode_batch, fn_kwargs={"options": options}, batch_size=batch_size, batch_format="numpy")
+    step = read_batch if options.on_workers else decode_batch
+    return ds.map_batches(step, fn_kwargs={"options": options}, batch_size=batch_size, batch_format="numpy")
 
 
 def _shuffle_seed(seed: int | None) -> Any:

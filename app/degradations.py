@@ -3,17 +3,25 @@
 Marketplaces resize and re-encode every upload, sellers blur and crop, and a verdict that flips under a resize is
 not one anybody can act on. One definition serves both sides: training draws a random chain of these per image,
 for both classes alike (so "soft" or "compressed" never becomes a class cue), and evaluation sweeps each one by
-severity. Every degradation is a small frozen dataclass, so a chain pickles into Ray Data's workers.
+severity. Every degradation is a small frozen dataclass, so a chain pickles into Ray Data's workers. Each applies to a
+Pillow image (CPU decoding) or to a uint8 (3, H, W) tensor on any device (`tensor`: training that decodes on the GPU),
+the same operation with the same parameters; the two differ by their filters' rounding (tests/app/test_degradations.py
+bounds it).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,12 @@ class Blur:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return image.filter(ImageFilter.GaussianBlur(self.sigma))
+
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        side = 2 * math.ceil(3 * self.sigma) + 1
+        return F.gaussian_blur(image[None], [side, side], [self.sigma, self.sigma])[0]
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,11 @@ class Downscale:
         )
         return small.resize((width, height), Image.Resampling.BICUBIC) if self.upscale_back else small
 
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        small = resize_tensor(image, max(1, round(height * self.factor)), max(1, round(width * self.factor)))
+        return resize_tensor(small, height, width) if self.upscale_back else small
+
 
 @dataclass(frozen=True)
 class Jpeg:
@@ -55,6 +74,22 @@ class Jpeg:
         with Image.open(buffer) as reloaded:
             return reloaded.convert("RGB")
 
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """Encoded and decoded where the tensor lives: nvJPEG on a GPU, libjpeg-turbo on a CPU."""
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        encoded = encode_jpeg(image.contiguous(), quality=self.quality)
+        # the decoder reads its input from host memory on every device; the bytes are a few KiB
+        return decode_jpeg(encoded.cpu(), mode=ImageReadMode.RGB, device=image.device)
+
+
+def resize_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pillow's antialiased bicubic resize (its a = -0.5 kernel, widened when shrinking) on a uint8 (3, H, W) tensor."""
+    import torch.nn.functional as F
+
+    resized = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", antialias=True)
+    return resized[0].round_().clamp_(0, 255).to(image.dtype)
+
 
 Degradation = Blur | Downscale | Jpeg
 
@@ -68,6 +103,11 @@ class Chain:
     def __call__(self, image: Image.Image) -> Image.Image:
         for step in self.steps:
             image = step(image)
+        return image
+
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            image = step.tensor(image)
         return image
 
     @property

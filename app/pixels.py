@@ -25,9 +25,48 @@ if TYPE_CHECKING:
     from app.config import ImageLimits
 
 
-def device_decodable(header: Header, crop_size: int) -> bool:
+def device_decodable(header: Header, crop_size: int = 0) -> bool:
     """Whether the batched device decoder takes this photo (see the module docstring for the others)."""
     return header.kind == "jpeg" and header.mode == "RGB" and min(header.upright_size) >= crop_size
+
+
+def decode_upright(photos: Sequence[bytes], device: Any, limits: ImageLimits) -> list[torch.Tensor | ImageError]:
+    """Each photo whole and upright as a uint8 (3, H, W) tensor on ``device`` (for training's augmentation, which
+    crops after degrading), or its `ImageError`; what the device decoder leaves is decoded by the CPU path and moved."""
+    import torch
+
+    device = torch.device(device)
+    results: list[Any] = [None] * len(photos)
+    batch: list[int] = []
+    orientations: dict[int, int] = {}
+    for i, data in enumerate(photos):
+        try:
+            header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+        except ImageError as err:
+            results[i] = err
+            continue
+        if device_decodable(header) and not jpeg_ends_early(data):
+            batch.append(i)
+            orientations[i] = header.orientation
+    for i, image in zip(batch, _decode_on_device([photos[i] for i in batch], device), strict=True):
+        if image is not None:
+            results[i] = _orient(image, orientations[i])
+    for i, data in enumerate(photos):
+        if results[i] is None:
+            results[i] = _cpu_upright(data, device, limits)
+    return results
+
+
+def _cpu_upright(data: bytes, device: torch.device, limits: ImageLimits) -> torch.Tensor | ImageError:
+    import torch
+
+    try:
+        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+    except ImageError as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - as cpu_crop
+        return ImageError("corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().to(device)
 
 
 def decode_crops(
@@ -113,6 +152,14 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
 
 def _upright_center_crop(image: torch.Tensor, orientation: int, crop_size: int) -> torch.Tensor:
     """EXIF orientation as Pillow's `ImageOps.exif_transpose` applies it, then `eval_preprocess`'s box, (H, W, 3)."""
+    image = _orient(image, orientation)
+    _, height, width = image.shape
+    left, top = (width - crop_size) // 2, (height - crop_size) // 2
+    return image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
+
+
+def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (3, H, W) image turned as Pillow's `ImageOps.exif_transpose` turns it for this EXIF orientation."""
     import torch
 
     height_dim, width_dim = 1, 2
@@ -130,6 +177,4 @@ def _upright_center_crop(image: torch.Tensor, orientation: int, crop_size: int) 
         image = image.transpose(height_dim, width_dim).flip(height_dim, width_dim)
     elif orientation == 8:
         image = torch.rot90(image, 1, (height_dim, width_dim))
-    _, height, width = image.shape
-    left, top = (width - crop_size) // 2, (height - crop_size) // 2
-    return image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
+    return image

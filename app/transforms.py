@@ -4,14 +4,16 @@ Following Wang et al. 2020 (CNNDetection) and B-Free (Guillaro et al. 2025): cro
 never by resizing, because resampling erases the high-frequency traces generators leave; the degradations of
 ``app.degradations`` (blur, downscaling with and without the upscale back, JPEG) are drawn per image for both
 classes alike, so the detector learns traces that survive them and cannot learn "compressed" or "soft" as a class
-cue. Everything is Pillow C code: this runs inside Ray Data map_batches over thousands of images on a few cores.
+cue. On the CPU everything is Pillow C code (this runs inside Ray Data map_batches over thousands of images on a few
+cores); `train_augment_tensor` is the same augmentation, the same random draws in the same order, on a decoded uint8
+(3, H, W) tensor, for training that decodes on the GPU (`app.pixels`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -59,34 +61,99 @@ def train_augment_degraded(
     the crop: the same pixels inside the crop as degrading the whole photo (no blur, JPEG block or resampling filter
     reaches further), at a fraction of the cost.
     """
-    image = _rgb(image)
+    crop, degraded = _augment(_PillowOps, _rgb(image), crop_size, aug, rng)
+    return np.array(crop, dtype=np.uint8), degraded
+
+
+def train_augment_tensor(
+    image: torch.Tensor, crop_size: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, bool]:
+    """`train_augment_degraded` on a uint8 (3, H, W) tensor on any device: (the (crop, crop, 3) crop, degraded)."""
+    crop, degraded = _augment(_TensorOps, image, crop_size, aug, rng)
+    return crop.permute(1, 2, 0).contiguous(), degraded
+
+
+def _augment(ops: Any, image: Any, crop_size: int, aug: AugmentConfig, rng: np.random.Generator) -> tuple[Any, bool]:
     chain = sample_chain(rng, aug.degradations)
     at = rng.random(2)
     flip = rng.random() < aug.flip_prob
 
+    width, height = ops.size(image)
     # half the window's side: the crop and its context, as wide as they are before the chain shrinks the photo
     half = math.ceil((crop_size / 2 + _CONTEXT) / chain.scale)
-    if chain.steps and image.width > 2 * half + _MCU and image.height > 2 * half + _MCU:
-        cx, cy = half + at[0] * (image.width - 2 * half), half + at[1] * (image.height - 2 * half)
+    if chain.steps and width > 2 * half + _MCU and height > 2 * half + _MCU:
+        cx, cy = half + at[0] * (width - 2 * half), half + at[1] * (height - 2 * half)
         # on the MCU grid, and a whole number of MCUs wide, so a resize keeps the photo's own scale and phase
         left, top = int(cx - half) // _MCU * _MCU, int(cy - half) // _MCU * _MCU
         side = math.ceil((2 * half + _MCU) / _MCU) * _MCU
-        box = (left, top, min(image.width, left + side), min(image.height, top + side))
-        window = image.crop(box)
-        image = _at_least(chain(window), crop_size)
+        box = (left, top, min(width, left + side), min(height, top + side))
+        window = ops.crop(image, box)
+        image = ops.at_least(ops.degrade(chain, window), crop_size)
+        (window_w, window_h), (width, height) = ops.size(window), ops.size(image)
         # the crop's center where it lands in the degraded window
-        left = round((cx - box[0]) * image.width / window.width - crop_size / 2)
-        top = round((cy - box[1]) * image.height / window.height - crop_size / 2)
-        left = min(max(0, left), image.width - crop_size)
-        top = min(max(0, top), image.height - crop_size)
+        left = round((cx - box[0]) * width / window_w - crop_size / 2)
+        top = round((cy - box[1]) * height / window_h - crop_size / 2)
+        left = min(max(0, left), width - crop_size)
+        top = min(max(0, top), height - crop_size)
     else:
-        image = _at_least(chain(image), crop_size)
-        left = int(at[0] * (image.width - crop_size + 1))
-        top = int(at[1] * (image.height - crop_size + 1))
-    crop = image.crop((left, top, left + crop_size, top + crop_size))
-    if flip:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(crop, dtype=np.uint8), bool(chain.steps)
+        image = ops.at_least(ops.degrade(chain, image), crop_size)
+        width, height = ops.size(image)
+        left = int(at[0] * (width - crop_size + 1))
+        top = int(at[1] * (height - crop_size + 1))
+    crop = ops.crop(image, (left, top, left + crop_size, top + crop_size))
+    return (ops.flip(crop) if flip else crop), bool(chain.steps)
+
+
+class _PillowOps:
+    @staticmethod
+    def size(image: Image.Image) -> tuple[int, int]:
+        return image.size
+
+    @staticmethod
+    def crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        return image.crop(box)
+
+    @staticmethod
+    def degrade(chain: Any, image: Image.Image) -> Image.Image:
+        return chain(image)
+
+    @staticmethod
+    def at_least(image: Image.Image, crop_size: int) -> Image.Image:
+        return _at_least(image, crop_size)
+
+    @staticmethod
+    def flip(image: Image.Image) -> Image.Image:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+class _TensorOps:
+    @staticmethod
+    def size(image: torch.Tensor) -> tuple[int, int]:
+        return int(image.shape[-1]), int(image.shape[-2])
+
+    @staticmethod
+    def crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+        left, top, right, bottom = box
+        return image[:, top:bottom, left:right]
+
+    @staticmethod
+    def degrade(chain: Any, image: torch.Tensor) -> torch.Tensor:
+        return chain.tensor(image)
+
+    @staticmethod
+    def at_least(image: torch.Tensor, crop_size: int) -> torch.Tensor:
+        from app.degradations import resize_tensor
+
+        width, height = _TensorOps.size(image)
+        short = min(width, height)
+        if short >= crop_size:
+            return image
+        scale = crop_size / short
+        return resize_tensor(image, max(crop_size, round(height * scale)), max(crop_size, round(width * scale)))
+
+    @staticmethod
+    def flip(image: torch.Tensor) -> torch.Tensor:
+        return image.flip(-1)
 
 
 def to_model_input(

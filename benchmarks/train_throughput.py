@@ -8,7 +8,10 @@ Why each measurement:
   (c) this project's pipeline: Ray Data reads, decodes and augments in ``map_batches`` and streams into a Ray Train
       worker (``training.trainer.build_trainer``, the code ``aipd train`` runs). Steady-state rows/s (after the first
       batch of an epoch) is taken from the last epoch; the whole-epoch rate and the time to the first batch (Ray Data
-      re-executes the pipeline every epoch) are reported beside it.
+      re-executes the pipeline every epoch) are reported beside it. Here Ray Data's tasks decode and augment with
+      Pillow (`train.decode_on: tasks`).
+  (d) the same with the workers decoding their batches on the GPU (nvJPEG) and augmenting there, the tasks only
+      reading and checking (`train.decode_on: workers`, the GPU default), the next epoch started during validation.
 
 Data: ``--files`` JPEG files (default 20,000) of ``--side`` px (default 256) on local disk, written once into
 ``--data-dir``. Usage (GPU machine):  python benchmarks/train_throughput.py --files 20000 --gpus 1
@@ -171,7 +174,9 @@ def plain_dataloader(records, device: str, batch: int, crop: int, steps: int, wo
     return done / (time.perf_counter() - start)
 
 
-def ray_pipeline(data_dir: Path, device: str, batch: int, crop: int, epochs: int, gpus: int) -> dict:
+def ray_pipeline(
+    data_dir: Path, device: str, batch: int, crop: int, epochs: int, gpus: int, decode_on: str = "tasks"
+) -> dict:
     from app.config import load_settings
     from app.data import index_dataset
     from app.ray_runtime import init_ray
@@ -188,6 +193,7 @@ def ray_pipeline(data_dir: Path, device: str, batch: int, crop: int, epochs: int
             "epochs": epochs,
             "max_failures": 0,
             "cpus_per_worker": 2,
+            "decode_on": decode_on,
         },
     )
     init_ray(settings)
@@ -216,7 +222,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1, help="Ray Train workers for (c), one GPU each")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/aipd-throughput"))
-    parser.add_argument("--only", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--only", default="abcd", help="which of a, b, c, d to run")
     parser.add_argument("--nchw", action="store_true", help="(a) in NCHW instead of channels_last, for comparison")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -257,12 +263,25 @@ def main() -> None:
             f"{c['time_to_first_batch_s']:.1f} s",
             flush=True,
         )
-    print("\n| card | (a) model only | (b) DataLoader | (c) Ray pipeline | c/a | c/b |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    a, b, c = results.get("a_model_only"), results.get("b_dataloader"), results.get("c_ray")
+    if "d" in args.only:
+        d = ray_pipeline(args.data_dir, args.device, args.batch, args.crop, args.epochs, args.gpus, "workers")
+        results["d_ray_gpu_pixels"] = d["images_per_s"]
+        results["d_time_to_first_batch_s"] = d["time_to_first_batch_s"]
+        results["d_whole_epoch"] = d["images_per_s_whole_epoch"]
+        print(
+            f"(d) workers decode ({args.gpus} GPU): {d['images_per_s']:.0f} img/s per GPU steady, "
+            f"{d['images_per_s_whole_epoch']:.0f} over the whole epoch, first batch after "
+            f"{d['time_to_first_batch_s']:.1f} s",
+            flush=True,
+        )
+    columns = ["card", "(a) model only", "(b) DataLoader", "(c) Ray, tasks decode", "(d) Ray, workers decode"]
+    print("\n| " + " | ".join([*columns, "c/a", "d/a", "d/b"]) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    a, b = results.get("a_model_only"), results.get("b_dataloader")
+    c, d = results.get("c_ray"), results.get("d_ray_gpu_pixels")
     fmt = lambda v: f"{v:.0f}" if v else "-"  # noqa: E731
     ratio = lambda x, y: f"{x / y:.2f}" if x and y else "-"  # noqa: E731
-    print(f"| {card} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio(c, a)} | {ratio(c, b)} |")
+    print(f"| {card} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {ratio(c, a)} | {ratio(d, a)} | {ratio(d, b)} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,11 @@ class LoopConfig:
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     extra_metrics: dict[str, Any] = field(default_factory=dict)
+    # `DecodeOptions.to_plain()` of each split when the workers decode on their device (train.decode_on), else None
+    train_pixels: dict[str, Any] | None = None
+    val_pixels: dict[str, Any] | None = None
+    # start the next epoch's training data before validating, so its pipeline restart overlaps validation
+    overlap_epochs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,8 +98,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    upcoming = None
     for epoch in range(start_epoch, worker.cfg.epochs):
-        metrics = _train_epoch(worker, train_shard)
+        metrics = _train_epoch(worker, upcoming or _Started(_batches(worker, train_shard, train=True)))
+        last = epoch == worker.cfg.epochs - 1
+        if worker.cfg.overlap_epochs and not last:
+            upcoming = _Started(_batches(worker, train_shard, train=True), early=True)
+        else:
+            upcoming = None
         labels, logits, val_loss = _gather_val(worker, *_validate(worker, val_shard))
         metrics = _epoch_metrics(worker, epoch, metrics, labels, logits, val_loss)
         best_auroc = max(best_auroc, metrics[SELECTION_METRIC])
@@ -169,7 +182,60 @@ def _resume(worker: _Worker) -> tuple[int, float, dict[str, Any] | None]:
     return state["epoch"] + 1, state["best_auroc"], state.get("metrics")
 
 
-def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
+class _Started:
+    """An epoch's batches, optionally started ahead (``early``): a thread pulls the first batch now, so the data
+    pipeline restarts while the caller does something else (validation), and the epoch begins with a batch ready."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], early: bool = False) -> None:
+        self._batches = batches
+        self._first: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="next-epoch", daemon=True) if early else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first.append(next(self._batches))
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised where the epoch consumes its batches
+            self._error = err
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+            yield from self._first
+        yield from self._batches
+
+
+def _batches(worker: _Worker, shard: Any, *, train: bool) -> Iterator[dict[str, Any]]:
+    """A split's batches as {"image": uint8 (N, H, W, 3) tensor, "label", "source"}, whoever decoded them: Ray Data's
+    tasks (tensors as they arrive) or this worker on its device (`app.data.pixels_on_device`)."""
+    cfg = worker.cfg
+    plain = cfg.train_pixels if train else cfg.val_pixels
+    if plain is None:
+        dtypes = {"image": torch.uint8, "label": torch.float32}
+        if train:
+            dtypes["source"] = torch.int64
+        yield from shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=train, prefetch_batches=4 if train else 1, dtypes=dtypes
+        )
+        return
+    from app.data import DecodeOptions, pixels_on_device
+
+    options = DecodeOptions.from_plain(plain)
+    for batch in shard.iter_batches(
+        batch_size=cfg.batch_size, drop_last=train, prefetch_batches=4 if train else 1, batch_format="numpy"
+    ):
+        pixels, labels, sources = pixels_on_device(batch, options, worker.device)
+        if len(labels):
+            yield {"image": pixels, "label": torch.from_numpy(labels), "source": torch.from_numpy(sources)}
+
+
+def _train_epoch(worker: _Worker, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
     """One pass over this worker's shard; the loss is summed on the device, so no step waits for the host."""
     from app.transforms import to_model_input
 
@@ -179,12 +245,7 @@ def _train_epoch(worker: _Worker, shard: Any) -> dict[str, float]:
     seen, first_batch_s, first_batch_n = 0, None, 0
     loss_sum = torch.zeros((), device=worker.device)
     sources = cfg.source_loss_weight > 0
-    for batch in shard.iter_torch_batches(
-        batch_size=cfg.batch_size,
-        drop_last=True,
-        prefetch_batches=4,
-        dtypes={"image": torch.uint8, "label": torch.float32, "source": torch.int64},
-    ):
+    for batch in batches:
         if first_batch_s is None:
             first_batch_s = time.perf_counter() - started
             first_batch_n = len(batch["label"])
@@ -310,9 +371,7 @@ def _validate(worker: _Worker, shard: Any) -> tuple[np.ndarray, np.ndarray, list
 
     worker.model.eval()
     labels, outputs, losses = [], [], []
-    for batch in shard.iter_torch_batches(
-        batch_size=worker.cfg.batch_size, dtypes={"image": torch.uint8, "label": torch.float32}
-    ):
+    for batch in _batches(worker, shard, train=False):
         x = to_model_input(batch["image"], device=worker.device, channels_last=True)
         y = batch["label"].to(worker.device)
         with worker.autocast:

@@ -7,6 +7,7 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -26,11 +27,23 @@ from training.tracking import start_run
 log = get_logger("aipd.train")
 
 
+def decode_on_workers(settings: Settings, use_gpu: bool) -> bool:
+    """`train.decode_on`, with "auto" decided by the device: GPU workers decode and augment their own batches."""
+    decode_on = settings.train.decode_on
+    return decode_on == "workers" or (decode_on == "auto" and use_gpu)
+
+
 def decode_options(
-    settings: Settings, *, train: bool, crop_size: int, augment_prob: float | None = None
+    settings: Settings,
+    *,
+    train: bool,
+    crop_size: int,
+    augment_prob: float | None = None,
+    on_workers: bool = False,
 ) -> DecodeOptions:
     """How a split is read: augmented for training (``augment_prob``, from a search, replaces every degradation's
-    probability), plain for validation."""
+    probability), plain for validation; by Ray Data's tasks, or (``on_workers``) read there and decoded by the
+    training workers."""
     from app.degradations import DegradationConfig
     from app.transforms import AugmentConfig
 
@@ -53,6 +66,7 @@ def decode_options(
         log_format=settings.log_format,
         seed=settings.train.seed if train else None,
         source_clean_only=settings.train.source_clean_only,
+        on_workers=on_workers,
     )
 
 
@@ -105,11 +119,22 @@ def build_trainer(
         mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None,
         mlflow_run_id=mlflow_run_id,
     )
-    train_options = decode_options(settings, train=True, crop_size=hp["crop_size"], augment_prob=hp["augment_prob"])
-    val_options = decode_options(settings, train=False, crop_size=hp["crop_size"])
-    datasets = {  # paths stay behind: workers only need pixels and labels as tensors
-        "train": to_ray_dataset(train_records, train_options).drop_columns(["path", "variant"]),
-        "val": to_ray_dataset(val_records, val_options).drop_columns(["path", "variant", "source"]),
+    on_workers = decode_on_workers(settings, use_gpu)
+    train_options = decode_options(
+        settings, train=True, crop_size=hp["crop_size"], augment_prob=hp["augment_prob"], on_workers=on_workers
+    )
+    val_options = decode_options(settings, train=False, crop_size=hp["crop_size"], on_workers=on_workers)
+    if on_workers:
+        loop = dataclasses.replace(loop, train_pixels=train_options.to_plain(), val_pixels=val_options.to_plain())
+    # The next epoch's data starts during validation where that costs the cores little: on GPU nodes, and where
+    # the tasks only read (the workers decode).
+    loop = dataclasses.replace(loop, overlap_epochs=use_gpu or on_workers)
+    # paths stay behind where the workers only need pixels and labels (a worker that decodes seeds its augmentation
+    # from the batch's paths, as the tasks do)
+    kept_behind = (["variant"], ["variant"]) if on_workers else (["path", "variant"], ["path", "variant", "source"])
+    datasets = {
+        "train": to_ray_dataset(train_records, train_options).drop_columns(kept_behind[0]),
+        "val": to_ray_dataset(val_records, val_options).drop_columns(kept_behind[1]),
     }
     resources = {"CPU": t.cpus_per_worker}
     return TorchTrainer(

@@ -166,3 +166,50 @@ def test_with_source_clean_only_a_degraded_crop_teaches_the_source_head_nothing(
     assert sources(blur_prob=1.0, clean_only=True) == [NO_TARGET] * 3
     assert sources(blur_prob=0.0, clean_only=True) == [0, 1, 2]
     assert sources(blur_prob=1.0, clean_only=False) == [0, 1, 2]
+
+
+def test_workers_that_decode_get_the_tasks_crops_labels_and_sources(tmp_path: Path) -> None:
+    """`train.decode_on: workers`: the tasks only read and check (`read_batch`), the worker decodes and augments
+    (`pixels_on_device`, here on the CPU): the same rows as `decode_batch`, the same crops for validation, the same
+    augmentation draws for training (Pillow's and torch's filters round differently, within a grey level or two)."""
+    import numpy as np
+    import torch
+
+    from app.config import ImageLimits
+    from app.data import DecodeOptions, decode_batch, pixels_on_device, read_batch
+    from app.degradations import DegradationConfig
+    from app.transforms import AugmentConfig
+    from tests.app.test_pixels import photo
+
+    paths = []
+    for i in range(4):
+        photo(160 + 8 * i, 120, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    batch = {
+        "path": np.array([paths[0], str(tmp_path / "broken.jpg"), *paths[1:]], dtype=object),
+        "label": np.array([0, 1, 1, 0, 1]),
+        "source": np.array([0, 2, 1, 0, 2]),
+    }
+    augment = AugmentConfig(DegradationConfig(blur_prob=0.5, downscale_prob=0.5, jpeg_prob=0.5))
+    readable = {key: np.delete(values, 1) for key, values in batch.items()}
+    for train in (False, True):
+        options = DecodeOptions(
+            crop_size=64, train=train, limits=ImageLimits(), augment=augment if train else None, seed=3
+        )
+        # training seeds each batch's draws from its paths: the worker's batch is the one the task passed on
+        expected = decode_batch(readable if train else batch, options)
+        read = read_batch(batch, dataclasses_replace(options, on_workers=True))
+        assert read["path"].tolist() == expected["path"].tolist(), "the unreadable file is dropped by the task"
+        worker_options = DecodeOptions.from_plain(dataclasses_replace(options, on_workers=True).to_plain())
+        pixels, labels, sources = pixels_on_device(read, worker_options, torch.device("cpu"))
+        assert pixels.shape == expected["image"].shape and pixels.dtype == torch.uint8
+        assert labels.tolist() == expected["label"].tolist() and sources.tolist() == expected["source"].tolist()
+        gap = np.abs(pixels.numpy().astype(float) - expected["image"]).mean()
+        assert gap == 0.0 if not train else gap <= 2.0, (train, gap)
+
+
+def dataclasses_replace(options, **changes):
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)

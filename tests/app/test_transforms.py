@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from app.degradations import DegradationConfig
+from app.degradations import Blur, DegradationConfig, Downscale, Jpeg
 from app.transforms import AugmentConfig, eval_preprocess, to_model_input, train_augment
 
 
@@ -215,3 +215,48 @@ def test_every_image_draws_the_same_random_numbers():
         unchanged = _find_window(np.asarray(image), crop)
         if unchanged is not None:
             assert np.array_equal(crop, plain)
+
+
+# ------------------------------------------------------------------------ the same augmentation on a decoded tensor
+def _smooth(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like scene (gradients and grain): the filters of the two backends round alike on it."""
+    from tests.app.test_pixels import photo
+
+    return photo(width, height, seed)
+
+
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize(
+    "step",
+    [Blur(0.5), Blur(1.5), Downscale(0.5), Downscale(0.43, upscale_back=True), Jpeg(30), Jpeg(90)],
+    ids=str,
+)
+def test_each_degradation_does_the_same_to_a_tensor(step) -> None:
+    """One definition, two backends: Pillow's filters and torch's (which run on the GPU) within one grey level on
+    average; JPEG through libjpeg-turbo on both sides here (nvJPEG on a GPU) gives the same pixels."""
+    image = _smooth(203, 151, seed=2)
+    on_pillow = np.asarray(step(image), dtype=float)
+    on_tensor = step.tensor(_as_tensor(image)).permute(1, 2, 0).numpy().astype(float)
+    assert on_tensor.shape == on_pillow.shape
+    assert np.abs(on_tensor - on_pillow).mean() <= 1.0
+
+
+@pytest.mark.parametrize("size", [(300, 220), (70, 90)], ids=["large", "smaller than the crop"])
+def test_the_tensor_augmentation_draws_and_crops_like_pillows(size) -> None:
+    """Same rng, same draws: the same degradations fire, the crop lands on the same pixels and flips alike."""
+    from app.transforms import train_augment_degraded, train_augment_tensor
+
+    image = _smooth(*size, seed=4)
+    aug = AugmentConfig(degradations=DegradationConfig(blur_prob=0.5, downscale_prob=0.5, jpeg_prob=0.5))
+    for seed in range(12):
+        expected, fired = train_augment_degraded(image, 64, aug, np.random.default_rng(seed))
+        crop, degraded = train_augment_tensor(_as_tensor(image), 64, aug, np.random.default_rng(seed))
+        assert crop.shape == (64, 64, 3) and crop.dtype == torch.uint8
+        assert degraded == fired, seed
+        assert np.abs(crop.numpy().astype(float) - expected).mean() <= 1.5, seed
+    plain, _ = train_augment_tensor(_as_tensor(image), 64, NO_AUG, np.random.default_rng(0))
+    if min(size) >= 64:
+        assert _find_window(np.asarray(image), plain.numpy()) is not None, "undegraded: a window at native size"

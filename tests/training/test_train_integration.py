@@ -1,5 +1,9 @@
 """Real training on a real Ray cluster with a real SQLite MLflow store: registration, the champion rule,
-``aipd evaluate --json``, and recovery from a killed worker."""
+``aipd evaluate --json``, and recovery from a killed worker.
+
+The module's run decodes and augments in the training workers (`train.decode_on: workers`, what a GPU run does by
+default, here on the CPU), with the next epoch's data started during validation; the other suites train with
+Ray Data's tasks decoding."""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ SIGINT_HANDLERS: dict[str, object] = {}
 def trained(ray_cluster, small_demo: Path, tmp_path_factory: pytest.TempPathFactory):
     from training.trainer import run_training
 
-    settings = tiny_settings(tmp_path_factory.mktemp("work"), small_demo)
+    settings = tiny_settings(tmp_path_factory.mktemp("work"), small_demo, decode_on="workers")
     SIGINT_HANDLERS["before"] = signal.getsignal(signal.SIGINT)
     outcome = run_training(settings)
     SIGINT_HANDLERS["after"] = signal.getsignal(signal.SIGINT)
@@ -60,6 +64,8 @@ def test_two_worker_run_is_tracked_and_registered(trained) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["ray"] and run.data.tags["torch"]
+    assert run.data.params["train.decode_on"] == "workers"
+    assert run.data.metrics["train_images_per_s"] > 0
     history = client.get_metric_history(outcome.run_id, "val_auroc")
     assert sorted(m.step for m in history) == [0, 1], "one value per epoch, logged once (rank 0 only)"
     assert "test_auroc" in run.data.metrics and "test_robust_jpeg_q75" in run.data.metrics
