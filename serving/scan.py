@@ -3,10 +3,10 @@
 Files are listed on the driver (names only, `app.data.index_catalog`), then stream through Ray Data: CPU tasks read
 each file within the byte limit, hash it, check it and, on CPU-only clusters, decode and crop it through the one
 decoding path (`app.images`, `app.transforms`); with GPUs (`serve.decode_on`) the tasks pass the checked bytes on
-and the model actors decode them on the GPU in batches (`app.pixels`, the serving detector's decoder); a pool of
-model actors (`map_batches` with a class, `concurrency` actors, a GPU each when there
-are GPUs) runs the same model runtime as the Serve detector (`serving.runtime`), so a file gets the same probability
-from the scan as from `POST /predict`; `write_parquet` appends one row per file to the output. A file that cannot be
+and the model actors decode them on the GPU in batches (`app.pixels`, the serving detector's decoder). A pool of
+model actors (`map_batches` with a class, `concurrency` actors, a GPU each when there are GPUs) runs the same model
+runtime as the Serve detector (`serving.runtime`), so a file gets the same probability from the scan as from
+`POST /predict`; `write_parquet` appends one row per file to the output. A file that cannot be
 read or decoded is a row with `error` and `detail`, never a failure of the scan.
 
 Restartable: the output is appended to, and files already in it are skipped before anything is read, so a scan that
@@ -204,6 +204,7 @@ class ScanModel:
                 crops = [batch["crop"][i] for i in chosen]
             if len(chosen):
                 scores[chosen] = score_batch(self.active, crops)
+        rows = np.flatnonzero(ok)  # without the files the actor could not decode
         probability = scores[:, 0]
         source, source_score = [None] * len(ok), pd.array([None] * len(ok), dtype="Float64")
         if families:

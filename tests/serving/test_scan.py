@@ -125,7 +125,8 @@ def test_the_scan_gives_the_services_probabilities(registered, catalog: Path, tm
     actors_decode = settings.model_copy(update={"serve": settings.serve.model_copy(update={"decode_on": "detector"})})
     _, rows = _scan(actors_decode, [catalog], tmp_path / "out", model_uri=str(checkpoint))
     for name, (error, _) in BROKEN.items():
-        assert rows.loc[str(catalog / name), "error"] == error, name
+        row = rows.loc[str(catalog / name)]
+        assert row["error"] == error and pd.isna(row["probability"]) and pd.isna(row["source"]), name
     a = rows.loc[str(catalog / "shop/a.jpg")]
     assert (a["width"], a["height"]) == (200, 150)
     served = with_serve(settings, model_uri=str(checkpoint), champion_poll_s=0)
