@@ -7,7 +7,7 @@ center-cropped there. Anything the device decoder should not or cannot take goes
 3-channel YCbCr/RGB (grey, CMYK), files that end early (Pillow calls them truncated, a device decoder would fill
 them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder refuses
 (some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ only
-by the decoders' rounding (benchmarks/RESULTS.md has the measured gap on a GPU).
+by the decoders' rounding (tests/gpu bounds the gap on a GPU).
 """
 
 from __future__ import annotations
@@ -33,40 +33,13 @@ def device_decodable(header: Header, crop_size: int = 0) -> bool:
 def decode_upright(photos: Sequence[bytes], device: Any, limits: ImageLimits) -> list[torch.Tensor | ImageError]:
     """Each photo whole and upright as a uint8 (3, H, W) tensor on ``device`` (for training's augmentation, which
     crops after degrading), or its `ImageError`; what the device decoder leaves is decoded by the CPU path and moved."""
-    import torch
-
-    device = torch.device(device)
-    results: list[Any] = [None] * len(photos)
-    batch: list[int] = []
-    orientations: dict[int, int] = {}
-    for i, data in enumerate(photos):
-        try:
-            header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-        except ImageError as err:
-            results[i] = err
-            continue
-        if device_decodable(header) and not jpeg_ends_early(data):
-            batch.append(i)
-            orientations[i] = header.orientation
-    for i, image in zip(batch, _decode_on_device([photos[i] for i in batch], device), strict=True):
-        if image is not None:
-            results[i] = _orient(image, orientations[i])
+    results, upright = _decode_batch(photos, 0, device, limits)
+    for i, image in upright.items():
+        results[i] = image
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = _cpu_upright(data, device, limits)
     return results
-
-
-def _cpu_upright(data: bytes, device: torch.device, limits: ImageLimits) -> torch.Tensor | ImageError:
-    import torch
-
-    try:
-        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-    except ImageError as err:
-        return err
-    except Exception as err:  # noqa: BLE001 - as cpu_crop
-        return ImageError("corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})")
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().to(device)
 
 
 def decode_crops(
@@ -74,28 +47,53 @@ def decode_crops(
 ) -> list[torch.Tensor | np.ndarray | ImageError]:
     """Each photo's uint8 (crop, crop, 3) center crop - a tensor on ``device`` when the device decoded it, an array
     when the CPU path did - or the `ImageError` the CPU path gives it, in the order of ``photos``."""
-    import torch
-
-    results: list[Any] = [None] * len(photos)
-    batch: list[int] = []
-    headers: dict[int, Header] = {}
-    for i, data in enumerate(photos):
-        try:
-            header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-        except ImageError as err:
-            results[i] = err
-            continue
-        if device_decodable(header, crop_size) and not jpeg_ends_early(data):
-            batch.append(i)
-            headers[i] = header
-    decoded = _decode_on_device([photos[i] for i in batch], torch.device(device))
-    for i, image in zip(batch, decoded, strict=True):
-        if image is not None:
-            results[i] = _upright_center_crop(image, headers[i].orientation, crop_size)
+    results, upright = _decode_batch(photos, crop_size, device, limits)
+    for i, image in upright.items():
+        _, height, width = image.shape
+        left, top = (width - crop_size) // 2, (height - crop_size) // 2  # eval_preprocess's box
+        results[i] = image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = cpu_crop(data, crop_size, limits)
     return results
+
+
+def _decode_batch(
+    photos: Sequence[bytes], crop_size: int, device: Any, limits: ImageLimits
+) -> tuple[list[Any], dict[int, torch.Tensor]]:
+    """The header checks of every photo (their refusals in the first list, None elsewhere), and the photos the
+    device decoded, upright (3, H, W), by index; the photos in neither are the CPU path's."""
+    import torch
+
+    refusals: list[Any] = [None] * len(photos)
+    batch: list[int] = []
+    orientations: dict[int, int] = {}
+    for i, data in enumerate(photos):
+        try:
+            header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+        except ImageError as err:
+            refusals[i] = err
+            continue
+        if device_decodable(header, crop_size) and not jpeg_ends_early(data):
+            batch.append(i)
+            orientations[i] = header.orientation
+    decoded = _decode_on_device([photos[i] for i in batch], torch.device(device))
+    upright = {i: _orient(image, orientations[i]) for i, image in zip(batch, decoded, strict=True) if image is not None}
+    return refusals, upright
+
+
+def _cpu_upright(data: bytes, device: Any, limits: ImageLimits) -> torch.Tensor | ImageError:
+    import torch
+
+    try:
+        image = decode_image(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+    except ImageError as err:
+        return err
+    except MemoryError:
+        return ImageError("too_many_pixels", "the image is too large to decode")
+    except Exception as err:  # noqa: BLE001 - as cpu_crop
+        return ImageError("corrupt", f"the image cannot be decoded ({type(err).__name__}: {err})")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().to(device)
 
 
 def cpu_crop(data: bytes, crop_size: int, limits: ImageLimits) -> np.ndarray | ImageError:
@@ -148,14 +146,6 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
         except Exception:  # noqa: BLE001 - see above
             images.append(None)
     return images
-
-
-def _upright_center_crop(image: torch.Tensor, orientation: int, crop_size: int) -> torch.Tensor:
-    """EXIF orientation as Pillow's `ImageOps.exif_transpose` applies it, then `eval_preprocess`'s box, (H, W, 3)."""
-    image = _orient(image, orientation)
-    _, height, width = image.shape
-    left, top = (width - crop_size) // 2, (height - crop_size) // 2
-    return image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
