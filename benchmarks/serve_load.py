@@ -450,7 +450,11 @@ class Cluster:
         # machine shared with other work that alone halves the service's share of the CPU, so for a like-for-like
         # comparison a local cluster's workers start at the baselines' priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        settings = Settings(ray_address=args.address, serve={"high_throughput": self.high_throughput})
+        # Every target stays up while one is measured: logical CPUs enough to place them all (the cores are the cores).
+        cpus = None if args.address else 4 * max(8, os.cpu_count() or 1)
+        settings = Settings(
+            ray_address=args.address, ray_num_cpus=cpus, serve={"high_throughput": self.high_throughput}
+        )
         resources = init_ray(settings, include_dashboard=False, log_to_driver=False)
         self.port = free_port()
         serve.start(
@@ -581,8 +585,10 @@ def _target_overrides(name: str, args, resources: dict[str, float]) -> dict[str,
         from app.config import Settings
         from serving.config import sized_for_node
 
+        # What `aipd serve` sizes from: the node's own cluster, not the benchmark's wider one.
+        cpus = resources.get("CPU", 0.0) if args.address else float(Settings().local_num_cpus)
         gpus = resources.get("GPU", 0.0) if args.device == "cuda" else 0.0
-        serve = sized_for_node(Settings(), resources.get("CPU", 0.0), gpus).serve
+        serve = sized_for_node(Settings(), cpus, gpus).serve
         fields = ("ingress_min_replicas", "ingress_max_replicas", "max_batch_size", "detector_max_replicas")
         return {field: getattr(serve, field) for field in fields} | {"detector_min_replicas": 1}
     return {}

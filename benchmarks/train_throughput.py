@@ -182,9 +182,11 @@ def ray_pipeline(
     from app.ray_runtime import init_ray
     from training.trainer import build_trainer
 
+    # The workers' CPUs come on top of the cores' so Ray Data keeps some to read with (on 2 cores it had none).
+    cpus_per_worker = 2
     settings = load_settings(
         work_dir=data_dir / "work",
-        ray_num_cpus=os.cpu_count(),
+        ray_num_cpus=(os.cpu_count() or 1) + cpus_per_worker * gpus,
         train={
             "num_workers": gpus,
             "use_gpu": device.startswith("cuda"),
@@ -192,7 +194,7 @@ def ray_pipeline(
             "crop_size": crop,
             "epochs": epochs,
             "max_failures": 0,
-            "cpus_per_worker": 2,
+            "cpus_per_worker": cpus_per_worker,
             "decode_on": decode_on,
         },
     )
