@@ -249,7 +249,7 @@ class DemoStack:
             client.log_metric(run_id, name, value, step=report.epoch)
         kept = copy_checkpoint(report.checkpoint_dir, self.settings.checkpoint_dir(run_id))
         version, val_auroc, _, message = register_checkpoint(
-            self.settings, kept, run_id, self.index().split("val"), tags={"epoch": epoch, "demo_stage": "first"}
+            self.settings, kept, run_id, self.index(), tags={"epoch": epoch, "demo_stage": "first"}
         )
         self.first = FirstModel(version.version, run_id, kept, epoch, val_auroc)
         console.print(

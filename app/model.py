@@ -71,6 +71,9 @@ class ModelConfig:
     # The side of the residual's log power spectrum grid the source head reads beside the pooled features (0: the
     # features alone, as checkpoints from before it were trained).
     source_spectrum: int = 0
+    # The largest lag of the residual's 2-periodic local correlations the source head reads too (0: none, as
+    # checkpoints from before them were trained).
+    source_phase: int = 0
 
 
 @dataclass
@@ -128,6 +131,40 @@ class ResidualSpectrum(nn.Module):
             return F.layer_norm(spectrum, spectrum.shape[1:], weight, bias, self.norm.eps)
 
 
+class ResidualPhase(nn.Module):
+    """A photo's high-pass residual, per channel, correlated with itself at every small offset up to ``lags`` pixels,
+    separately for each of the four pixel positions of a 2 x 2 grid, over the residual's energy. A generator that
+    upsamples by two makes these statistics 2-periodic, each operator in its own way (a nearest upsampling copies a
+    pixel's residual to its right neighbour, a bilinear one averages it): what the spectrum's coarse grid blurs
+    together (benchmarks/RESULTS.md, "Which generator"). The grid's phase is kept: the crop keeps the photo's."""
+
+    def __init__(self, lags: int) -> None:
+        super().__init__()
+        self.lags = lags
+        self.offsets = [(dy, dx) for dy in range(lags + 1) for dx in range(-lags, lags + 1) if dy > 0 or dx >= 0]
+        self.highpass = ForensicStem(scale=1.0)  # the stem's residual; the ratio to its energy removes the scale
+
+    @property
+    def width(self) -> int:
+        return 3 * 4 * len(self.offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # ratios of small products need float32
+            residual = self.highpass(x.float())
+            n, c, h, w = residual.shape
+            # whole 2 x 2 cells starting on an even row and column: position (0, 0) is a cell's first pixel
+            start = self.lags + self.lags % 2
+            rows, cols = (h - start - self.lags) // 2 * 2, (w - start - self.lags) // 2 * 2
+            base = residual[:, :, start : start + rows, start : start + cols]
+            energy = base.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-12
+            cells = []
+            for dy, dx in self.offsets:
+                shifted = residual[:, :, start + dy : start + dy + rows, start + dx : start + dx + cols]
+                product = (base * shifted / energy).reshape(n, c, rows // 2, 2, cols // 2, 2)
+                cells.append(product.mean(dim=(2, 4)).reshape(n, c, 4))
+            return torch.stack(cells, dim=-1).flatten(1)
+
+
 class ImageNetNormalize(nn.Module):
     """What the backbone expects when the forensic stem is off."""
 
@@ -176,10 +213,14 @@ class Detector(nn.Module):
             nn.Linear(cfg.hidden, 1),
         )
         self.calibrate = Calibrate()
-        # on the pooled features beside the binary head, and on the residual's spectrum where the config asks for it
-        self.spectrum = ResidualSpectrum(cfg.source_spectrum) if cfg.source_families and cfg.source_spectrum else None
+        # on the pooled features beside the binary head, and on the residual's spectrum and 2-periodic correlations
+        # where the config asks for them
+        families = bool(cfg.source_families)
+        self.spectrum = ResidualSpectrum(cfg.source_spectrum) if families and cfg.source_spectrum else None
+        self.phase = ResidualPhase(cfg.source_phase) if families and cfg.source_phase else None
         width = features + (cfg.source_spectrum**2 if self.spectrum is not None else 0)
-        self.source_head = nn.Linear(width, len(cfg.source_families)) if cfg.source_families else None
+        width += self.phase.width if self.phase is not None else 0
+        self.source_head = nn.Linear(width, len(cfg.source_families)) if families else None
 
     def forward(self, x: torch.Tensor, with_sources: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(self.stem(x))
@@ -188,9 +229,13 @@ class Detector(nn.Module):
             return logit
         if self.source_head is None:
             return logit, features.new_zeros((features.shape[0], 0))
-        if self.spectrum is not None:
-            features = torch.cat([features, self.spectrum(x).to(features.dtype)], dim=1)
-        return logit, self.source_head(features)
+        return logit, self.source_head(self.source_inputs(x, features))
+
+    def source_inputs(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """What the source head reads: the pooled features, then the fixed residual statistics the config asks for."""
+        parts = [features]
+        parts += [module(x).to(features.dtype) for module in (self.spectrum, self.phase) if module is not None]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else features
 
 
 class AllLogits(nn.Module):
@@ -377,6 +422,23 @@ def set_operating_point(directory: str | Path, point: OperatingPoint) -> None:
     config["calibration"] = point.calibration.to_dict()
     config["operating_point"] = point.tags()
     _write_config(Path(directory), config)
+
+
+def set_source_head(directory: str | Path, weight: torch.Tensor, bias: torch.Tensor, fit: dict[str, Any]) -> None:
+    """Replace a checkpoint's source head by a fitted one (training.source_head) and say how it was fitted in its
+    config.json; the weights first, each file atomically, so a checkpoint is never half of each."""
+    directory = Path(directory)
+    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    if tuple(state["source_head.weight"].shape) != tuple(weight.shape):
+        raise ValueError(f"a source head of shape {tuple(weight.shape)} does not fit {directory}")
+    state["source_head.weight"] = weight.detach().to(state["source_head.weight"].dtype).cpu()
+    state["source_head.bias"] = bias.detach().to(state["source_head.bias"].dtype).cpu()
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(directory / WEIGHTS_FILE)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    config["source_head"] = fit
+    _write_config(directory, config)
 
 
 def _create_backbone(name: str) -> nn.Module:

@@ -48,8 +48,14 @@ def make_checkpoint(
 
     torch.manual_seed(seed)
     families = list(source_families or [])
-    spectrum = ModelSettings().source_spectrum if families else 0  # the head a training with families builds
-    cfg = ModelConfig(backbone=TINY_BACKBONE, hidden=32, source_families=families, source_spectrum=spectrum)
+    defaults = ModelSettings()  # the head a training with families builds
+    cfg = ModelConfig(
+        backbone=TINY_BACKBONE,
+        hidden=32,
+        source_families=families,
+        source_spectrum=defaults.source_spectrum if families else 0,
+        source_phase=defaults.source_phase if families else 0,
+    )
     return save_checkpoint(
         directory,
         build_model(cfg),

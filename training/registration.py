@@ -48,16 +48,25 @@ def fit_checkpoint_operating_point(
     return point, 0.0 if math.isnan(val_auroc) else val_auroc
 
 
+def fit_checkpoint(settings: Settings, checkpoint_dir: Path, index: DatasetIndex) -> tuple[OperatingPoint, float]:
+    """What a trained checkpoint gets before anyone loads it: its source head fitted on the training split
+    (training.source_head), then its operating point on validation (``fit_checkpoint_operating_point``)."""
+    from training.source_head import refit_source_head
+
+    refit_source_head(settings, checkpoint_dir, index.split("train"))
+    return fit_checkpoint_operating_point(settings, checkpoint_dir, index.split("val"))
+
+
 def register_checkpoint(
-    settings: Settings, checkpoint_dir: Path, run_id: str, val_records: pd.DataFrame, tags: dict[str, Any]
+    settings: Settings, checkpoint_dir: Path, run_id: str, index: DatasetIndex, tags: dict[str, Any]
 ) -> tuple[Any, float, bool, str]:
-    """Fit the checkpoint's operating point on validation, register it under ``run_id`` and apply the champion rule.
+    """Fit the checkpoint (``fit_checkpoint``), register it under ``run_id`` and apply the champion rule.
 
     Returns (registered version, val AUROC, whether champion moved, the rule's sentence); training, tuning and the
     demo share it.
     """
-    point, val_auroc = fit_checkpoint_operating_point(settings, checkpoint_dir, val_records)
-    return _register_fitted(settings, checkpoint_dir, run_id, val_records, point, val_auroc, tags)
+    point, val_auroc = fit_checkpoint(settings, checkpoint_dir, index)
+    return _register_fitted(settings, checkpoint_dir, run_id, index.split("val"), point, val_auroc, tags)
 
 
 def _register_fitted(
@@ -115,11 +124,11 @@ class Registration:
 def evaluate_and_register(
     settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str
 ) -> Registration:
-    """The end of a training: the operating point fitted on validation, the test-split report at it logged to its
-    run, then registration and the champion rule."""
+    """The end of a training: the checkpoint fitted (its source head on training, its operating point on
+    validation), the test-split report at it logged to its run, then registration and the champion rule."""
     import mlflow
 
-    point, val_auroc = fit_checkpoint_operating_point(settings, checkpoint_dir, index.split("val"))
+    point, val_auroc = fit_checkpoint(settings, checkpoint_dir, index)
     report = _evaluate_and_log(settings, checkpoint_dir, index, data_path, run_id)
     version, val_auroc, moved, message = _register_fitted(
         settings,

@@ -377,7 +377,7 @@ def _register_best(settings: Settings, index: Any, best: TrialSummary, state: Ex
         settings,
         checkpoint_dir,
         best.run_id,
-        index.split("val"),
+        index,
         tags={"data": settings.data.path, "tune_experiment": state.name, "tune_trial": best.trial_id},
     )
     return checkpoint_dir, val_auroc, version.version, moved, message

@@ -301,3 +301,34 @@ def test_the_residual_spectrum_tells_upsampling_from_camera_noise_whatever_the_c
         assert (edge(made) < edge(plain) - 0.5).all(), (edge(made), edge(plain))
         half = ResidualSpectrum(8).eval().to(torch.bfloat16)
         assert torch.allclose(half(noise.to(torch.bfloat16)), plain, atol=0.05)
+
+
+def test_the_phase_correlations_tell_a_copied_pixel_from_an_averaged_one():
+    """A 2x nearest upsampling copies each pixel to its right neighbour inside a 2 x 2 cell and not across cells; the
+    correlations at offset (0, 1) then differ between the cell's two columns, and they do not for camera-like noise.
+    They are ratios to the residual's energy, so brightness and contrast leave them alone."""
+    import torch.nn.functional as F
+
+    from app.model import ResidualPhase
+
+    phase = ResidualPhase(1)
+    assert phase.width == 3 * 4 * len(phase.offsets) and (0, 1) in phase.offsets and (0, -1) not in phase.offsets
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(4, 3, 32, 32, generator=generator)
+    copied = F.interpolate(coarse, scale_factor=2, mode="nearest")
+    noise = torch.rand(4, 3, 64, 64, generator=generator)
+
+    def right_neighbour(x: torch.Tensor) -> torch.Tensor:  # (N, C, 4 cell positions) at offset (0, 1)
+        return phase(x).reshape(len(x), 3, 4, len(phase.offsets))[..., phase.offsets.index((0, 1))]
+
+    inside, across = right_neighbour(copied)[..., 0], right_neighbour(copied)[..., 1]
+    assert (inside - across).min() > 0.3, "a copied pixel correlates with its copy, not with the next cell"
+    camera = right_neighbour(noise)
+    assert (camera[..., 0] - camera[..., 1]).abs().max() < 0.1
+    torch.testing.assert_close(phase(0.5 * copied + 0.25), phase(copied), atol=1e-4, rtol=1e-4)
+
+    cfg = ModelConfig(backbone=SMALL, hidden=16, source_families=FAMILIES, source_spectrum=8, source_phase=2)
+    model = build_model(cfg).eval()
+    assert model.source_head.in_features == model.head[0].in_features + 8 * 8 + ResidualPhase(2).width
+    with torch.no_grad():
+        assert model(_batch(2), with_sources=True)[1].shape == (2, len(FAMILIES))

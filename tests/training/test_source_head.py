@@ -1,0 +1,77 @@
+"""The source head's fit after training: a balanced, regularised linear model on the head's fixed inputs, written
+into the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.source_head import fit_linear_head
+
+
+def _blobs(counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes of unequal size around separate centres, in columns of very different scale and offset."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 2.0, -1.0]])
+    x = np.concatenate([rng.normal(centres[k], 0.6, (n, 3)) for k, n in enumerate(counts)])
+    y = np.concatenate([np.full(n, k) for k, n in enumerate(counts)])
+    return x * np.array([1000.0, 0.001, 1.0]) + np.array([5e4, -3.0, 0.0]), y
+
+
+def test_the_fitted_head_names_each_class_of_new_inputs_and_applies_to_raw_ones():
+    x, y = _blobs([400, 60, 60], seed=0)
+    weight, bias = fit_linear_head(x, y, n_classes=4)  # the fourth class has no examples
+    assert weight.shape == (4, 3) and bias.shape == (4,)
+    test_x, test_y = _blobs([200, 200, 200], seed=1)
+    picked = (torch.as_tensor(test_x, dtype=torch.float32) @ weight.T + bias).argmax(dim=1).numpy()
+    for k in range(3):
+        assert np.mean(picked[test_y == k] == k) > 0.85, f"class {k}: the small classes are not drowned"
+    assert not (picked == 3).any(), "a class without examples is never picked"
+    again = fit_linear_head(x, y, n_classes=4)
+    assert torch.equal(again[0], weight) and torch.equal(again[1], bias), "deterministic"
+
+
+def test_a_stronger_penalty_shrinks_the_head():
+    x, y = _blobs([100, 100, 100], seed=2)
+    loose, _ = fit_linear_head(x, y, 3, c=1.0)
+    tight, _ = fit_linear_head(x, y, 3, c=0.001)
+    assert tight.norm() < loose.norm()
+
+
+@pytest.mark.slow
+def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statistics(
+    ray_cluster, small_demo: Path, tmp_path: Path
+) -> None:
+    from app.config import Settings
+    from app.data import index_dataset
+    from app.model import load_checkpoint
+    from tests.helpers import make_checkpoint
+    from training.source_head import refit_source_head
+
+    index = index_dataset(str(small_demo))
+    families = index.source_families()
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=1, source_families=families)
+    before = load_checkpoint(checkpoint).model
+    settings = Settings(work_dir=tmp_path / "work")
+
+    fit = refit_source_head(settings, checkpoint, index.split("train"))
+
+    assert fit is not None and fit["photos"] == sum(fit["per_class"].values()) > 0
+    assert set(fit["per_class"]) == set(families)
+    assert json.loads((checkpoint / "config.json").read_text())["source_head"] == fit
+    after = load_checkpoint(checkpoint).model
+    pooled = after.head[0].in_features
+    assert torch.count_nonzero(after.source_head.weight[:, :pooled]) == 0, "the pooled features are left out"
+    assert not torch.equal(after.source_head.weight, before.source_head.weight)
+    for name, value in before.state_dict().items():
+        if not name.startswith("source_head"):
+            assert torch.equal(value, after.state_dict()[name]), f"{name} changed"
+
+    plain = make_checkpoint(tmp_path / "plain", seed=1)
+    weights = (plain / "model.pt").read_bytes()
+    assert refit_source_head(settings, plain, index.split("train")) is None
+    assert (plain / "model.pt").read_bytes() == weights

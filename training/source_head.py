@@ -1,0 +1,169 @@
+"""The source head fitted to convergence once the backbone is trained: which generator family made an AI photo.
+
+Why a second fit: trained beside the verdict for a dozen epochs, at the backbone's learning rate and under its
+augmentation, the head ends far short of what a linear model on the same inputs reaches (benchmarks/RESULTS.md,
+"Which generator"). Its inputs are fixed once training ends (the pooled features, the residual's spectrum and its
+2-periodic correlations), so the best linear head on them is a convex problem: a class-balanced, L2-regularised
+multinomial logistic regression on the training split's evaluation crops, solved here and written into the
+checkpoint (on the residual statistics alone where the model has them: see ``refit_source_head``). Balanced,
+because the families are unequal (the autoencoder's photos are twice any other's) and a moderator needs each named
+as reliably as the next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.config import Settings
+from app.logging import get_logger
+
+log = get_logger("aipd.train")
+
+# Inverse L2 strengths the fit chooses from, in scikit-learn's convention (loss summed over photos, times C, plus
+# half the squared weights) on standardised inputs: the one of the best balanced accuracy across folds of the
+# training photos.
+SOURCE_FIT_CS = (0.01, 0.03, 0.1, 0.3)
+SOURCE_FIT_FOLDS = 4
+# Photos per class the fit reads at most: a linear head on ~1,000 inputs needs no more, and the driver scores them.
+SOURCE_FIT_MAX_PER_CLASS = 1000
+SOURCE_FIT_SEED = 0
+
+
+def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.DataFrame) -> dict[str, Any] | None:
+    """Fit the checkpoint's source head on ``records`` (the training split) and write it into the checkpoint.
+    Returns what was fitted (written into config.json as `source_head`), or None where there is nothing to fit: no
+    source head, no `generator` column, or fewer than two of its classes among the readable photos."""
+    import torch
+
+    from app.data import source_targets
+    from app.model import load_checkpoint, set_source_head
+
+    loaded = load_checkpoint(checkpoint_dir)
+    families = list(loaded.model_cfg.source_families)
+    if loaded.model.source_head is None or "generator" not in records.columns:
+        return None
+    targets = source_targets(records, families)
+    chosen = _sample(records.assign(source=targets)[targets >= 0])
+    inputs, classes = _source_inputs(loaded, chosen, settings)
+    if len(np.unique(classes)) < 2:
+        return None
+    # The backbone was trained on these very photos, so their pooled features separate them better than they do
+    # new ones; the fixed statistics (spectrum, correlations) do not, and where the model has them the fit reads them
+    # alone, the pooled features' weights left at zero.
+    first = inputs.shape[1] - _fixed_width(loaded.model)
+    c, expected = choose_c(inputs[:, first:], classes, len(families))
+    weight, bias = fit_linear_head(inputs[:, first:], classes, len(families), c)
+    if first:
+        weight = torch.cat([torch.zeros((len(families), first), dtype=weight.dtype), weight], dim=1)
+    fit = {
+        "fit": "balanced logistic regression on the residual statistics" if first else "balanced logistic regression",
+        "c": c,
+        "cross_validated_balanced_accuracy": round(expected, 4),
+        "photos": int(len(classes)),
+        "per_class": {families[k]: int((classes == k).sum()) for k in range(len(families))},
+    }
+    set_source_head(checkpoint_dir, weight, bias, fit)
+    log.info("source_head_fitted", photos=fit["photos"], families=len(families))
+    return fit
+
+
+def _fixed_width(model: Any) -> int:
+    """How many of the source head's inputs are fixed residual statistics (the last ones; 0: pooled features only)."""
+    spectrum = model.spectrum.grid**2 if model.spectrum is not None else 0
+    return spectrum + (model.phase.width if model.phase is not None else 0)
+
+
+def choose_c(inputs: np.ndarray, classes: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """The penalty of the best mean per-class accuracy over stratified folds (ties: the stronger penalty), and that
+    accuracy: what the fitted head is expected to do on photos it did not see."""
+    rng = np.random.default_rng(SOURCE_FIT_SEED)
+    fold = np.empty(len(classes), dtype=np.int64)
+    for k in np.unique(classes):
+        members = np.flatnonzero(classes == k)
+        fold[rng.permutation(members)] = np.arange(len(members)) % SOURCE_FIT_FOLDS
+    best, best_score = SOURCE_FIT_CS[0], -1.0
+    for c in SOURCE_FIT_CS:
+        picked = np.empty(len(classes), dtype=np.int64)
+        for f in range(SOURCE_FIT_FOLDS):
+            held = fold == f
+            if held.all() or not held.any():
+                continue
+            weight, bias = fit_linear_head(inputs[~held], classes[~held], n_classes, c)
+            picked[held] = (_logits(inputs[held], weight, bias)).argmax(axis=1)
+        score = float(np.mean([np.mean(picked[classes == k] == k) for k in np.unique(classes)]))
+        if score > best_score + 1e-9:
+            best, best_score = c, score
+    return best, best_score
+
+
+def _logits(inputs: np.ndarray, weight: Any, bias: Any) -> np.ndarray:
+    return inputs @ weight.double().numpy().T + bias.double().numpy()
+
+
+def fit_linear_head(inputs: np.ndarray, classes: np.ndarray, n_classes: int, c: float = SOURCE_FIT_CS[1]):
+    """(weight, bias) of a class-balanced multinomial logistic regression with an L2 penalty, fitted on standardised
+    inputs and folded back so they apply to the raw ones; float64 L-BFGS, deterministic."""
+    import torch
+
+    x = torch.as_tensor(inputs, dtype=torch.float64)
+    y = torch.as_tensor(classes, dtype=torch.int64)
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-8)
+    z = (x - mean) / std
+    counts = torch.bincount(y, minlength=n_classes).double()
+    present = counts > 0
+    # each present class weighs as much as the others together (scikit-learn's "balanced")
+    class_weight = torch.where(present, len(y) / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
+    w = torch.zeros((n_classes, z.shape[1]), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    absent = torch.where(present, 0.0, -1e4).double()  # a class with no photos is never picked
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        per_photo = torch.nn.functional.cross_entropy(z @ w.T + b + absent, y, reduction="none")
+        loss = (class_weight[y] * per_photo).sum() + 0.5 * w.pow(2).sum() / c
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        weight = w / std
+        bias = b + absent - (weight * mean).sum(dim=1)
+    return weight.float(), bias.float()
+
+
+def _sample(records: pd.DataFrame) -> pd.DataFrame:
+    shuffled = records.sample(frac=1.0, random_state=SOURCE_FIT_SEED)
+    return shuffled.groupby("source").head(SOURCE_FIT_MAX_PER_CLASS).reset_index(drop=True)
+
+
+def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """The source head's inputs for each readable photo, cropped as evaluation crops it, and each photo's class."""
+    import torch
+
+    from app.data import DecodeOptions, to_ray_dataset
+    from app.transforms import to_model_input
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loaded.model.to(device).eval()
+    options = DecodeOptions(crop_size=loaded.preprocess.crop_size, train=False, limits=settings.images)
+    source = dict(zip(records["path"], records["source"], strict=True))
+    inputs, classes, paths = [], [], []
+    with torch.inference_mode():
+        for batch in to_ray_dataset(records, options, batch_size=64).iter_batches(batch_size=64, batch_format="numpy"):
+            if len(batch["path"]) == 0:
+                continue
+            x = to_model_input(batch["image"], device=device)
+            features = model.backbone(model.stem(x)).float()
+            inputs.append(model.source_inputs(x, features).double().cpu().numpy())
+            classes.extend(source[path] for path in batch["path"])
+            paths.extend(batch["path"])
+    if not inputs:
+        return np.zeros((0, model.source_head.in_features)), np.zeros(0, dtype=np.int64)
+    # in the files' order, not the order Ray Data delivered them: the folds, and so the fit, repeat
+    order = np.argsort(np.asarray(paths, dtype=object), kind="stable")
+    return np.concatenate(inputs)[order], np.asarray(classes, dtype=np.int64)[order]
