@@ -52,6 +52,9 @@ class ModelSettings(BaseModel):
     source_spectrum: int = Field(
         16, ge=0, le=64, description="side of the residual spectrum grid the source head reads too (0: features only)"
     )
+    source_phase: int = Field(
+        5, ge=0, le=8, description="largest lag of the residual's 2-periodic correlations the source head reads too"
+    )
     pretrained_weights: str | None = None
 
 
@@ -230,7 +233,8 @@ class ServeSettings(DetectorSettings):
     layout: Literal["auto", "split", "colocated"] = Field(
         "auto",
         description="split: an ingress deployment in front of a detector deployment; colocated: one deployment that "
-        "decodes and runs the batched model (no hop between processes); auto: split when the detector gets a GPU",
+        "decodes and runs the batched model (no hop between processes; on a GPU node its replicas share each card); "
+        "auto: colocated where the GPUs are known, split in a config file written away from the cluster",
     )
     decode_on: Literal["auto", "ingress", "detector"] = Field(
         "auto",

@@ -126,6 +126,18 @@ def _on(crop: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.require(crop, np.uint8, ["C", "W"])).to(device, non_blocking=True)
 
 
+def warm_decoder(device: Any) -> int:
+    """Decode two small JPEGs on ``device`` in one batch, so that the decoder's first-call setup (nvJPEG's handle and
+    buffers, hundreds of milliseconds on a GPU) is spent at start and not by a request; how many it decoded. Call it
+    on the thread that decodes."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    pattern = torch.arange(3 * 32 * 48, dtype=torch.int64).reshape(3, 32, 48).remainder(251).to(torch.uint8)
+    data = bytes(encode_jpeg(pattern, quality=90).numpy())
+    return sum(image is not None for image in _decode_on_device([data, data], torch.device(device)))
+
+
 def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """(3, H, W) uint8 per photo; None where the device decoder refused it. One batched call, and one call per photo
     only when the batch fails, to find which photo it failed on."""

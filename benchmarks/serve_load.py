@@ -8,8 +8,9 @@ background load hits every target alike; an idle target costs next to nothing):
   plain      the original design: one FastAPI + uvicorn process, one forward pass per request
              (benchmarks/plain_fastapi_app.py, the same decode, crop and model runtime as the service).
   batched    this service as `aipd serve` starts it: Ray Serve's high-throughput data path (HAProxy ingress, gRPC
-             between deployments) and continuous batching up to --max-batch-size, in the layout `aipd serve` picks
-             (split on a GPU; colocated, one deployment, on a CPU-only node).
+             between deployments) and continuous batching up to --max-batch-size: on a CPU-only node in the layout
+             `aipd serve` picks (colocated, one deployment), on a GPU in the split layout the earlier GPU
+             measurements used (`colocated_gpu` and `sized` are the GPU default).
   split      the same, always in the split layout (ingress and detector deployments): on a CPU node, the hop's cost.
   ingress_decode  split, the ingress decoding each upload on its CPUs and sending the crop (`serve.decode_on:
              ingress`): a GPU node's layout before the detector decoded on the GPU, the baseline of that change.
@@ -562,11 +563,14 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
         layout = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}.get(name, "auto")
+        if name == "batched" and args.device == "cuda":
+            layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
         if name == "colocated_gpu":
             share = min(gpus, 1.0) / args.ingress_replicas
-        if name == "sized":
+        if name == "sized":  # its replicas share the target's part of the GPU as `aipd serve` shares a card
             batch = overrides["max_batch_size"]
+            share = min(gpus, 1.0) * overrides["gpus_per_replica"]
         started[name] = ServeTarget(
             name, cluster.port, checkpoint, args, batch, share, layout, cache=name == "cached", overrides=overrides
         )
@@ -589,8 +593,15 @@ def _target_overrides(name: str, args, resources: dict[str, float]) -> dict[str,
         cpus = resources.get("CPU", 0.0) if args.address else float(Settings().local_num_cpus)
         gpus = resources.get("GPU", 0.0) if args.device == "cuda" else 0.0
         serve = sized_for_node(Settings(), cpus, gpus).serve
-        fields = ("ingress_min_replicas", "ingress_max_replicas", "max_batch_size", "detector_max_replicas")
-        return {field: getattr(serve, field) for field in fields} | {"detector_min_replicas": 1}
+        fields = (
+            "ingress_min_replicas",
+            "ingress_max_replicas",
+            "max_batch_size",
+            "detector_min_replicas",
+            "detector_max_replicas",
+            "gpus_per_replica",
+        )
+        return {field: getattr(serve, field) for field in fields}
     return {}
 
 

@@ -115,6 +115,7 @@ def serve_command(
     _check_model(settings)
     with _cluster(settings, ray_metrics_port) as gpus:
         settings = _sized(settings)
+        gpus = _gpus(settings) if gpus else 0.0  # sizing may have given each replica a share of a card
         path = write_serve_config(target, serve_config(settings, args, gpus))
         console.print(f"Serve config written to {path} (works with `serve run` / `serve deploy`)")
         _deploy_and_wait(settings, args, ray_metrics_port)

@@ -135,13 +135,14 @@ def colocated_options(settings: Settings, args: AppArgs, num_gpus: float | None)
 
 
 def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split", "colocated"]:
-    """`serve.layout`, with "auto" decided by the detector's GPUs: on a CPU node one deployment saves a hop between
-    processes (benchmarks/RESULTS.md); a GPU's detector takes batches from several ingress replicas. Unknown GPUs
-    (a file written away from the cluster) give "split", which runs everywhere."""
+    """`serve.layout`, with "auto" decided where the detector's GPUs are known: one deployment, which saves the hop
+    between processes, on a CPU node and on a GPU node alike (there its replicas share each card, `sized_for_node`;
+    both measured in benchmarks/RESULTS.md). Unknown GPUs (a file written away from the cluster) give "split", which
+    runs everywhere."""
     layout = settings.serve.layout
     if layout != "auto":
         return layout
-    return "colocated" if num_gpus == 0 else "split"
+    return "split" if num_gpus is None else "colocated"
 
 
 def resolve_decode_on(settings: Settings, num_gpus: float | None) -> Literal["ingress", "detector"]:
@@ -165,8 +166,9 @@ def resolved(settings: Settings, num_gpus: float | None) -> Settings:
 
 
 def sized_for_node(settings: Settings, cpus: float, gpus: float) -> Settings:
-    """On a cluster with GPUs, what the user left at its default sized from the cluster: ingress replicas for the
-    cores (HTTP, multipart and the header checks run there; with `decode_on: detector` nothing heavier), a batch a GPU
+    """On a cluster with GPUs, what the user left at its default sized from the cluster. Colocated (the default
+    layout): one replica per two cores, each holding an equal share of a card (HTTP, multipart, the decode and the
+    batched model in one process), and a batch a GPU fills. Split: ingress replicas for the cores, a batch a GPU
     fills, and as many model replicas as the GPUs hold. A CPU cluster keeps the defaults; any value set in the
     settings, the environment or on the command line is kept."""
     if gpus <= 0:
@@ -174,6 +176,8 @@ def sized_for_node(settings: Settings, cpus: float, gpus: float) -> Settings:
     serve = settings.serve
     chosen = serve.model_fields_set
     ingress = max(2, min(GPU_MAX_INGRESS_REPLICAS, int(cpus // 2)))
+    if serve.layout != "split":
+        return _sized_colocated(settings, ingress, gpus)
     defaults = {  # the bounds stay in order around a bound the user chose
         "ingress_min_replicas": min(ingress, serve.ingress_max_replicas)
         if "ingress_max_replicas" in chosen
@@ -185,6 +189,26 @@ def sized_for_node(settings: Settings, cpus: float, gpus: float) -> Settings:
         "detector_max_replicas": max(1, int(gpus / serve.gpus_per_replica)),
     }
     update = {key: value for key, value in defaults.items() if key not in chosen}
+    return settings.model_copy(update={"serve": serve.model_copy(update=update)})
+
+
+def _sized_colocated(settings: Settings, replicas: int, gpus: float) -> Settings:
+    """``replicas`` colocated replicas spread evenly over whole cards, a fixed count (a card's share is not scaled
+    by the autoscaler); a GPU share the user chose decides how many fit on each card instead."""
+    serve = settings.serve
+    chosen = serve.model_fields_set
+    cards = max(1, int(gpus))
+    per_card = int(1 / serve.gpus_per_replica) if "gpus_per_replica" in chosen else max(1, replicas // cards)
+    defaults = {
+        "gpus_per_replica": 1.0 / per_card,
+        "detector_min_replicas": per_card * cards,
+        "detector_max_replicas": per_card * cards,
+        "max_batch_size": GPU_MAX_BATCH_SIZE,
+    }
+    update = {key: value for key, value in defaults.items() if key not in chosen}
+    if "detector_min_replicas" in chosen or "detector_max_replicas" in chosen:  # a bound chosen: keep them in order
+        update.pop("detector_min_replicas", None)
+        update.pop("detector_max_replicas", None)
     return settings.model_copy(update={"serve": serve.model_copy(update=update)})
 
 

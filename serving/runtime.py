@@ -191,7 +191,8 @@ def evaluation_metrics(ref: ModelRef, version: str, checkpoint_metrics: dict[str
 
 
 def warm_up(active: ActiveModel, sizes: tuple[int, ...], *, explain: bool = False) -> None:
-    """Run the model once per batch size it will see; on a GPU, capture exactly these sizes as CUDA graphs.
+    """Run the model once per batch size it will see; on a GPU, capture exactly these sizes as CUDA graphs, and
+    decode once there (`app.pixels.warm_decoder`: a replica's first nvJPEG call costs hundreds of milliseconds).
 
     On a GPU, call it on the thread that runs the batches: PyTorch keeps cuDNN's execution plans per thread, so a
     warm-up elsewhere would leave the serving thread to build them again in the middle of the traffic. Each new size
@@ -199,6 +200,10 @@ def warm_up(active: ActiveModel, sizes: tuple[int, ...], *, explain: bool = Fals
     eager model at batch size 1 too, for Grad-CAM.
     """
     on_gpu = active.device.type == "cuda"
+    if on_gpu:
+        from app.pixels import warm_decoder
+
+        warm_decoder(active.device)
     if on_gpu and active.use_graphs:
         try:
             active.graphs = capture_graphs(active, sizes)

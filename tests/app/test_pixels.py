@@ -175,3 +175,9 @@ def test_a_crop_on_the_device_fits_a_model_of_another_crop_size() -> None:
     assert fit_crop(crop, SIDE) is crop
     smaller = fit_crop(crop, 64)
     assert isinstance(smaller, np.ndarray) and smaller.shape == (64, 64, 3)
+
+
+def test_the_decoder_warms_on_a_batch_it_can_decode() -> None:
+    from app.pixels import warm_decoder
+
+    assert warm_decoder("cpu") == 2, "both warm-up photos decode, so the batched path itself was run"

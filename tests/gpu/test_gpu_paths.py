@@ -143,10 +143,14 @@ def test_the_gpu_decoder_gives_the_cpu_paths_crops_probabilities_and_refusals(sm
     on_gpu = decode_crops(photos, CROP, "cuda", limits)
     on_cpu = [cpu_crop(data, CROP, limits) for data in photos]
     assert sum(isinstance(crop, torch.Tensor) for crop in on_gpu) >= len(photos) // 2, "most JPEGs decode on the GPU"
-    gaps = [
-        np.abs(torch.as_tensor(g).cpu().numpy().astype(float) - c).mean() for g, c in zip(on_gpu, on_cpu, strict=True)
-    ]
-    assert max(gaps) <= 1.0, gaps
+    # per photo and channel: where nvJPEG and libjpeg-turbo part (the IDCT rounds on every channel, the chroma
+    # upsampling on the colour difference) says what to fix if the gap grows
+    gaps = np.stack(
+        [
+            np.abs(torch.as_tensor(g).cpu().numpy().astype(float) - c).mean(axis=(0, 1))
+            for g, c in zip(on_gpu, on_cpu, strict=True)
+        ]
+    )
 
     checkpoint = make_checkpoint(small_demo.parent / "gpu-pixels-ckpt", seed=4)
     cuda = torch.device("cuda")
@@ -154,7 +158,14 @@ def test_the_gpu_decoder_gives_the_cpu_paths_crops_probabilities_and_refusals(sm
     active = ActiveModel(
         model=loaded.model.eval(), uri="", version="1", crop_size=CROP, threshold=0.5, device=cuda, bf16=False
     )
-    np.testing.assert_allclose(score_batch(active, on_gpu)[:, 0], score_batch(active, on_cpu)[:, 0], atol=0.01)
+    probability_gap = np.abs(score_batch(active, on_gpu)[:, 0] - score_batch(active, on_cpu)[:, 0])
+    summary = (
+        f"mean crop gap per photo: median {np.median(gaps.mean(axis=1)):.2f}, max {gaps.mean(axis=1).max():.2f} grey "
+        f"levels (per channel R/G/B, max: {np.round(gaps.max(axis=0), 2).tolist()}); probability gap: median "
+        f"{np.median(probability_gap):.4f}, max {probability_gap.max():.4f}"
+    )
+    print(summary)
+    assert gaps.mean(axis=1).max() <= 1.0 and probability_gap.max() <= 0.01, summary
 
     bad = [
         hostile.TEXT,

@@ -222,7 +222,8 @@ def test_generated_config_is_a_valid_serve_config() -> None:
     from app.config import Settings
     from serving.config import AppArgs, serve_config, validate_serve_config
 
-    settings = Settings(serve={"max_batch_size": 48, "use_gpu": True, "detector_max_replicas": 4, "champion_poll_s": 3})
+    serve = {"max_batch_size": 48, "use_gpu": True, "detector_max_replicas": 4, "champion_poll_s": 3, "layout": "split"}
+    settings = Settings(serve=serve)
     config = serve_config(settings, AppArgs())
     schema = validate_serve_config(config)
     app = schema.applications[0]
@@ -244,7 +245,10 @@ def test_a_gpu_decodes_in_the_detector_and_a_cpu_node_in_the_ingress() -> None:
         serve = app["args"]["settings"]["serve"]
         return serve["layout"], serve["decode_on"], [d["name"] for d in app["deployments"]]
 
-    assert written(serve_config(Settings(), AppArgs(), num_gpus=1.0)) == (
+    on_gpu = written(serve_config(Settings(), AppArgs(), num_gpus=0.125))
+    assert on_gpu == ("colocated", "detector", ["IngressDeployment"]), "replicas sharing a card, no hop"
+    split = Settings(serve={"layout": "split"})
+    assert written(serve_config(split, AppArgs(), num_gpus=1.0)) == (
         "split",
         "detector",
         ["IngressDeployment", "DetectorDeployment"],
@@ -263,14 +267,25 @@ def test_a_gpu_cluster_sizes_what_was_left_at_its_default(monkeypatch: pytest.Mo
     from app.config import Settings
     from serving.config import GPU_MAX_BATCH_SIZE, sized_for_node
 
+    # colocated, the default layout: a replica per two cores, sharing the cards evenly, a fixed count
     sized = sized_for_node(Settings(), cpus=16, gpus=1).serve
-    assert (sized.ingress_min_replicas, sized.ingress_max_replicas) == (8, 8)
-    assert sized.max_batch_size == GPU_MAX_BATCH_SIZE and sized.detector_max_replicas == 1
-    shared = sized_for_node(Settings(serve={"gpus_per_replica": 0.5}), cpus=64, gpus=4).serve
-    assert shared.detector_max_replicas == 8 and shared.ingress_max_replicas == 32
+    assert (sized.detector_min_replicas, sized.detector_max_replicas, sized.gpus_per_replica) == (8, 8, 0.125)
+    assert sized.max_batch_size == GPU_MAX_BATCH_SIZE
+    four = sized_for_node(Settings(), cpus=64, gpus=4).serve
+    assert (four.detector_max_replicas, four.gpus_per_replica) == (32, 0.125)
+    halves = sized_for_node(Settings(serve={"gpus_per_replica": 0.5}), cpus=64, gpus=4).serve
+    assert (halves.detector_min_replicas, halves.detector_max_replicas, halves.gpus_per_replica) == (8, 8, 0.5)
     assert sized_for_node(Settings(), cpus=16, gpus=0) == Settings(), "a CPU cluster keeps the defaults"
 
-    chosen = sized_for_node(Settings(serve={"max_batch_size": 16, "ingress_max_replicas": 3}), cpus=16, gpus=1).serve
+    # split: ingress replicas for the cores, a model replica per GPU (or per share)
+    split = sized_for_node(Settings(serve={"layout": "split"}), cpus=16, gpus=1).serve
+    assert (split.ingress_min_replicas, split.ingress_max_replicas) == (8, 8)
+    assert split.max_batch_size == GPU_MAX_BATCH_SIZE and split.detector_max_replicas == 1
+    shared = sized_for_node(Settings(serve={"layout": "split", "gpus_per_replica": 0.5}), cpus=64, gpus=4).serve
+    assert shared.detector_max_replicas == 8 and shared.ingress_max_replicas == 32
+
+    chosen_settings = Settings(serve={"layout": "split", "max_batch_size": 16, "ingress_max_replicas": 3})
+    chosen = sized_for_node(chosen_settings, cpus=16, gpus=1).serve
     assert (chosen.max_batch_size, chosen.ingress_max_replicas, chosen.ingress_min_replicas) == (16, 3, 3)
     monkeypatch.setenv("AIPD_SERVE__MAX_BATCH_SIZE", "24")
     assert sized_for_node(Settings(), cpus=16, gpus=1).serve.max_batch_size == 24, "the environment's value is kept"
