@@ -54,7 +54,8 @@ def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.Data
     # The backbone was trained on these very photos, so their pooled features separate them better than they do
     # new ones; the fixed statistics (spectrum, correlations) do not, and where the model has them the fit reads them
     # alone, the pooled features' weights left at zero.
-    first = inputs.shape[1] - _fixed_width(loaded.model)
+    fixed = _fixed_width(loaded.model)
+    first = inputs.shape[1] - fixed if fixed else 0
     c, expected = choose_c(inputs[:, first:], classes, len(families))
     weight, bias = fit_linear_head(inputs[:, first:], classes, len(families), c)
     if first:

@@ -4,6 +4,7 @@ into the checkpoint."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statis
 ) -> None:
     from app.config import Settings
     from app.data import index_dataset
-    from app.model import load_checkpoint
+    from app.model import build_model, load_checkpoint, save_checkpoint
     from tests.helpers import make_checkpoint
     from training.source_head import refit_source_head
 
@@ -70,6 +71,14 @@ def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statis
     for name, value in before.state_dict().items():
         if not name.startswith("source_head"):
             assert torch.equal(value, after.state_dict()[name]), f"{name} changed"
+
+    # a checkpoint from before the residual statistics: its head reads the pooled features, and the fit uses them
+    old = tmp_path / "old"
+    loaded = load_checkpoint(checkpoint)
+    cfg = replace(loaded.model_cfg, source_spectrum=0, source_phase=0)
+    save_checkpoint(old, build_model(cfg), cfg, loaded.preprocess)
+    assert refit_source_head(settings, old, index.split("train")) is not None
+    assert torch.count_nonzero(load_checkpoint(old).model.source_head.weight) > 0
 
     plain = make_checkpoint(tmp_path / "plain", seed=1)
     weights = (plain / "model.pt").read_bytes()
