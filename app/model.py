@@ -136,7 +136,9 @@ class ResidualPhase(nn.Module):
     separately for each of the four pixel positions of a 2 x 2 grid, over the residual's energy. A generator that
     upsamples by two makes these statistics 2-periodic, each operator in its own way (a nearest upsampling copies a
     pixel's residual to its right neighbour, a bilinear one averages it): what the spectrum's coarse grid blurs
-    together (benchmarks/RESULTS.md, "Which generator"). The grid's phase is kept: the crop keeps the photo's."""
+    together (benchmarks/RESULTS.md, "Which generator"). The 2 x 2 grid starts at the crop's corner, so it is the
+    generator's grid where the crop starts at an even offset of the photo (the demo's center crops do), and that grid
+    shifted by a pixel where it starts at an odd one."""
 
     def __init__(self, lags: int) -> None:
         super().__init__()
@@ -426,7 +428,7 @@ def set_operating_point(directory: str | Path, point: OperatingPoint) -> None:
 
 def set_source_head(directory: str | Path, weight: torch.Tensor, bias: torch.Tensor, fit: dict[str, Any]) -> None:
     """Replace a checkpoint's source head by a fitted one (training.source_head) and say how it was fitted in its
-    config.json; the weights first, each file atomically, so a checkpoint is never half of each."""
+    config.json. Each file is replaced whole (written beside it, then renamed), the weights first."""
     directory = Path(directory)
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     if tuple(state["source_head.weight"].shape) != tuple(weight.shape):
