@@ -248,8 +248,10 @@ class DemoStack:
         for name, value in report.metrics.items():
             client.log_metric(run_id, name, value, step=report.epoch)
         kept = copy_checkpoint(report.checkpoint_dir, self.settings.checkpoint_dir(run_id))
+        # the early model answers while training goes on: fitting its source head would take the CPUs training has
+        # (minutes on two cores) from the first answer; the finished model gets it
         version, val_auroc, _, message = register_checkpoint(
-            self.settings, kept, run_id, self.index(), tags={"epoch": epoch, "demo_stage": "first"}
+            self.settings, kept, run_id, self.index(), tags={"epoch": epoch, "demo_stage": "first"}, source_head=False
         )
         self.first = FirstModel(version.version, run_id, kept, epoch, val_auroc)
         console.print(

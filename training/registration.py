@@ -48,24 +48,34 @@ def fit_checkpoint_operating_point(
     return point, 0.0 if math.isnan(val_auroc) else val_auroc
 
 
-def fit_checkpoint(settings: Settings, checkpoint_dir: Path, index: DatasetIndex) -> tuple[OperatingPoint, float]:
+def fit_checkpoint(
+    settings: Settings, checkpoint_dir: Path, index: DatasetIndex, *, source_head: bool = True
+) -> tuple[OperatingPoint, float]:
     """What a trained checkpoint gets before anyone loads it: its source head fitted on the training split
-    (training.source_head), then its operating point on validation (``fit_checkpoint_operating_point``)."""
+    (training.source_head; ``source_head=False`` keeps the trained one), then its operating point on validation
+    (``fit_checkpoint_operating_point``)."""
     from training.source_head import refit_source_head
 
-    refit_source_head(settings, checkpoint_dir, index.split("train"))
+    if source_head:
+        refit_source_head(settings, checkpoint_dir, index.split("train"))
     return fit_checkpoint_operating_point(settings, checkpoint_dir, index.split("val"))
 
 
 def register_checkpoint(
-    settings: Settings, checkpoint_dir: Path, run_id: str, index: DatasetIndex, tags: dict[str, Any]
+    settings: Settings,
+    checkpoint_dir: Path,
+    run_id: str,
+    index: DatasetIndex,
+    tags: dict[str, Any],
+    *,
+    source_head: bool = True,
 ) -> tuple[Any, float, bool, str]:
     """Fit the checkpoint (``fit_checkpoint``), register it under ``run_id`` and apply the champion rule.
 
     Returns (registered version, val AUROC, whether champion moved, the rule's sentence); training, tuning and the
     demo share it.
     """
-    point, val_auroc = fit_checkpoint(settings, checkpoint_dir, index)
+    point, val_auroc = fit_checkpoint(settings, checkpoint_dir, index, source_head=source_head)
     return _register_fitted(settings, checkpoint_dir, run_id, index.split("val"), point, val_auroc, tags)
 
 
