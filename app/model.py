@@ -158,11 +158,11 @@ class ResidualPhase(nn.Module):
             start = self.lags + self.lags % 2
             rows, cols = (h - start - self.lags) // 2 * 2, (w - start - self.lags) // 2 * 2
             base = residual[:, :, start : start + rows, start : start + cols]
-            energy = base.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-12
+            scaled = base / (base.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-12)  # over the energy, once
             cells = []
             for dy, dx in self.offsets:
                 shifted = residual[:, :, start + dy : start + dy + rows, start + dx : start + dx + cols]
-                product = (base * shifted / energy).reshape(n, c, rows // 2, 2, cols // 2, 2)
+                product = (scaled * shifted).reshape(n, c, rows // 2, 2, cols // 2, 2)
                 cells.append(product.mean(dim=(2, 4)).reshape(n, c, 4))
             return torch.stack(cells, dim=-1).flatten(1)
 
@@ -235,9 +235,14 @@ class Detector(nn.Module):
 
     def source_inputs(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """What the source head reads: the pooled features, then the fixed residual statistics the config asks for."""
-        parts = [features]
-        parts += [module(x).to(features.dtype) for module in (self.spectrum, self.phase) if module is not None]
-        return torch.cat(parts, dim=1) if len(parts) > 1 else features
+        statistics = self.residual_statistics(x)
+        return features if statistics is None else torch.cat([features, statistics.to(features.dtype)], dim=1)
+
+    def residual_statistics(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The source head's fixed inputs (spectrum, then correlations; float32), None where the config has none:
+        the last columns of `source_inputs`."""
+        parts = [module(x) for module in (self.spectrum, self.phase) if module is not None]
+        return torch.cat(parts, dim=1) if parts else None
 
 
 class AllLogits(nn.Module):

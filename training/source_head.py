@@ -51,13 +51,9 @@ def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.Data
     inputs, classes = _source_inputs(loaded, chosen, settings)
     if len(np.unique(classes)) < 2:
         return None
-    # The backbone was trained on these very photos, so their pooled features separate them better than they do
-    # new ones; the fixed statistics (spectrum, correlations) do not, and where the model has them the fit reads them
-    # alone, the pooled features' weights left at zero.
-    fixed = _fixed_width(loaded.model)
-    first = inputs.shape[1] - fixed if fixed else 0
-    c, expected = choose_c(inputs[:, first:], classes, len(families))
-    weight, bias = fit_linear_head(inputs[:, first:], classes, len(families), c)
+    c, expected = choose_c(inputs, classes, len(families))
+    weight, bias = fit_linear_head(inputs, classes, len(families), c)
+    first = loaded.model.source_head.in_features - inputs.shape[1]  # the pooled features' columns, left at zero
     if first:
         weight = torch.cat([torch.zeros((len(families), first), dtype=weight.dtype), weight], dim=1)
     fit = {
@@ -70,12 +66,6 @@ def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.Data
     set_source_head(checkpoint_dir, weight, bias, fit)
     log.info("source_head_fitted", photos=fit["photos"], families=len(families))
     return fit
-
-
-def _fixed_width(model: Any) -> int:
-    """How many of the source head's inputs are fixed residual statistics (the last ones; 0: pooled features only)."""
-    spectrum = model.spectrum.grid**2 if model.spectrum is not None else 0
-    return spectrum + (model.phase.width if model.phase is not None else 0)
 
 
 def choose_c(inputs: np.ndarray, classes: np.ndarray, n_classes: int) -> tuple[float, float]:
@@ -143,7 +133,10 @@ def _sample(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """The source head's inputs for each readable photo, cropped as evaluation crops it, and each photo's class."""
+    """What the fit reads for each readable photo, cropped as evaluation crops it, and each photo's class. The
+    backbone was trained on these very photos, so their pooled features separate them better than they do new ones;
+    the fixed residual statistics do not, and where the model has them the fit reads them alone (no forward pass of
+    the backbone either); a model without them is fitted on its pooled features."""
     import torch
 
     from app.data import DecodeOptions, to_ray_dataset
@@ -159,12 +152,13 @@ def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tu
             if len(batch["path"]) == 0:
                 continue
             x = to_model_input(batch["image"], device=device)
-            features = model.backbone(model.stem(x)).float()
-            inputs.append(model.source_inputs(x, features).double().cpu().numpy())
+            statistics = model.residual_statistics(x)
+            chosen = model.backbone(model.stem(x)) if statistics is None else statistics
+            inputs.append(chosen.double().cpu().numpy())
             classes.extend(source[path] for path in batch["path"])
             paths.extend(batch["path"])
     if not inputs:
-        return np.zeros((0, model.source_head.in_features)), np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
     # in the files' order, not the order Ray Data delivered them: the folds, and so the fit, repeat
     order = np.argsort(np.asarray(paths, dtype=object), kind="stable")
     return np.concatenate(inputs)[order], np.asarray(classes, dtype=np.int64)[order]
