@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_serving_and_scan.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
 #   bash benchmarks/gpu_serving_and_scan.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 # The GPU pixel path (decoding on the GPU), one call each, every baseline in the same call:
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # parity tests; ingress vs detector decode vs colocated vs no flags
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # parity tests; colocated at 4/8/16 replicas vs no flags; MPS
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: read and GPU ceilings, DataLoader, both scans
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode; Train test
 set -uo pipefail
@@ -43,11 +43,19 @@ scan)
   ;;
 pixels-serve)
   # the parity tests first: a wrong GPU decode would make the numbers after it meaningless
-  timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -k "not ray_train" 2>&1 | tail -15 \
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu -k "not ray_train" 2>&1 | tail -40 \
     | tee "$out/gpu_tests.log"
-  timeout 380 python3 benchmarks/serve_load.py --device cuda --targets hops,noop,ingress_decode,batched,colocated_gpu,sized \
+  # the GPU default (colocated) at 4, 8 and 16 replicas on the card, and what `aipd serve` with no flags picks
+  timeout 300 python3 benchmarks/serve_load.py --device cuda --targets noop,colocated_gpu4,colocated_gpu,colocated_gpu16,sized \
     --concurrency 1,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_pixels.json" 2>&1 | tee "$out/serve_pixels.log" | quiet
+  # the same replicas under MPS, where the driver has it: one GPU context shared instead of time slices
+  if nvidia-cuda-mps-control -d 2>"$out/mps.log"; then
+    timeout 130 python3 benchmarks/serve_load.py --device cuda --targets colocated_gpu,colocated_gpu16 \
+      --concurrency 64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
+      --max-batch-size 64 --check-at 64 --json-out "$out/serve_mps.json" 2>&1 | tee "$out/serve_mps.log" | quiet
+    echo quit | nvidia-cuda-mps-control
+  fi
   ;;
 pixels-scan)
   timeout 560 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \

@@ -16,6 +16,7 @@ background load hits every target alike; an idle target costs next to nothing):
              ingress`): a GPU node's layout before the detector decoded on the GPU, the baseline of that change.
   colocated_gpu   one deployment of --ingress-replicas replicas, each holding an equal share of the GPU and doing
              everything in one process (checks, GPU decode, batch, forward): no hop between deployments.
+             `colocated_gpuN` is the same with N replicas (colocated_gpu4, colocated_gpu16).
   sized      `aipd serve` with no flags on this node (the rate limit aside): the replica counts and batch size
              `serving.config.sized_for_node` picks from the cluster's CPUs and GPUs.
   unbatched  the same as batched with max_batch_size=1: the cost of the architecture alone.
@@ -49,6 +50,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -524,6 +526,11 @@ def summary(cells: list[Cell], check: int) -> str:
             ratio = by["batched", check].requests_per_s / max(by[base, check].requests_per_s, 1e-9)
             name = "share of the node ceiling (noop)" if base == "noop" else f"batched / {base}"
             lines.append(f"{name} at c={check}: {ratio:.2f}" + ("" if base == "noop" else "x"))
+    served = [c for c in cells if c.concurrency == check and base_target(c.target) in SERVE_TARGETS]
+    if ("sized", check) in by and served:
+        best = max(served, key=lambda c: c.requests_per_s)
+        ratio = by["sized", check].requests_per_s / max(best.requests_per_s, 1e-9)
+        lines.append(f"sized (no flags) / best ({best.target}) at c={check}: {ratio:.2f}")
     return "\n".join(lines)
 
 
@@ -556,18 +563,28 @@ def measure(pool, servers: dict[str, Any], names: list[str], bodies, args, sampl
             )
 
 
+def base_target(name: str) -> str:
+    """The kind of a target: `colocated_gpu16` is a `colocated_gpu` of 16 replicas."""
+    return "colocated_gpu" if re.fullmatch(r"colocated_gpu\d*", name) else name
+
+
+def colocated_replicas(name: str, args) -> int:
+    digits = name.removeprefix("colocated_gpu")
+    return int(digits) if digits else args.ingress_replicas
+
+
 def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) -> dict[str, ServeTarget]:
     # Every target stays up while the others are measured; on one GPU the applications share it.
     gpus = resources.get("GPU", 0) / (len(names) * args.replicas) if args.device == "cuda" else 0.0
     started = {}
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
-        layout = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}.get(name, "auto")
+        layout = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}.get(base_target(name), "auto")
         if name == "batched" and args.device == "cuda":
             layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
-        if name == "colocated_gpu":
-            share = min(gpus, 1.0) / args.ingress_replicas
+        if base_target(name) == "colocated_gpu":
+            share = min(gpus, 1.0) / colocated_replicas(name, args)
         if name == "sized":  # its replicas share the target's part of the GPU as `aipd serve` shares a card
             batch = overrides["max_batch_size"]
             share = min(gpus, 1.0) * overrides["gpus_per_replica"]
@@ -582,8 +599,8 @@ def _target_overrides(name: str, args, resources: dict[str, float]) -> dict[str,
     """What a target sets beyond the command line's values (see the module docstring)."""
     if name == "ingress_decode":
         return {"decode_on": "ingress"}
-    if name == "colocated_gpu":
-        replicas = args.ingress_replicas
+    if base_target(name) == "colocated_gpu":
+        replicas = colocated_replicas(name, args)
         return {"decode_on": "detector", "detector_min_replicas": replicas, "detector_max_replicas": replicas}
     if name == "sized":
         from app.config import Settings
@@ -666,12 +683,12 @@ def main() -> None:
                     ["--checkpoint", checkpoint, "--device", args.device, "--precision", args.precision]
                 )
                 servers["plain"].start("/health")
-            serve_names = [t for t in SERVE_TARGETS if t in targets]
+            serve_names = [t for t in targets if base_target(t) in SERVE_TARGETS]
             cluster = None
             if serve_names:
                 cluster = Cluster(high_throughput=True)
                 servers.update(start_serve_targets(serve_names, checkpoint, args, cluster, cluster.start(args)))
-            names = [t for t in ORDER if t in servers]
+            names = sorted(servers, key=lambda t: (ORDER.index(base_target(t)), t))
             for round_index in range(args.rounds):
                 measure(pool, servers, names, bodies, args, samples, round_index)
             if cluster is not None:
@@ -689,7 +706,7 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-    cells = [samples[key].cell(*key) for key in sorted(samples, key=lambda k: (ORDER.index(k[0]), k[1]))]
+    cells = [samples[key].cell(*key) for key in sorted(samples, key=lambda k: (ORDER.index(base_target(k[0])), k[0], k[1]))]
 
     print(f"\nmachine: {machine()}\n")
     if hops:
