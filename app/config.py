@@ -105,7 +105,7 @@ class TrainSettings(BaseModel):
         "auto",
         description="where training photos are decoded and augmented: tasks (Ray Data's CPU tasks, Pillow) or "
         "workers (each Ray Train worker, in batches on its device: nvJPEG and the degradations on the GPU; the "
-        "tasks only read and check); auto: workers when training on GPUs",
+        "tasks only read and check); auto: tasks, the faster on a GPU node too",
     )
     max_failures: int = Field(2, ge=-1)
     seed: int = 0

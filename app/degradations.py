@@ -76,11 +76,17 @@ class Jpeg:
 
     def tensor(self, image: torch.Tensor) -> torch.Tensor:
         """Encoded and decoded where the tensor lives: nvJPEG on a GPU, libjpeg-turbo on a CPU."""
-        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+        import torch
+        from torchvision.io import encode_jpeg
 
-        encoded = encode_jpeg(image.contiguous(), quality=self.quality)
+        from app.pixels import decode_jpeg_on
+
+        image = image.contiguous()
+        if image.is_cuda:  # nvJPEG's encoder reads on a stream of its own: the pixels must be written first
+            torch.cuda.current_stream(image.device).synchronize()
+        encoded = encode_jpeg(image, quality=self.quality)
         # the decoder reads its input from host memory on every device; the bytes are a few KiB
-        return decode_jpeg(encoded.cpu(), mode=ImageReadMode.RGB, device=image.device)
+        return decode_jpeg_on(encoded.cpu(), image.device)
 
 
 def resize_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -144,20 +144,34 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
     if not photos:
         return []
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
     try:
-        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpeg_on(encoded, device))
     except Exception:  # noqa: BLE001 - a photo the device cannot decode falls back to the CPU path, alone
         pass
     images: list[torch.Tensor | None] = []
     for one in encoded:
         try:
-            images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            images.append(decode_jpeg_on(one, device))
         except Exception:  # noqa: BLE001 - see above
             images.append(None)
     return images
+
+
+def decode_jpeg_on(encoded: Any, device: Any) -> Any:
+    """`torchvision.io.decode_jpeg` as RGB on ``device`` (one encoded tensor or a list), safe beside queued work.
+
+    On CUDA it first waits for the caller's stream: nvJPEG writes its outputs on a stream of its own, into blocks
+    the caching allocator may have just taken back from tensors that kernels still queued on the caller's stream
+    read, which silently corrupts them (pytorch/vision#9606; NaN logits in a GPU-decoding training run)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -579,7 +579,8 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     started = {}
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
-        layout = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}.get(base_target(name), "auto")
+        layouts = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}
+        layout = layouts.get(base_target(name), "auto")
         if name == "batched" and args.device == "cuda":
             layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
@@ -706,7 +707,8 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-    cells = [samples[key].cell(*key) for key in sorted(samples, key=lambda k: (ORDER.index(base_target(k[0])), k[0], k[1]))]
+    keys = sorted(samples, key=lambda k: (ORDER.index(base_target(k[0])), k[0], k[1]))
+    cells = [samples[key].cell(*key) for key in keys]
 
     print(f"\nmachine: {machine()}\n")
     if hops:

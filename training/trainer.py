@@ -27,10 +27,10 @@ from training.tracking import start_run
 log = get_logger("aipd.train")
 
 
-def decode_on_workers(settings: Settings, use_gpu: bool) -> bool:
-    """`train.decode_on`, with "auto" decided by the device: GPU workers decode and augment their own batches."""
-    decode_on = settings.train.decode_on
-    return decode_on == "workers" or (decode_on == "auto" and use_gpu)
+def decode_on_workers(settings: Settings) -> bool:
+    """`train.decode_on`: "auto" is Ray Data's tasks on every device, the faster of the two on a GPU node
+    (benchmarks/RESULTS.md, "The GPU pixel path"); the workers decode only where asked to."""
+    return settings.train.decode_on == "workers"
 
 
 def decode_options(
@@ -119,7 +119,7 @@ def build_trainer(
         mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None,
         mlflow_run_id=mlflow_run_id,
     )
-    on_workers = decode_on_workers(settings, use_gpu)
+    on_workers = decode_on_workers(settings)
     train_options = decode_options(
         settings, train=True, crop_size=hp["crop_size"], augment_prob=hp["augment_prob"], on_workers=on_workers
     )
