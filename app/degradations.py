@@ -76,15 +76,9 @@ class Jpeg:
 
     def tensor(self, image: torch.Tensor) -> torch.Tensor:
         """Encoded and decoded where the tensor lives: nvJPEG on a GPU, libjpeg-turbo on a CPU."""
-        import torch
-        from torchvision.io import encode_jpeg
+        from app.pixels import decode_jpeg_on, encode_jpeg_on
 
-        from app.pixels import decode_jpeg_on
-
-        image = image.contiguous()
-        if image.is_cuda:  # nvJPEG's encoder reads on a stream of its own: the pixels must be written first
-            torch.cuda.current_stream(image.device).synchronize()
-        encoded = encode_jpeg(image, quality=self.quality)
+        encoded = encode_jpeg_on(image, self.quality)
         # the decoder reads its input from host memory on every device; the bytes are a few KiB
         return decode_jpeg_on(encoded.cpu(), image.device)
 

@@ -160,18 +160,33 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
 
 
 def decode_jpeg_on(encoded: Any, device: Any) -> Any:
-    """`torchvision.io.decode_jpeg` as RGB on ``device`` (one encoded tensor or a list), safe beside queued work.
-
-    On CUDA it first waits for the caller's stream: nvJPEG writes its outputs on a stream of its own, into blocks
-    the caching allocator may have just taken back from tensors that kernels still queued on the caller's stream
-    read, which silently corrupts them (pytorch/vision#9606; NaN logits in a GPU-decoding training run)."""
+    """`torchvision.io.decode_jpeg` as RGB on ``device`` (one encoded tensor or a list), safe beside queued work:
+    nvJPEG writes its outputs on a stream of its own, into blocks the caching allocator may have just taken back from
+    tensors that kernels still queued on the caller's stream read (pytorch/vision#9606; NaN logits in a
+    GPU-decoding training run)."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
+    _wait_for_queued_work(device)
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def encode_jpeg_on(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """`torchvision.io.encode_jpeg` of a uint8 (3, H, W) image where it lives; on CUDA the encoder reads on a stream
+    of its own, so the pixels queued for writing are written first."""
+    from torchvision.io import encode_jpeg
+
+    image = image.contiguous()
+    _wait_for_queued_work(image.device)
+    return encode_jpeg(image, quality=quality)
+
+
+def _wait_for_queued_work(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -68,6 +68,7 @@ from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
+LAYOUTS = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}  # the rest: `auto`
 SERVE_TARGETS = ("batched", "split", "ingress_decode", "colocated_gpu", "sized", "unbatched", "cached")
 ORDER = (
     "noop",
@@ -579,8 +580,7 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
     started = {}
     for name in names:
         batch = 1 if name == "unbatched" else args.max_batch_size
-        layouts = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}
-        layout = layouts.get(base_target(name), "auto")
+        layout = LAYOUTS.get(base_target(name), "auto")
         if name == "batched" and args.device == "cuda":
             layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
