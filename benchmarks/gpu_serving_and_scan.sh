@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_serving_and_scan.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
 #   bash benchmarks/gpu_serving_and_scan.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 # The GPU pixel path (decoding on the GPU), one call each, every baseline in the same call:
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # parity tests; colocated at 4/8/16 replicas vs no flags; MPS
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: read and GPU ceilings, DataLoader, both scans
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode; Train test
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # GPU tests; colocated (the default) vs no flags
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: read and GPU ceilings, DataLoader, scan at 1 and 2 actors per GPU
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode
 set -uo pipefail
 mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan or pixels-train}
 out=${OUT:-/tmp/out}
@@ -42,31 +42,21 @@ scan)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -15 | tee "$out/gpu_tests.log"
   ;;
 pixels-serve)
-  # the parity tests first: a wrong GPU decode would make the numbers after it meaningless
-  timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu -k "not ray_train" 2>&1 | tail -40 \
-    | tee "$out/gpu_tests.log"
-  # the GPU default (colocated) at 4, 8 and 16 replicas on the card, and what `aipd serve` with no flags picks
-  timeout 300 python3 benchmarks/serve_load.py --device cuda --targets noop,colocated_gpu4,colocated_gpu,colocated_gpu16,sized \
+  # the parity tests first (a wrong GPU decode would make the numbers after it meaningless), Ray Train's with them
+  timeout 240 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee "$out/gpu_tests.log"
+  # the GPU default (8 colocated replicas on 16 cores) against what `aipd serve` with no flags builds
+  timeout 300 python3 benchmarks/serve_load.py --device cuda --targets noop,colocated_gpu,sized \
     --concurrency 1,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_pixels.json" 2>&1 | tee "$out/serve_pixels.log" | quiet
-  # the same replicas under MPS, where the driver has it: one GPU context shared instead of time slices
-  if nvidia-cuda-mps-control -d 2>"$out/mps.log"; then
-    timeout 130 python3 benchmarks/serve_load.py --device cuda --targets colocated_gpu,colocated_gpu16 \
-      --concurrency 64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
-      --max-batch-size 64 --check-at 64 --json-out "$out/serve_mps.json" 2>&1 | tee "$out/serve_mps.log" | quiet
-    echo quit | nvidia-cuda-mps-control
-  fi
   ;;
 pixels-scan)
   timeout 560 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \
-    --steps model,decode,read,gpu_decode,dataloader,scan,scan_cpu \
+    --steps model,read,gpu_decode,dataloader,scan,scan_shared \
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
 pixels-train)
-  timeout 400 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only abcd \
+  timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only abcd \
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -k ray_train 2>&1 | tail -15 \
-    | tee "$out/gpu_tests.log"
   ;;
 scaling)
   gpus=$(nvidia-smi -L | wc -l)

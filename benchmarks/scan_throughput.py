@@ -12,7 +12,9 @@ Why each number: a scan is a throughput job, so what matters is images per secon
              decode, feeding the same model runtime in the main process.
   scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster: images/s over the whole scan,
              the time to its first output file, and the peak object-store memory while it ran. On a GPU its model
-             actors decode (`serve.decode_on: auto`); `scan_cpu` is the same scan decoding in the reading tasks.
+             actors decode (`serve.decode_on: auto`); `scan_cpu` is the same scan decoding in the reading tasks,
+             `scan_shared` the same scan with two model actors on each card. Ray Data's per-operator stats of each
+             scan land beside --json-out (`*.scan-stats.txt`).
 The targets: on a GPU, scan >= 80% of min(gpu_decode, read) and >= 2x dataloader; on a CPU, scan >= 80% of
 min(model, decode).
 
@@ -229,7 +231,14 @@ class _Watch(threading.Thread):
 
 
 def scan_rate(
-    folder: Path, checkpoint: str, batch: int, gpus: int, device: str, decode_on: str = "auto"
+    folder: Path,
+    checkpoint: str,
+    batch: int,
+    gpus: int,
+    device: str,
+    decode_on: str = "auto",
+    stats_out: Path | None = None,
+    actors_per_gpu: int = 1,
 ) -> dict[str, float]:
     from app.config import Settings
     from serving.scan import run_scan
@@ -244,10 +253,13 @@ def scan_rate(
         str(out),
         model_uri=checkpoint,
         batch_size=batch,
-        concurrency=(gpus, gpus) if device == "cuda" else None,
+        concurrency=(gpus * actors_per_gpu, gpus * actors_per_gpu) if device == "cuda" else None,
         rows_per_file=1024,
+        actors_per_gpu=actors_per_gpu,
     )
     watch.stop.set()
+    if stats_out is not None:
+        stats_out.write_text(summary.operator_stats)
     return {
         "images_per_s": summary.images_per_s,
         "steady_images_per_s": watch.steady_rate(),
@@ -331,13 +343,25 @@ def main() -> None:
         init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         results["ray_start_s"] = time.perf_counter() - ray_started
         batch = args.batch if args.device == "cuda" else 16
-        results["scan"] = scan_rate(folder, checkpoint, batch, args.gpus, args.device)
+        stats_out = args.json_out.with_suffix(".scan-stats.txt") if args.json_out else None
+        results["scan"] = scan_rate(folder, checkpoint, batch, args.gpus, args.device, stats_out=stats_out)
         print(f"scan: {json.dumps(results['scan'])}", flush=True)
+    if "scan_shared" in steps:  # two model actors on each card: one decodes while the other runs the model
+        if "scan" not in steps:
+            init_ray(Settings(), include_dashboard=False, log_to_driver=False)
+        stats_out = args.json_out.with_suffix(".scan-shared-stats.txt") if args.json_out else None
+        results["scan_shared"] = scan_rate(
+            folder, checkpoint, args.batch, args.gpus, args.device, stats_out=stats_out, actors_per_gpu=2
+        )
+        print(f"scan, two actors per GPU: {json.dumps(results['scan_shared'])}", flush=True)
     if "scan_cpu" in steps:
         if "scan" not in steps:
             init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         batch = args.batch if args.device == "cuda" else 16
-        results["scan_cpu"] = scan_rate(folder, checkpoint, batch, args.gpus, args.device, decode_on="ingress")
+        stats_out = args.json_out.with_suffix(".scan-cpu-stats.txt") if args.json_out else None
+        results["scan_cpu"] = scan_rate(
+            folder, checkpoint, batch, args.gpus, args.device, decode_on="ingress", stats_out=stats_out
+        )
         print(f"scan decoding in the reading tasks: {json.dumps(results['scan_cpu'])}", flush=True)
 
     scan = results["scan"]["steady_images_per_s"] if isinstance(results.get("scan"), dict) else None
@@ -348,10 +372,11 @@ def main() -> None:
     ]
     print(
         "\n| card | files | model img/s | decode img/s | read img/s | gpu decode (+model) img/s | dataloader img/s "
-        "| scan img/s steady (whole run) | scan, CPU decode, steady (whole) | scan / min ceiling | scan / dataloader "
+        "| scan img/s steady (whole run) | scan, 2 actors per GPU, steady (whole) | scan, CPU decode, steady (whole) "
+        "| scan / min ceiling | scan / dataloader "
         "| first output file s | peak object store MiB |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def fmt(key: str) -> str:
         return f"{results[key]:.0f}" if key in results else "-"
@@ -369,8 +394,8 @@ def main() -> None:
     print(
         f"| {results.get('gpu') or 'cpu'} x{args.gpus if args.device == 'cuda' else 0} | {len(paths)} | "
         f"{fmt('model_replay')} | {fmt('decode')} | {fmt('read')} | {fmt('gpu_decode_only')} ({fmt('gpu_decode')}) | "
-        f"{fmt('dataloader')} | {scan_cell('scan')} | {scan_cell('scan_cpu')} | {ratio_ceiling} | "
-        f"{ratio_loader} | {first:.1f} | {peak:.0f} |"
+        f"{fmt('dataloader')} | {scan_cell('scan')} | {scan_cell('scan_shared')} | {scan_cell('scan_cpu')} | "
+        f"{ratio_ceiling} | {ratio_loader} | {first:.1f} | {peak:.0f} |"
     )
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2, default=str))

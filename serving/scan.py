@@ -58,6 +58,9 @@ class ScanSummary:
     model_version: str
     report: str | None = None
     error_kinds: dict[str, int] = field(default_factory=dict)
+    # Ray Data's per-operator table for this run (wall and CPU time, rows and bytes per block, backpressure):
+    # where a slow scan's time went
+    operator_stats: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -271,8 +274,11 @@ def run_scan(
     batch_size: int | None = None,
     concurrency: tuple[int, int] | None = None,
     rows_per_file: int = 4096,
+    actors_per_gpu: int = 1,
 ) -> ScanSummary:
-    """Scan ``sources`` into ``out`` on the connected (or a local) Ray cluster; see the module docstring."""
+    """Scan ``sources`` into ``out`` on the connected (or a local) Ray cluster; see the module docstring.
+
+    ``actors_per_gpu`` > 1 shares each card between model actors, so one decodes while another runs the model."""
     import ray.data
 
     from app.ray_runtime import init_ray
@@ -288,7 +294,7 @@ def run_scan(
 
         raise UserError("serve.use_gpu is true but the Ray cluster has no GPU")
     batch_size = batch_size or (256 if gpus else 16)
-    concurrency = concurrency or ((1, gpus) if gpus else (1, 1))
+    concurrency = concurrency or ((actors_per_gpu, actors_per_gpu * gpus) if gpus else (1, 1))
     if plan.todo.empty:
         return summarize(plan, out, skipped, 0, time.perf_counter() - started)
 
@@ -300,7 +306,7 @@ def run_scan(
     blocks = [todo.iloc[start : start + rows] for start in range(0, len(todo), rows)]
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
-    model_resources = {"num_gpus": 1} if gpus else {"num_cpus": 2}
+    model_resources = {"num_gpus": 1 / actors_per_gpu} if gpus else {"num_cpus": 2}
     decode_in_tasks = resolve_decode_on(settings, gpus) == "ingress"
     _show_progress(settings.verbose)  # before the dataset exists: it takes a copy of the context
     dataset = (
@@ -327,7 +333,10 @@ def run_scan(
         )
     )
     dataset.write_parquet(out, min_rows_per_file=min(len(plan.todo), rows_per_file))
-    return summarize(plan, out, skipped, len(plan.todo), time.perf_counter() - started)
+    summary = summarize(plan, out, skipped, len(plan.todo), time.perf_counter() - started)
+    summary.operator_stats = dataset.stats()
+    log.debug("scan_operator_stats", stats=summary.operator_stats)
+    return summary
 
 
 def _show_progress(verbose: bool) -> None:
