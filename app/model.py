@@ -238,6 +238,10 @@ class Detector(nn.Module):
         statistics = self.residual_statistics(x)
         return features if statistics is None else torch.cat([features, statistics.to(features.dtype)], dim=1)
 
+    @property
+    def has_residual_statistics(self) -> bool:
+        return self.spectrum is not None or self.phase is not None
+
     def residual_statistics(self, x: torch.Tensor) -> torch.Tensor | None:
         """The source head's fixed inputs (spectrum, then correlations; float32), None where the config has none:
         the last columns of `source_inputs`."""

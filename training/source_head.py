@@ -7,11 +7,14 @@ augmentation, the head ends far short of what a linear model on the same inputs 
 multinomial logistic regression on the training split's evaluation crops, solved here and written into the
 checkpoint (on the residual statistics alone where the model has them: see ``refit_source_head``). Balanced,
 because the families are unequal (the autoencoder's photos are twice any other's) and a moderator needs each named
-as reliably as the next.
+as reliably as the next. The final fit also reads two more crops of each photo, moved diagonally by an even number
+of pixels: the same photo's statistics elsewhere, with the residual's 2 x 2 grid where it was, three times the rows
+for a model of ~1,000 inputs (benchmarks/RESULTS.md, "Which generator").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,10 @@ SOURCE_FIT_FOLDS = 4
 # Photos per class the fit reads at most: a linear head on ~1,000 inputs needs no more, and the driver scores them.
 SOURCE_FIT_MAX_PER_CLASS = 1000
 SOURCE_FIT_SEED = 0
+# How far the extra crops move from the evaluation crop, on each axis (even: the 2 x 2 grid stays in phase), and
+# in which directions: up-left and down-right named each family as well as all four diagonals, at 3x the rows, not 5x.
+SOURCE_FIT_SHIFT = 8
+SOURCE_FIT_SHIFTS = ((-1, -1), (1, 1))
 
 
 def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.DataFrame) -> dict[str, Any] | None:
@@ -48,10 +55,12 @@ def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.Data
         return None
     targets = source_targets(records, families)
     chosen = _sample(records.assign(source=targets)[targets >= 0])
-    inputs, classes = _source_inputs(loaded, chosen, settings)
-    if len(np.unique(classes)) < 2:
+    inputs, classes, centred = _source_inputs(loaded, chosen, settings)
+    if len(np.unique(classes[centred])) < 2:
         return None
-    c, expected = choose_c(inputs, classes, len(families))
+    # the penalty by cross-validation on the evaluation crops alone (no photo on both sides of a fold), then the
+    # fit on every crop
+    c, expected = choose_c(inputs[centred], classes[centred], len(families))
     weight, bias = fit_linear_head(inputs, classes, len(families), c)
     first = loaded.model.source_head.in_features - inputs.shape[1]  # the pooled features' columns, left at zero
     if first:
@@ -60,8 +69,9 @@ def refit_source_head(settings: Settings, checkpoint_dir: Path, records: pd.Data
         "fit": "balanced logistic regression on the residual statistics" if first else "balanced logistic regression",
         "c": c,
         "cross_validated_balanced_accuracy": round(expected, 4),
-        "photos": int(len(classes)),
-        "per_class": {families[k]: int((classes == k).sum()) for k in range(len(families))},
+        "photos": int(centred.sum()),
+        "crops": int(len(classes)),
+        "per_class": {families[k]: int((classes[centred] == k).sum()) for k in range(len(families))},
     }
     set_source_head(checkpoint_dir, weight, bias, fit)
     log.info("source_head_fitted", photos=fit["photos"], families=len(families))
@@ -132,11 +142,30 @@ def _sample(records: pd.DataFrame) -> pd.DataFrame:
     return shuffled.groupby("source").head(SOURCE_FIT_MAX_PER_CLASS).reset_index(drop=True)
 
 
-def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """What the fit reads for each readable photo, cropped as evaluation crops it, and each photo's class. The
-    backbone was trained on these very photos, so their pooled features separate them better than they do new ones;
-    the fixed residual statistics do not, and where the model has them the fit reads them alone (no forward pass of
-    the backbone either); a model without them is fitted on its pooled features."""
+@dataclass(frozen=True)
+class Shifted:
+    """The photo cut so that its evaluation crop moves by (dy, dx) pixels; the photo itself where it is too small
+    to cut (that crop is then the evaluation crop again, and the fit leaves it out)."""
+
+    dy: int
+    dx: int
+    crop_size: int
+
+    def __call__(self, image: Any) -> Any:
+        width, height = image.size
+        cut_x, cut_y = 2 * abs(self.dx), 2 * abs(self.dy)
+        if min(width - cut_x, height - cut_y) < self.crop_size:
+            return image
+        left, top = (cut_x if self.dx > 0 else 0), (cut_y if self.dy > 0 else 0)
+        return image.crop((left, top, left + width - cut_x, top + height - cut_y))
+
+
+def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the fit reads for each crop of each readable photo (the evaluation crop, then the shifted ones), each
+    crop's class, and which rows are evaluation crops. The backbone was trained on these very photos, so their
+    pooled features separate them better than they do new ones; the fixed residual statistics do not, and where the
+    model has them the fit reads them alone (no forward pass of the backbone either); a model without them is
+    fitted on its pooled features, evaluation crops only."""
     import torch
 
     from app.data import DecodeOptions, to_ray_dataset
@@ -144,9 +173,14 @@ def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tu
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = loaded.model.to(device).eval()
-    options = DecodeOptions(crop_size=loaded.preprocess.crop_size, train=False, limits=settings.images)
+    crop = loaded.preprocess.crop_size
+    shifts = SOURCE_FIT_SHIFTS if model.has_residual_statistics else ()
+    variants = (("", None),) + tuple(
+        (f"shift{dy:+d}{dx:+d}", Shifted(dy * SOURCE_FIT_SHIFT, dx * SOURCE_FIT_SHIFT, crop)) for dy, dx in shifts
+    )
+    options = DecodeOptions(crop_size=crop, train=False, limits=settings.images, variants=variants)
     source = dict(zip(records["path"], records["source"], strict=True))
-    inputs, classes, paths = [], [], []
+    inputs, classes, keys = [], [], []
     with torch.inference_mode():
         for batch in to_ray_dataset(records, options, batch_size=64).iter_batches(batch_size=64, batch_format="numpy"):
             if len(batch["path"]) == 0:
@@ -156,9 +190,16 @@ def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tu
             chosen = model.backbone(model.stem(x)) if statistics is None else statistics
             inputs.append(chosen.double().cpu().numpy())
             classes.extend(source[path] for path in batch["path"])
-            paths.extend(batch["path"])
+            keys.extend(zip(batch["path"], batch["variant"], strict=True))
     if not inputs:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     # in the files' order, not the order Ray Data delivered them: the folds, and so the fit, repeat
-    order = np.argsort(np.asarray(paths, dtype=object), kind="stable")
-    return np.concatenate(inputs)[order], np.asarray(classes, dtype=np.int64)[order]
+    order = sorted(range(len(keys)), key=lambda i: (str(keys[i][0]), keys[i][1]))
+    rows, labels = np.concatenate(inputs)[order], np.asarray(classes, dtype=np.int64)[order]
+    variant = np.asarray([keys[i][1] for i in order], dtype=object)
+    path = np.asarray([str(keys[i][0]) for i in order], dtype=object)
+    centred = variant == ""
+    # a shifted crop of a photo too small to shift repeats its evaluation crop: left out, not counted twice
+    first = {p: i for i, p in enumerate(path) if centred[i]}
+    keep = np.asarray([centred[i] or not np.array_equal(rows[i], rows[first[path[i]]]) for i in range(len(path))])
+    return rows[keep], labels[keep], centred[keep]

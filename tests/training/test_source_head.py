@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.source_head import fit_linear_head
+from training.source_head import SOURCE_FIT_SHIFT, SOURCE_FIT_SHIFTS, Shifted, fit_linear_head
 
 
 def _blobs(counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +43,31 @@ def test_a_stronger_penalty_shrinks_the_head():
     assert tight.norm() < loose.norm()
 
 
+@pytest.mark.parametrize("dy, dx", [(-1, -1), (-1, 1), (1, -1), (1, 1)])
+@pytest.mark.parametrize("width, height", [(80, 72), (81, 75)])
+def test_a_shifted_photos_evaluation_crop_is_the_photos_own_moved_by_the_shift(dy, dx, width, height):
+    from PIL import Image
+
+    from app.transforms import eval_preprocess
+
+    crop = 48
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    top, left = (height - crop) // 2 + dy * SOURCE_FIT_SHIFT, (width - crop) // 2 + dx * SOURCE_FIT_SHIFT
+
+    moved = eval_preprocess(Shifted(dy * SOURCE_FIT_SHIFT, dx * SOURCE_FIT_SHIFT, crop)(photo), crop)
+
+    assert np.array_equal(moved, pixels[top : top + crop, left : left + crop])
+    assert (top - (height - crop) // 2) % 2 == 0 and (left - (width - crop) // 2) % 2 == 0, "the 2 x 2 grid in phase"
+
+
+def test_a_photo_too_small_to_shift_is_left_as_it_is():
+    from PIL import Image
+
+    photo = Image.new("RGB", (60, 70))
+    assert Shifted(SOURCE_FIT_SHIFT, SOURCE_FIT_SHIFT, 48)(photo) is photo
+
+
 @pytest.mark.slow
 def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statistics(
     ray_cluster, small_demo: Path, tmp_path: Path
@@ -55,13 +80,15 @@ def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statis
 
     index = index_dataset(str(small_demo))
     families = index.source_families()
-    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=1, source_families=families)
+    # crops of 48 from photos of 64: each photo gives its evaluation crop and the shifted ones
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=1, source_families=families, crop_size=48)
     before = load_checkpoint(checkpoint).model
     settings = Settings(work_dir=tmp_path / "work")
 
     fit = refit_source_head(settings, checkpoint, index.split("train"))
 
     assert fit is not None and fit["photos"] == sum(fit["per_class"].values()) > 0
+    assert fit["crops"] == (1 + len(SOURCE_FIT_SHIFTS)) * fit["photos"]
     assert set(fit["per_class"]) == set(families)
     assert json.loads((checkpoint / "config.json").read_text())["source_head"] == fit
     after = load_checkpoint(checkpoint).model
@@ -77,8 +104,14 @@ def test_training_data_refits_the_checkpoints_source_head_on_its_residual_statis
     loaded = load_checkpoint(checkpoint)
     cfg = replace(loaded.model_cfg, source_spectrum=0, source_phase=0)
     save_checkpoint(old, build_model(cfg), cfg, loaded.preprocess)
-    assert refit_source_head(settings, old, index.split("train")) is not None
+    old_fit = refit_source_head(settings, old, index.split("train"))
+    assert old_fit is not None and old_fit["crops"] == old_fit["photos"], "pooled features: evaluation crops only"
     assert torch.count_nonzero(load_checkpoint(old).model.source_head.weight) > 0
+
+    # photos too small to shift (64 px at a crop of 64): their evaluation crops alone
+    small = make_checkpoint(tmp_path / "small", seed=1, source_families=families)
+    small_fit = refit_source_head(settings, small, index.split("train"))
+    assert small_fit is not None and small_fit["crops"] == small_fit["photos"] == fit["photos"]
 
     plain = make_checkpoint(tmp_path / "plain", seed=1)
     weights = (plain / "model.pt").read_bytes()
