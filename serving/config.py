@@ -146,13 +146,13 @@ def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split
 
 
 def resolve_decode_on(settings: Settings, num_gpus: float | None) -> Literal["ingress", "detector"]:
-    """`serve.decode_on`, with "auto" decided by the model's GPUs: a GPU decodes a batch of JPEGs several times faster
-    than the node's cores (nvJPEG), and bytes cross between deployments in a fraction of a crop's size; on a CPU the
-    ingress replicas spread the decoding over the cores. Unknown GPUs give "ingress", which runs everywhere."""
+    """`serve.decode_on`, with "auto" the CPU decoder (libjpeg-turbo, the one training decodes with) on every node.
+    nvJPEG decodes a batch several times faster, but its crops differ from libjpeg-turbo's by 1-4 grey levels (chroma
+    upsampling) and a model that reads the high-pass residual answers them differently (benchmarks/RESULTS.md, "The
+    GPU pixel path"): "detector" stays a choice, not the default, until a test shows the same answers."""
+    del num_gpus  # every node decodes alike until the GPU decoder's parity holds
     decode_on = settings.serve.decode_on
-    if decode_on != "auto":
-        return decode_on
-    return "detector" if num_gpus else "ingress"
+    return "ingress" if decode_on == "auto" else decode_on
 
 
 def resolved(settings: Settings, num_gpus: float | None) -> Settings:

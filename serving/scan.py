@@ -1,9 +1,9 @@
 """`aipd scan`: the detector over a whole catalog, as Ray Data batch inference.
 
 Files are listed on the driver (names only, `app.data.index_catalog`), then stream through Ray Data: CPU tasks read
-each file within the byte limit, hash it, check it and, on CPU-only clusters, decode and crop it through the one
-decoding path (`app.images`, `app.transforms`); with GPUs (`serve.decode_on`) the tasks pass the checked bytes on
-and the model actors decode them on the GPU in batches (`app.pixels`, the serving detector's decoder). A pool of
+each file within the byte limit, hash it, check it, decode and crop it through the one decoding path (`app.images`,
+`app.transforms`); with `serve.decode_on: detector` on GPUs the tasks pass the checked bytes on and the model actors
+decode them on the GPU in batches (`app.pixels`, nvJPEG: faster, but not the training's decoder). A pool of
 model actors (`map_batches` with a class, `concurrency` actors, a GPU each when there are GPUs) runs the same model
 runtime as the Serve detector (`serving.runtime`), so a file gets the same probability from the scan as from
 `POST /predict`; `write_parquet` appends one row per file to the output. A file that cannot be
