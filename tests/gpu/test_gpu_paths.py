@@ -123,20 +123,22 @@ def test_a_scan_on_the_gpu_answers_like_the_cpu_model(ray_cluster, tmp_path: Pat
     np.testing.assert_allclose(scanned, expected, atol=0.02)
 
 
-def test_the_gpu_decoder_gives_the_cpu_paths_crops_probabilities_and_refusals(small_demo: Path) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="nvJPEG's crops move a trained model's probabilities (median 0.17 on an H100), which is why "
+    "serve.decode_on: auto decodes on the CPUs; a pass here is the signal to make the GPU decoder the default again",
+)
+def test_the_gpu_decoder_gives_the_cpu_paths_crops_and_probabilities(small_demo: Path) -> None:
     """nvJPEG against the CPU decoding path on the demo test split. The stated tolerance: a model trained until its
     probabilities spread over the photos gives probabilities within 0.02 on both paths' crops; the crops themselves
     differ by rounding (nvJPEG's chroma upsampling is not libjpeg-turbo's: 0.7-4.2 grey levels mean per photo on an
-    H100), so they are held only to a bound a wrong box or orientation breaks (8 levels); and every photo of the
-    bad-input corpus is refused with the same reason."""
+    H100), so they are held only to a bound a wrong box or orientation breaks (8 levels)."""
     import csv
 
     from app.config import ImageLimits
-    from app.images import ImageError
     from app.model import load_checkpoint
     from app.pixels import cpu_crop, decode_crops
     from serving.runtime import ActiveModel, score_batch
-    from tests import hostile_images as hostile
 
     limits = ImageLimits()
     with (small_demo / "manifest.csv").open(newline="") as fh:
@@ -171,6 +173,14 @@ def test_the_gpu_decoder_gives_the_cpu_paths_crops_probabilities_and_refusals(sm
     assert on_cpu_probabilities.std() >= 0.05, f"the model must tell the photos apart to compare paths: {summary}"
     assert gaps.mean(axis=1).max() <= 8.0 and probability_gap.max() <= 0.02, summary
 
+
+def test_the_gpu_decoder_refuses_the_bad_input_corpus_as_the_cpu_path_does() -> None:
+    from app.config import ImageLimits
+    from app.images import ImageError
+    from app.pixels import cpu_crop, decode_crops
+    from tests import hostile_images as hostile
+
+    limits = ImageLimits()
     bad = [
         hostile.TEXT,
         b"",
