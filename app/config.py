@@ -50,10 +50,21 @@ class ModelSettings(BaseModel):
     forensic_stem: bool = True
     stem_norm: bool = Field(False, description="scale each photo's residual to unit RMS (its pattern, not its energy)")
     source_spectrum: int = Field(
-        16, ge=0, le=64, description="side of the residual spectrum grid the source head reads too (0: features only)"
+        16,
+        ge=0,
+        le=64,
+        description="side of the residual spectrum grid the source head and the residual verdict read (0: none)",
     )
     source_phase: int = Field(
-        5, ge=0, le=8, description="largest lag of the residual's 2-periodic correlations the source head reads too"
+        5,
+        ge=0,
+        le=8,
+        description="largest lag of the residual's 2-periodic correlations the source head and residual verdict read",
+    )
+    residual_verdict: bool = Field(
+        True,
+        description="blend the verdict with a linear model on the residual statistics, fitted after training on "
+        "clean and degraded photos (it keeps evidence blur and JPEG leave that the pooled features lose)",
     )
     pretrained_weights: str | None = None
 

@@ -5,7 +5,7 @@ not one anybody can act on. One definition serves both sides: training draws a r
 for both classes alike (so "soft" or "compressed" never becomes a class cue), and evaluation sweeps each one by
 severity. Every degradation is a small frozen dataclass, so a chain pickles into Ray Data's workers. Each applies to a
 Pillow image (CPU decoding) or to a uint8 (3, H, W) tensor on any device (`tensor`: training that decodes on the GPU),
-the same operation with the same parameters; the two differ by their filters' rounding (tests/app/test_degradations.py
+the same operation with the same parameters; the two differ by their filters' rounding (tests/app/test_transforms.py
 bounds it).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -150,6 +151,23 @@ def sample_chain(rng: np.random.Generator, config: DegradationConfig) -> Chain:
         Jpeg(quality) if draws[3] < config.jpeg_prob else None,
     ]
     return Chain(tuple(step for i in order if (step := candidates[i]) is not None))
+
+
+@dataclass(frozen=True)
+class PhotoChain:
+    """A random chain per photo (``sample_chain``), drawn from the photo's pixels and ``seed``: the same photo gets
+    the same chain in every run, whichever worker reads it and in whatever order, so a fit on degraded photos
+    repeats. Picklable, so Ray Data's workers apply it as an evaluation variant (app.data.DecodeOptions)."""
+
+    config: DegradationConfig
+    seed: int
+
+    def chain(self, image: Image.Image) -> Chain:
+        """The chain this photo gets."""
+        return sample_chain(np.random.default_rng([self.seed, zlib.crc32(image.tobytes())]), self.config)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return self.chain(image)(image)
 
 
 # The evaluation's sweep: each degradation at rising severity, and the one a marketplace applies to every upload.

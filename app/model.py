@@ -1,5 +1,6 @@
-"""The detector: a fixed forensic stem, a timm backbone, a small binary head and, when the training data names
-each AI photo's generator family, a second head that says which family it looks like; plus checkpoints.
+"""The detector: a fixed forensic stem, a timm backbone, a small binary head (blended, once fitted, with a linear
+verdict on the residual's fixed statistics) and, when the training data names each AI photo's generator family, a
+second head that says which family it looks like; plus checkpoints.
 
 The stem lives inside the model so that every caller (training, evaluation, batch scans, serving)
 feeds the same thing: float NCHW in [0, 1]. A checkpoint directory carries the weights together with
@@ -68,12 +69,15 @@ class ModelConfig:
     # The source head's classes: "none" (a camera, app.data.NO_SOURCE) first, then the generator families the
     # training data named; empty: the binary head alone.
     source_families: list[str] = field(default_factory=list)
-    # The side of the residual's log power spectrum grid the source head reads beside the pooled features (0: the
-    # features alone, as checkpoints from before it were trained).
+    # The side of the residual's log power spectrum grid the source head reads beside the pooled features, and the
+    # residual verdict reads (0: none, as checkpoints from before it were trained).
     source_spectrum: int = 0
-    # The largest lag of the residual's 2-periodic local correlations the source head reads too (0: none, as
-    # checkpoints from before them were trained).
+    # The largest lag of the residual's 2-periodic local correlations the source head and the residual verdict read
+    # too (0: none, as checkpoints from before them were trained).
     source_phase: int = 0
+    # The verdict blended with a linear model on those residual statistics, fitted after training (ResidualVerdict);
+    # False: the network's logit alone, as checkpoints from before it were saved.
+    residual_verdict: bool = False
 
 
 @dataclass
@@ -197,8 +201,50 @@ class Calibrate(nn.Module):
         return logits * self.scale.to(logits.dtype) + self.bias.to(logits.dtype)
 
 
+class ResidualVerdict(nn.Module):
+    """The verdict as a linear blend of the network's logit and a linear model on the fixed residual statistics
+    (`Detector.residual_statistics`): ``head_scale * logit + statistics @ weight + bias``.
+
+    Blur and JPEG wipe most of what the backbone's pooled features tell apart, while the residual's spectrum and
+    2-periodic correlations keep evidence a linear model can still read; fitted after training on the training
+    photos clean and degraded, then blended with the logit on validation (training.residual_verdict). Until a
+    checkpoint's config.json gives its values it is inactive (training runs without it, at no cost); the buffers are
+    not in the state_dict, so checkpoints of either kind load into either, like the calibration."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("head_scale", torch.ones(()), persistent=False)
+        self.register_buffer("weight", torch.zeros(width), persistent=False)
+        self.register_buffer("bias", torch.zeros(()), persistent=False)
+        self.active = False  # a python bool: a trace of the model takes one branch
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[0]
+
+    def set(self, values: dict[str, Any]) -> None:
+        """Fill in a fitted verdict: {"head_scale": float, "weight": [float] * width, "bias": float}."""
+        weight = torch.as_tensor(values["weight"], dtype=torch.float64)
+        if weight.shape != (self.width,):
+            raise ValueError(
+                f"a residual verdict of {tuple(weight.shape)} weights does not fit {self.width} statistics"
+            )
+        with torch.no_grad():
+            self.head_scale.fill_(float(values["head_scale"]))
+            self.weight.copy_(weight.to(self.weight.dtype))
+            self.bias.fill_(float(values["bias"]))
+        self.active = True
+
+    def forward(self, logit: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor:
+        # in float32 and outside autocast: a sum of ~1,000 products loses the verdict's precision in bf16
+        with torch.autocast(device_type=logit.device.type, enabled=False):
+            blended = self.head_scale.float() * logit.float() + statistics.float() @ self.weight.float()
+            return (blended + self.bias.float()).to(logit.dtype)
+
+
 class Detector(nn.Module):
-    """Float NCHW in [0, 1] -> one calibrated logit per image (positive = ai_generated); with ``with_sources`` also
+    """Float NCHW in [0, 1] -> one calibrated logit per image (positive = ai_generated; the residual verdict's blend
+    where a fitted one is set); with ``with_sources`` also
     the source head's logits (one per entry of ``cfg.source_families``), which DDP needs to come out of forward."""
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module) -> None:
@@ -215,27 +261,44 @@ class Detector(nn.Module):
             nn.Linear(cfg.hidden, 1),
         )
         self.calibrate = Calibrate()
-        # on the pooled features beside the binary head, and on the residual's spectrum and 2-periodic correlations
-        # where the config asks for them
+        # the residual's spectrum and 2-periodic correlations where the config asks for them, read by the source head
+        # (on the pooled features beside the binary head) and by the residual verdict
         families = bool(cfg.source_families)
-        self.spectrum = ResidualSpectrum(cfg.source_spectrum) if families and cfg.source_spectrum else None
-        self.phase = ResidualPhase(cfg.source_phase) if families and cfg.source_phase else None
-        width = features + (cfg.source_spectrum**2 if self.spectrum is not None else 0)
-        width += self.phase.width if self.phase is not None else 0
-        self.source_head = nn.Linear(width, len(cfg.source_families)) if families else None
+        read = families or cfg.residual_verdict
+        self.spectrum = ResidualSpectrum(cfg.source_spectrum) if read and cfg.source_spectrum else None
+        self.phase = ResidualPhase(cfg.source_phase) if read and cfg.source_phase else None
+        if self.spectrum is not None and not families:
+            # nothing trains the spectrum's norm without a source head (DDP refuses parameters without gradients)
+            self.spectrum.norm.requires_grad_(False)
+        width = (cfg.source_spectrum**2 if self.spectrum is not None else 0) + (
+            self.phase.width if self.phase is not None else 0
+        )
+        self.source_head = nn.Linear(features + width, len(cfg.source_families)) if families else None
+        self.residual_verdict = ResidualVerdict(width) if cfg.residual_verdict and width else None
 
     def forward(self, x: torch.Tensor, with_sources: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(self.stem(x))
-        logit = self.calibrate(self.head(features).squeeze(1))
+        verdict = self.residual_verdict if self.residual_verdict is not None and self.residual_verdict.active else None
+        sources_read = with_sources and self.source_head is not None and self.has_residual_statistics
+        # once for both readers; not at all while neither needs them (training)
+        statistics = self.residual_statistics(x) if verdict is not None or sources_read else None
+        logit = self.head(features).squeeze(1)
+        if verdict is not None:
+            logit = verdict(logit, statistics)
+        logit = self.calibrate(logit)
         if not with_sources:
             return logit
         if self.source_head is None:
             return logit, features.new_zeros((features.shape[0], 0))
-        return logit, self.source_head(self.source_inputs(x, features))
+        return logit, self.source_head(self.source_inputs(x, features, statistics))
 
-    def source_inputs(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """What the source head reads: the pooled features, then the fixed residual statistics the config asks for."""
-        statistics = self.residual_statistics(x)
+    def source_inputs(
+        self, x: torch.Tensor, features: torch.Tensor, statistics: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the source head reads: the pooled features, then the fixed residual statistics the config asks for
+        (``statistics``: those already computed for ``x``)."""
+        if statistics is None:
+            statistics = self.residual_statistics(x)
         return features if statistics is None else torch.cat([features, statistics.to(features.dtype)], dim=1)
 
     @property
@@ -243,8 +306,8 @@ class Detector(nn.Module):
         return self.spectrum is not None or self.phase is not None
 
     def residual_statistics(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The source head's fixed inputs (spectrum, then correlations; float32), None where the config has none:
-        the last columns of `source_inputs`."""
+        """The fixed residual statistics (spectrum, then correlations; float32) the source head and the residual
+        verdict read, None where the config has none: the last columns of `source_inputs`."""
         parts = [module(x) for module in (self.spectrum, self.phase) if module is not None]
         return torch.cat(parts, dim=1) if parts else None
 
@@ -413,6 +476,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
         )
     model.load_state_dict(state)
     model.calibrate.set(calibration)
+    if config.get("residual_verdict") is not None:
+        _set_residual_verdict(model, config["residual_verdict"], directory)
     model.to(device).eval()
     return LoadedModel(
         model=model,
@@ -433,6 +498,28 @@ def set_operating_point(directory: str | Path, point: OperatingPoint) -> None:
     config["calibration"] = point.calibration.to_dict()
     config["operating_point"] = point.tags()
     _write_config(Path(directory), config)
+
+
+def set_residual_verdict(directory: str | Path, values: dict[str, Any]) -> None:
+    """Write a fitted residual verdict (ResidualVerdict.set's values, and how it was fitted) into a checkpoint's
+    config.json, atomically."""
+    path = Path(directory) / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config["residual_verdict"] = values
+    _write_config(Path(directory), config)
+
+
+def _set_residual_verdict(model: Detector, values: Any, directory: Path) -> None:
+    """A checkpoint's residual verdict into its model, refused in one line where the model cannot hold it."""
+    if model.residual_verdict is None:
+        raise ValueError(
+            f"checkpoint config {directory / CONFIG_FILE} has a residual verdict, but its model has no residual "
+            "statistics to read (model.residual_verdict false, or neither source_spectrum nor source_phase)"
+        )
+    try:
+        model.residual_verdict.set(values)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint config {directory / CONFIG_FILE} has an invalid residual verdict: {err}") from err
 
 
 def set_source_head(directory: str | Path, weight: torch.Tensor, bias: torch.Tensor, fit: dict[str, Any]) -> None:

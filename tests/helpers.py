@@ -37,10 +37,12 @@ def make_checkpoint(
     crop_size: int = CROP,
     metrics: dict | None = None,
     source_families: list[str] | None = None,
+    residual_verdict: bool = False,
 ) -> Path:
     """An untrained tiny detector: real weights, real config, loads in well under a second. `metrics` are the
     evaluation numbers its config.json claims, which /health reports for a checkpoint served from disk;
-    `source_families` gives it the source head."""
+    `source_families` gives it the source head, `residual_verdict` the residual verdict (unfitted) and with it the
+    residual statistics."""
     import torch
 
     from app.config import ModelSettings
@@ -53,8 +55,9 @@ def make_checkpoint(
         backbone=TINY_BACKBONE,
         hidden=32,
         source_families=families,
-        source_spectrum=defaults.source_spectrum if families else 0,
-        source_phase=defaults.source_phase if families else 0,
+        source_spectrum=defaults.source_spectrum if families or residual_verdict else 0,
+        source_phase=defaults.source_phase if families or residual_verdict else 0,
+        residual_verdict=residual_verdict,
     )
     return save_checkpoint(
         directory,

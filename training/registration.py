@@ -52,12 +52,15 @@ def fit_checkpoint(
     settings: Settings, checkpoint_dir: Path, index: DatasetIndex, *, source_head: bool = True
 ) -> tuple[OperatingPoint, float]:
     """What a trained checkpoint gets before anyone loads it: its source head fitted on the training split
-    (training.source_head; ``source_head=False`` keeps the trained one), then its operating point on validation
-    (``fit_checkpoint_operating_point``)."""
+    (training.source_head; ``source_head=False`` keeps the trained one), its residual verdict fitted on training and
+    blended on validation (training.residual_verdict, where the model has one), then its operating point on
+    validation (``fit_checkpoint_operating_point``), which reads the blended verdict's validation scores."""
+    from training.residual_verdict import fit_residual_verdict
     from training.source_head import refit_source_head
 
     if source_head:
         refit_source_head(settings, checkpoint_dir, index.split("train"))
+    fit_residual_verdict(settings, checkpoint_dir, index.split("train"), index.split("val"))
     return fit_checkpoint_operating_point(settings, checkpoint_dir, index.split("val"))
 
 
@@ -134,8 +137,9 @@ class Registration:
 def evaluate_and_register(
     settings: Settings, checkpoint_dir: Path, index: DatasetIndex, data_path: str, run_id: str
 ) -> Registration:
-    """The end of a training: the checkpoint fitted (its source head on training, its operating point on
-    validation), the test-split report at it logged to its run, then registration and the champion rule."""
+    """The end of a training: the checkpoint fitted (its source head on training, its residual verdict on training
+    and validation, its operating point on validation), the test-split report at it logged to its run, then
+    registration and the champion rule."""
     import mlflow
 
     point, val_auroc = fit_checkpoint(settings, checkpoint_dir, index)

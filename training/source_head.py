@@ -23,6 +23,7 @@ import pandas as pd
 
 from app.config import Settings
 from app.logging import get_logger
+from training.linear_head import fit_linear_head
 
 log = get_logger("aipd.train")
 
@@ -103,38 +104,6 @@ def choose_c(inputs: np.ndarray, classes: np.ndarray, n_classes: int) -> tuple[f
 
 def _logits(inputs: np.ndarray, weight: Any, bias: Any) -> np.ndarray:
     return inputs @ weight.double().numpy().T + bias.double().numpy()
-
-
-def fit_linear_head(inputs: np.ndarray, classes: np.ndarray, n_classes: int, c: float = SOURCE_FIT_CS[1]):
-    """(weight, bias) of a class-balanced multinomial logistic regression with an L2 penalty, fitted on standardised
-    inputs and folded back so they apply to the raw ones; float64 L-BFGS, deterministic."""
-    import torch
-
-    x = torch.as_tensor(inputs, dtype=torch.float64)
-    y = torch.as_tensor(classes, dtype=torch.int64)
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-8)
-    z = (x - mean) / std
-    counts = torch.bincount(y, minlength=n_classes).double()
-    present = counts > 0
-    # each present class weighs as much as the others together (scikit-learn's "balanced")
-    class_weight = torch.where(present, len(y) / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
-    w = torch.zeros((n_classes, z.shape[1]), dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-    absent = torch.where(present, 0.0, -1e4).double()  # a class with no photos is never picked
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        per_photo = torch.nn.functional.cross_entropy(z @ w.T + b + absent, y, reduction="none")
-        loss = (class_weight[y] * per_photo).sum() + 0.5 * w.pow(2).sum() / c
-        loss.backward()
-        return loss
-
-    optimizer.step(objective)
-    with torch.no_grad():
-        weight = w / std
-        bias = b + absent - (weight * mean).sum(dim=1)
-    return weight.float(), bias.float()
 
 
 def _sample(records: pd.DataFrame) -> pd.DataFrame:

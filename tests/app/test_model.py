@@ -1,5 +1,6 @@
 import json
 import socket
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -332,3 +333,123 @@ def test_the_phase_correlations_tell_a_copied_pixel_from_an_averaged_one():
     assert model.source_head.in_features == model.head[0].in_features + 8 * 8 + ResidualPhase(2).width
     with torch.no_grad():
         assert model(_batch(2), with_sources=True)[1].shape == (2, len(FAMILIES))
+
+
+def _verdict_values(width: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(width, generator=generator, dtype=torch.float64) * 0.1).tolist()
+    return {"head_scale": 0.7, "weight": weight, "bias": -0.3, "fit": "a summary set() ignores", "photos": 10}
+
+
+def _verdict_cfg(**changes) -> ModelConfig:
+    return replace(
+        ModelConfig(backbone=SMALL, hidden=16, source_spectrum=8, source_phase=1, residual_verdict=True), **changes
+    )
+
+
+def test_an_inactive_residual_verdict_changes_nothing():
+    """Training runs with the verdict unset: the same logits and the same state_dict as a model without it, so a
+    checkpoint saved before it loads, and without a source head nothing trains the statistics' norm."""
+    from app.model import AllLogits
+
+    for families in ([], FAMILIES):
+        torch.manual_seed(3)
+        without = build_model(_verdict_cfg(residual_verdict=False, source_families=families)).eval()
+        with_verdict = build_model(_verdict_cfg(source_families=families)).eval()
+        assert with_verdict.residual_verdict is not None and not with_verdict.residual_verdict.active
+        if not families:
+            assert without.spectrum is None and without.phase is None and without.residual_verdict is None
+            with_verdict.backbone.load_state_dict(without.backbone.state_dict())
+            with_verdict.head.load_state_dict(without.head.state_dict())
+            assert not any(p.requires_grad for p in with_verdict.spectrum.parameters())
+        else:
+            assert set(with_verdict.state_dict()) == set(without.state_dict())
+            with_verdict.load_state_dict(without.state_dict())
+        x = _batch(3, seed=4)
+        with torch.no_grad():
+            assert torch.equal(with_verdict(x), without(x))
+            assert torch.equal(AllLogits(with_verdict)(x), AllLogits(without)(x))
+
+
+def test_an_active_residual_verdict_blends_the_logit_with_the_statistics_before_calibration():
+    from app.model import AllLogits
+    from app.operating_point import Calibration
+
+    torch.manual_seed(5)
+    model = build_model(_verdict_cfg(source_families=FAMILIES)).eval()
+    width = model.residual_statistics(_batch(1)).shape[1]
+    assert model.residual_verdict.width == width == 8 * 8 + model.phase.width
+    values = _verdict_values(width)
+    model.residual_verdict.set(values)
+    model.calibrate.set(Calibration(scale=1.5, bias=0.2))
+    x = _batch(3, seed=6)
+    with torch.no_grad():
+        features = model.backbone(model.stem(x))
+        statistics = model.residual_statistics(x)
+        head = model.head(features).squeeze(1)
+        weight = torch.tensor(values["weight"], dtype=torch.float32)
+        expected = 1.5 * (0.7 * head + statistics @ weight - 0.3) + 0.2
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        logit, sources = model(x, with_sources=True)
+        torch.testing.assert_close(logit, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sources, model.source_head(torch.cat([features, statistics], dim=1)))
+        both = AllLogits(model)(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation
+            traced = torch.jit.freeze(torch.jit.trace(AllLogits(model), x))  # what a CPU service runs
+        torch.testing.assert_close(traced(x), both, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.residual_verdict.set({**values, "weight": values["weight"][:-1]})
+
+
+def test_forward_computes_the_residual_statistics_once_for_the_verdict_and_the_source_head():
+    from app.model import AllLogits
+
+    model = build_model(_verdict_cfg(source_families=FAMILIES)).eval()
+    calls = []
+    original = model.spectrum.forward
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return original(x)
+
+    model.spectrum.forward = counted
+    x = _batch(2)
+    with torch.no_grad():
+        model(x)
+        assert calls == [], "an inactive verdict and no source head asked for: no statistics"
+        model.residual_verdict.set(_verdict_values(model.residual_verdict.width))
+        AllLogits(model)(x)
+        assert calls == [2]
+
+
+def test_a_checkpoint_carries_its_residual_verdict_in_its_config(tmp_path: Path):
+    from app.model import set_residual_verdict
+
+    cfg = _verdict_cfg()
+    torch.manual_seed(7)
+    model = build_model(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", model, cfg, PreprocessSettings(crop_size=64))
+    x = _batch(2, seed=8)
+
+    unfitted = load_checkpoint(tmp_path / "ckpt").model
+    assert not unfitted.residual_verdict.active, "a config.json without it: the network's logit alone"
+    values = _verdict_values(model.residual_verdict.width, seed=1)
+    set_residual_verdict(tmp_path / "ckpt", values)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["residual_verdict"] == values
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert loaded.residual_verdict.active
+    model.residual_verdict.set(values)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert not torch.equal(unfitted(x), model(x))
+
+    # a config.json whose model cannot hold the verdict it names
+    plain_cfg = ModelConfig(backbone=SMALL, hidden=16)
+    save_checkpoint(tmp_path / "plain", build_model(plain_cfg), plain_cfg, PreprocessSettings(crop_size=64))
+    set_residual_verdict(tmp_path / "plain", values)
+    with pytest.raises(ValueError, match="no residual statistics"):
+        load_checkpoint(tmp_path / "plain")
+    set_residual_verdict(tmp_path / "ckpt", {**values, "weight": values["weight"][:5]})
+    with pytest.raises(ValueError, match="invalid residual verdict"):
+        load_checkpoint(tmp_path / "ckpt")

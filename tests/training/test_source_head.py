@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.source_head import SOURCE_FIT_SHIFT, SOURCE_FIT_SHIFTS, Shifted, fit_linear_head
+from training.linear_head import fit_linear_head
+from training.source_head import SOURCE_FIT_SHIFT, SOURCE_FIT_SHIFTS, Shifted
 
 
 def _blobs(counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,151 @@
+"""The residual verdict fitted once the backbone is trained: the network's logit blended with a linear model on the
+fixed residual statistics, so the verdict survives blur, downscaling and JPEG.
+
+Why: the binary head reads the backbone's pooled features, which a blur or a re-encoding strips of most of what
+told the classes apart; the residual's log spectrum and 2-periodic correlations (``Detector.residual_statistics``)
+keep evidence a linear model still reads. Two convex fits, on inputs fixed once training ends: a strongly
+regularised logistic regression on the statistics of the training photos' evaluation crops, each clean and once
+through a random degradation chain (the same chain for the same photo in every run), then a two-input logistic
+regression on validation (clean and degraded) that weighs that model's logit against the network's. Both fold into
+one linear layer (``app.model.ResidualVerdict``) written into the checkpoint's config.json; the validation photos'
+blended logits become the checkpoint's validation scores, so the operating point is set on the verdict it serves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.config import Settings
+from app.degradations import DegradationConfig, PhotoChain
+from app.logging import get_logger
+from training.linear_head import fit_linear_head
+
+log = get_logger("aipd.train")
+
+# Inverse L2 strength of the model on ~1,000 statistics, in scikit-learn's convention (as fit_linear_head): a strong
+# penalty, since a few thousand photos would otherwise fit the statistics' noise.
+RESIDUAL_VERDICT_C = 0.01
+# The second crop of each photo: each kind of degradation at even odds, so the model learns what survives them.
+RESIDUAL_FIT_DEGRADATIONS = DegradationConfig(blur_prob=0.5, downscale_prob=0.5, jpeg_prob=0.5)
+# Training photos per label the fit reads at most: a linear model on ~1,000 inputs needs no more, and the driver
+# scores them.
+RESIDUAL_FIT_MAX_PER_LABEL = 2500
+# The photos' sample and their degradation chains follow it, so a refit repeats.
+RESIDUAL_FIT_SEED = 0
+# The blend has two inputs against every validation photo: next to no penalty.
+BLEND_C = 1e4
+DEGRADED = "degraded"
+
+
+def fit_residual_verdict(
+    settings: Settings, checkpoint_dir: Path, train_records: pd.DataFrame, val_records: pd.DataFrame
+) -> dict[str, Any] | None:
+    """Fit the checkpoint's residual verdict (its residual model on ``train_records``, the blend on ``val_records``)
+    and write it into its config.json, with the validation photos' blended logits as its validation scores.
+    Returns how it was fitted (the `residual_verdict` entry of config.json, less the weights), or None where there is
+    nothing to fit, and nothing is written: no residual verdict in the model, or a split without both labels among
+    its readable photos."""
+    from app.model import load_checkpoint, save_val_scores, set_residual_verdict
+
+    loaded = load_checkpoint(checkpoint_dir)
+    if loaded.model.residual_verdict is None or train_records.empty or val_records.empty:
+        return None
+    train = _sample(train_records)
+    statistics, _, labels, _, train_variants = _residual_rows(loaded, train, settings, with_logits=False)
+    if len(np.unique(labels)) < 2:
+        return None
+    val_statistics, head, val_labels, paths, variants = _residual_rows(loaded, val_records, settings, with_logits=True)
+    if len(np.unique(val_labels)) < 2:
+        return None
+
+    weight, bias = fit_linear_head(statistics, labels, 2, c=RESIDUAL_VERDICT_C)
+    residual_weight = (weight[1] - weight[0]).double().numpy()
+    residual_bias = float(bias[1] - bias[0])
+    residual = val_statistics @ residual_weight + residual_bias
+    blend_weight, blend_bias = fit_linear_head(np.column_stack([head, residual]), val_labels, 2, c=BLEND_C)
+    head_scale, residual_scale = (float(v) for v in (blend_weight[1] - blend_weight[0]).double())
+    intercept = float(blend_bias[1] - blend_bias[0])
+
+    clean = variants == ""
+    fit = {
+        "fit": "logistic regression on the residual statistics of training photos clean and degraded, blended with "
+        "the network's logit on validation",
+        "c": RESIDUAL_VERDICT_C,
+        "photos": int(np.count_nonzero(train_variants == "")),
+        "val_photos": int(clean.sum()),
+        "residual_weight": round(residual_scale, 4),
+        "head_weight": round(head_scale, 4),
+    }
+    values = {
+        **fit,
+        "head_scale": head_scale,
+        "weight": [float(v) for v in residual_scale * residual_weight],
+        "bias": residual_scale * residual_bias + intercept,
+    }
+    set_residual_verdict(checkpoint_dir, values)
+    # the clean photos' verdicts, in the split's order: the operating point is fitted on them
+    position = {str(path): i for i, path in enumerate(val_records["path"])}
+    order = sorted(np.flatnonzero(clean), key=lambda i: position[paths[i]])
+    blended = head_scale * head[order] + residual_scale * residual[order] + intercept
+    save_val_scores(checkpoint_dir, val_labels[order], blended)
+    log.info(
+        "residual_verdict_fitted",
+        photos=fit["photos"],
+        val_photos=fit["val_photos"],
+        residual_weight=fit["residual_weight"],
+        head_weight=fit["head_weight"],
+    )
+    return fit
+
+
+def _sample(records: pd.DataFrame) -> pd.DataFrame:
+    shuffled = records.sample(frac=1.0, random_state=RESIDUAL_FIT_SEED)
+    return shuffled.groupby("label").head(RESIDUAL_FIT_MAX_PER_LABEL).reset_index(drop=True)
+
+
+def _residual_rows(
+    loaded: Any, records: pd.DataFrame, settings: Settings, *, with_logits: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For the evaluation crop of each readable photo, clean and through its degradation chain: the residual
+    statistics, the network's own logit (``with_logits``; its head on its pooled features, not ``forward``, so a
+    verdict fitted before does not leak in), the label, the path and the variant ("" or DEGRADED); float64, sorted
+    by (path, variant) so the fit does not depend on the order Ray Data delivered them."""
+    import torch
+
+    from app.data import DecodeOptions, to_ray_dataset
+    from app.transforms import to_model_input
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = loaded.model.to(device).eval()
+    variants = (("", None), (DEGRADED, PhotoChain(RESIDUAL_FIT_DEGRADATIONS, RESIDUAL_FIT_SEED)))
+    options = DecodeOptions(
+        crop_size=loaded.preprocess.crop_size, train=False, limits=settings.images, variants=variants
+    )
+    statistics, logits, labels, keys = [], [], [], []
+    with torch.inference_mode():
+        for batch in to_ray_dataset(records, options, batch_size=64).iter_batches(batch_size=64, batch_format="numpy"):
+            if len(batch["path"]) == 0:
+                continue
+            x = to_model_input(batch["image"], device=device)
+            statistics.append(model.residual_statistics(x).double().cpu().numpy())
+            if with_logits:
+                logits.append(model.head(model.backbone(model.stem(x))).squeeze(1).double().cpu().numpy())
+            labels.extend(int(label) for label in batch["label"])
+            keys.extend(
+                (str(path), str(variant)) for path, variant in zip(batch["path"], batch["variant"], strict=True)
+            )
+    if not keys:
+        width = model.residual_verdict.width
+        return np.zeros((0, width)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, object), np.zeros(0, object)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return (
+        np.concatenate(statistics)[order],
+        np.concatenate(logits)[order] if with_logits else np.zeros(0),
+        np.asarray(labels, dtype=np.int64)[order],
+        np.asarray([keys[i][0] for i in order], dtype=object),
+        np.asarray([keys[i][1] for i in order], dtype=object),
+    )
