@@ -27,8 +27,9 @@ from training.linear_head import fit_linear_head
 log = get_logger("aipd.train")
 
 # Inverse L2 strength of the model on ~1,000 statistics, in scikit-learn's convention (as fit_linear_head): a strong
-# penalty, since a few thousand photos would otherwise fit the statistics' noise.
-RESIDUAL_VERDICT_C = 0.01
+# penalty, since a few thousand photos would otherwise fit the statistics' noise. fit_linear_head's two softmax rows
+# share the penalty, so 0.005 is a binary logistic regression's 0.01.
+RESIDUAL_VERDICT_C = 0.005
 # The second crop of each photo: each kind of degradation at even odds, so the model learns what survives them.
 RESIDUAL_FIT_DEGRADATIONS = DegradationConfig(blur_prob=0.5, downscale_prob=0.5, jpeg_prob=0.5)
 # Training photos per label the fit reads at most: a linear model on ~1,000 inputs needs no more, and the driver
