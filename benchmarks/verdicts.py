@@ -109,6 +109,7 @@ def flatten(report: dict) -> dict:
     row = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     row |= {f"robust_{k}": v for k, v in (report.get("robustness") or {}).items()}
     row |= {f"flip_{k}": v for k, v in (report.get("flip_rate") or {}).items()}
+    row |= {f"flip_to_ai_{k}": v for k, v in (report.get("flip_to_ai") or {}).items()}
     row |= {f"source_auroc_{k}": v for k, v in (report.get("by_source") or {}).items()}
     row |= {f"source_accuracy_{k}": v for k, v in (report.get("source_accuracy") or {}).items()}
     return row

@@ -188,8 +188,11 @@ def print_report(report: Any, by_source: bool = False) -> None:
     )
     table.add_row("blurred_real_flag_rate", f"{report.blurred_real_flag_rate:.4f}")
     for name, value in report.robustness.items():
-        flips = report.flip_rate.get(name)
-        table.add_row(f"auroc after {name}", f"{value:.4f}" + ("" if flips is None else f" ({flips:.1%} flipped)"))
+        flips, to_ai = report.flip_rate.get(name), report.flip_to_ai.get(name)
+        note = (
+            "" if flips is None else f" ({flips:.1%} flipped" + ("" if to_ai is None else f", {to_ai:.1%} to AI") + ")"
+        )
+        table.add_row(f"auroc after {name}", f"{value:.4f}{note}")
     console.print(table)
     if by_source:
         families = Table(title="AUROC of the real photos against each generator family")

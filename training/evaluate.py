@@ -38,6 +38,9 @@ class EvaluationReport:
     blurred_real_flag_rate: float
     model: str
     data: str
+    # the share of photos that change from "real" to "AI" (a seller's photo flagged because it was resized): the
+    # flips that cost an honest seller, where the rest are AI photos whose evidence the change removed
+    flip_to_ai: dict[str, float] = field(default_factory=dict)
     by_source: dict[str, float] = field(default_factory=dict)  # AUROC of the reals against each generator family
     # top-1 accuracy of the source head on each family's photos ("none": the reals); empty without the head
     source_accuracy: dict[str, float] = field(default_factory=dict)
@@ -50,6 +53,7 @@ class EvaluationReport:
         out["robustness"] = dict(self.robustness)
         out["robustness_curves"] = robustness_curves(self.robustness)
         out["flip_rate"] = dict(self.flip_rate)
+        out["flip_to_ai"] = dict(self.flip_to_ai)
         out["by_source"] = dict(self.by_source)
         out["source_accuracy"] = dict(self.source_accuracy)
         out["operating_point"] = dict(self.operating_point)
@@ -97,12 +101,13 @@ class EvaluationReport:
             "",
             "Robustness (AUROC after the change) and verdicts that flip",
             "",
-            "| change | AUROC | verdicts flipped |",
-            "| --- | --- | --- |",
+            "| change | AUROC | verdicts flipped | of them real to AI |",
+            "| --- | --- | --- | --- |",
         ]
         for name, value in self.robustness.items():
-            flips = self.flip_rate.get(name)
-            lines.append(f"| {name} | {value:.4f} | {'' if flips is None else f'{flips:.4f}'} |")
+            flips, to_ai = self.flip_rate.get(name), self.flip_to_ai.get(name)
+            cells = ["" if v is None else f"{v:.4f}" for v in (flips, to_ai)]
+            lines.append(f"| {name} | {value:.4f} | {cells[0]} | {cells[1]} |")
         if self.by_source:
             lines += ["", "AUROC of the real photos against each generator family", "", "| family | AUROC |"]
             lines += ["| --- | --- |"] + [f"| {name} | {value:.4f} |" for name, value in self.by_source.items()]
@@ -113,11 +118,12 @@ class EvaluationReport:
 
 
 def report_metrics(report: EvaluationReport, prefix: str) -> dict[str, float]:
-    """The report's numbers as MLflow metrics: the top-level ones, then `robust_<change>` (AUROC), `flip_<change>`
-    and `source_auroc_<family>`; undefined ones (one class only) are left out."""
+    """The report's numbers as MLflow metrics: the top-level ones, then `robust_<change>` (AUROC), `flip_<change>`,
+    `flip_to_ai_<change>` and `source_auroc_<family>`; undefined ones (one class only) are left out."""
     values = {k: v for k, v in report.to_json().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     values |= {f"robust_{k}": v for k, v in report.robustness.items()}
     values |= {f"flip_{k}": v for k, v in report.flip_rate.items()}
+    values |= {f"flip_to_ai_{k}": v for k, v in report.flip_to_ai.items()}
     values |= {f"source_auroc_{k}": v for k, v in report.by_source.items()}
     values |= {f"source_accuracy_{k}": v for k, v in report.source_accuracy.items()}
     return {prefix + k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
@@ -160,11 +166,14 @@ def evaluate_loaded(
     blurred = scored["blur_sigma1"]
     blurred_reals = blurred.probabilities[blurred.labels == 0]
     flag_rate = float((blurred_reals >= loaded.threshold).mean()) if blurred_reals.size else float("nan")
-    flips = {name: flip_rate(clean, scored[name], loaded.threshold) for name in FLIP_VARIANTS if name in scored}
+    flipped = [name for name in FLIP_VARIANTS if name in scored]
+    flips = {name: flip_rate(clean, scored[name], loaded.threshold) for name in flipped}
+    to_ai = {name: flip_to_ai_rate(clean, scored[name], loaded.threshold) for name in flipped}
     return EvaluationReport(
         metrics=metrics,
         robustness=sweep_auroc,
         flip_rate=flips,
+        flip_to_ai=to_ai,
         blurred_real_flag_rate=flag_rate,
         model=model_name,
         data=data_name,
@@ -193,12 +202,22 @@ def verdict_metrics(scores: Scores, threshold: float, target_fpr: float, calibra
 
 def flip_rate(clean: Scores, changed: Scores, threshold: float) -> float:
     """The share of photos (readable in both) whose verdict at the threshold differs after the change."""
+    before, after = _paired_verdicts(clean, changed, threshold)
+    return float(np.mean(before != after)) if before.size else float("nan")
+
+
+def flip_to_ai_rate(clean: Scores, changed: Scores, threshold: float) -> float:
+    """The share of photos (readable in both) called real before the change and AI after it."""
+    before, after = _paired_verdicts(clean, changed, threshold)
+    return float(np.mean(~before & after)) if before.size else float("nan")
+
+
+def _paired_verdicts(clean: Scores, changed: Scores, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's verdict (flagged or not) before and after the change, for the photos readable in both."""
     before = dict(zip(clean.paths, clean.probabilities >= threshold, strict=True))
     after = dict(zip(changed.paths, changed.probabilities >= threshold, strict=True))
     common = [path for path in before if path in after]
-    if not common:
-        return float("nan")
-    return float(np.mean([before[path] != after[path] for path in common]))
+    return np.array([before[p] for p in common], dtype=bool), np.array([after[p] for p in common], dtype=bool)
 
 
 def auroc_by_source(scores: Scores, records: pd.DataFrame) -> dict[str, float]:

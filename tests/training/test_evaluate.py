@@ -14,6 +14,7 @@ from training.evaluate import (
     EvaluationReport,
     auroc_by_source,
     flip_rate,
+    flip_to_ai_rate,
     report_metrics,
     robustness_curves,
     source_accuracy,
@@ -32,6 +33,15 @@ def test_flip_rate_pairs_photos_by_path_and_counts_changed_verdicts() -> None:
     changed = scores(["c", "a", "b"], [1, 0, 0], [0.3, 0.2, 0.55])
     assert flip_rate(clean, changed, threshold=0.5) == pytest.approx(1 / 3)
     assert np.isnan(flip_rate(clean, scores([], [], []), 0.5))
+
+
+def test_flips_to_ai_count_only_photos_called_real_before_and_ai_after() -> None:
+    clean = scores(["a", "b", "c", "d"], [0, 0, 1, 1], [0.1, 0.4, 0.7, 0.9])
+    # b: real -> AI (0.4 -> 0.6); c: AI -> real; a and d unchanged
+    changed = scores(["a", "b", "c", "d"], [0, 0, 1, 1], [0.2, 0.6, 0.3, 0.95])
+    assert flip_rate(clean, changed, threshold=0.5) == pytest.approx(2 / 4)
+    assert flip_to_ai_rate(clean, changed, threshold=0.5) == pytest.approx(1 / 4)
+    assert np.isnan(flip_to_ai_rate(clean, scores([], [], []), 0.5))
 
 
 def test_auroc_by_source_pits_every_real_against_one_family() -> None:
@@ -99,6 +109,7 @@ def test_report_metrics_are_mlflow_names_without_undefined_values() -> None:
         metrics={"auroc": 0.9, "ece": float("nan"), "threshold": 0.7, "confusion_matrix": {"tn": 1}},
         robustness={"jpeg_q50": 0.8, "blur_sigma1": float("nan")},
         flip_rate={"downscale_0.5_then_jpeg_q75": 0.1},
+        flip_to_ai={"downscale_0.5_then_jpeg_q75": 0.0},
         blurred_real_flag_rate=0.05,
         model="m",
         data="d",
@@ -111,5 +122,6 @@ def test_report_metrics_are_mlflow_names_without_undefined_values() -> None:
         "test_blurred_real_flag_rate": 0.05,
         "test_robust_jpeg_q50": 0.8,
         "test_flip_downscale_0.5_then_jpeg_q75": 0.1,
+        "test_flip_to_ai_downscale_0.5_then_jpeg_q75": 0.0,
         "test_source_auroc_alpha": 0.95,
     }
