@@ -92,7 +92,7 @@ class GpuSizing(BaseModel):
 
 
 class TrainSettings(BaseModel):
-    epochs: int = Field(12, ge=1, description="on CPUs; on GPUs `gpu.epochs` unless set")
+    epochs: int = Field(9, ge=1, description="on CPUs; on GPUs `gpu.epochs` unless set")
     batch_size: int = Field(64, ge=1, description="per worker; on GPUs `gpu.batch_size` unless set")
     crop_size: int = Field(112, ge=32, description="on GPUs `gpu.crop_size` unless set")
     lr: float = Field(2e-3, gt=0)

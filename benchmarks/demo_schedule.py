@@ -1,7 +1,7 @@
 """Which short training schedule gives the best demo model: a grid of epochs x learning rate x batch size.
 
 Why this is measured: `make demo` must answer within 10 minutes of a fresh clone on 2 CPU cores, which leaves time
-for about 6 epochs over the demo set, and the default schedule (12 epochs, batch 64, lr 2e-3) was chosen for
+for about 6 epochs over the demo set, and the default schedule (9 epochs, batch 64, lr 2e-3) was chosen for
 `aipd train`. With few epochs, the number of optimiser steps and the learning rate matter more than usual, so the
 grid looks for the schedule that learns most in a fixed number of epochs (the CPU cost of an epoch hardly depends on
 the batch size). Trials run side by side on one GPU (the ranking, not the speed, is what is compared here);

@@ -3,6 +3,7 @@
 # one mode per device call (each fits in one call's 10 minutes); logs and JSON land in $OUT. Run from the repository
 # root with .gpu-wheels carried:
 #   bash benchmarks/gpu_verdicts.sh seeds   # three seeds side by side on the one GPU
+#   bash benchmarks/gpu_verdicts.sh seeds "1 2"   # only these seeds (three with the post-training fits pass 560 s)
 #   bash benchmarks/gpu_verdicts.sh lofo    # one run per generator family, trained without it and tested on it
 #   bash benchmarks/gpu_verdicts.sh augment # stronger augmentation, and one degradation on every photo (its oracle)
 set -uo pipefail
@@ -14,7 +15,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 nproc | tee -a "$out/gpu.txt"
 case "$mode" in
-seeds) timeout 560 python3 benchmarks/verdicts.py default --seeds 0 1 2 --gpu --parallel 3 --file-store --out "$out/seeds" ;;
+seeds)
+  seeds=${2:-0 1 2}
+  # shellcheck disable=SC2086 # one argument per seed
+  timeout 560 python3 benchmarks/verdicts.py default --seeds $seeds --gpu --parallel 3 --file-store --out "$out/seeds"
+  ;;
 lofo) timeout 560 python3 benchmarks/verdicts.py leave-one-out --gpu --parallel 4 --file-store --out "$out/lofo" ;;
 augment)
   a=TRAIN__AUGMENT__
