@@ -492,21 +492,27 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> LoadedModel:
 
 def set_operating_point(directory: str | Path, point: OperatingPoint) -> None:
     """Write a fitted operating point (calibration and threshold) into a checkpoint's config.json, atomically."""
-    path = Path(directory) / CONFIG_FILE
-    config = json.loads(path.read_text())
-    config["threshold"] = float(point.threshold)
-    config["calibration"] = point.calibration.to_dict()
-    config["operating_point"] = point.tags()
-    _write_config(Path(directory), config)
+    _update_config(
+        Path(directory),
+        {
+            "threshold": float(point.threshold),
+            "calibration": point.calibration.to_dict(),
+            "operating_point": point.tags(),
+        },
+    )
 
 
 def set_residual_verdict(directory: str | Path, values: dict[str, Any]) -> None:
     """Write a fitted residual verdict (ResidualVerdict.set's values, and how it was fitted) into a checkpoint's
     config.json, atomically."""
-    path = Path(directory) / CONFIG_FILE
-    config = json.loads(path.read_text())
-    config["residual_verdict"] = values
-    _write_config(Path(directory), config)
+    _update_config(Path(directory), {"residual_verdict": values})
+
+
+def _update_config(directory: Path, entries: dict[str, Any]) -> None:
+    """Set these entries of a checkpoint's config.json, the rest kept; the file replaced whole."""
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    config.update(entries)
+    _write_config(directory, config)
 
 
 def _set_residual_verdict(model: Detector, values: Any, directory: Path) -> None:
@@ -534,9 +540,7 @@ def set_source_head(directory: str | Path, weight: torch.Tensor, bias: torch.Ten
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     torch.save(state, tmp)
     tmp.replace(directory / WEIGHTS_FILE)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    config["source_head"] = fit
-    _write_config(directory, config)
+    _update_config(directory, {"source_head": fit})
 
 
 def _create_backbone(name: str) -> nn.Module:

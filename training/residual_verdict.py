@@ -22,6 +22,7 @@ import pandas as pd
 from app.config import Settings
 from app.degradations import DegradationConfig, PhotoChain
 from app.logging import get_logger
+from training.crop_rows import CropRows, read_crop_rows
 from training.linear_head import fit_linear_head
 
 log = get_logger("aipd.train")
@@ -56,12 +57,15 @@ def fit_residual_verdict(
     if loaded.model.residual_verdict is None or train_records.empty or val_records.empty:
         return None
     train = _sample(train_records)
-    statistics, _, labels, _, train_variants = _residual_rows(loaded, train, settings, with_logits=False)
-    if len(np.unique(labels)) < 2:
+    fit_rows = _residual_rows(loaded, train, settings, with_logits=False)
+    if len(np.unique(fit_rows.labels)) < 2:
         return None
-    val_statistics, head, val_labels, paths, variants = _residual_rows(loaded, val_records, settings, with_logits=True)
-    if len(np.unique(val_labels)) < 2:
+    val_rows = _residual_rows(loaded, val_records, settings, with_logits=True)
+    if len(np.unique(val_rows.labels)) < 2:
         return None
+    statistics, labels = fit_rows.columns["statistics"], fit_rows.labels
+    val_statistics, head, val_labels = val_rows.columns["statistics"], val_rows.columns["logit"], val_rows.labels
+    paths, variants = val_rows.paths, val_rows.variants
 
     weight, bias = fit_linear_head(statistics, labels, 2, c=RESIDUAL_VERDICT_C)
     residual_weight = (weight[1] - weight[0]).double().numpy()
@@ -76,7 +80,7 @@ def fit_residual_verdict(
         "fit": "logistic regression on the residual statistics of training photos clean and degraded, blended with "
         "the network's logit on validation",
         "c": RESIDUAL_VERDICT_C,
-        "photos": int(np.count_nonzero(train_variants == "")),
+        "photos": int(np.count_nonzero(fit_rows.variants == "")),
         "val_photos": int(clean.sum()),
         "residual_weight": round(residual_scale, 4),
         "head_weight": round(head_scale, 4),
@@ -108,45 +112,16 @@ def _sample(records: pd.DataFrame) -> pd.DataFrame:
     return shuffled.groupby("label").head(RESIDUAL_FIT_MAX_PER_LABEL).reset_index(drop=True)
 
 
-def _residual_rows(
-    loaded: Any, records: pd.DataFrame, settings: Settings, *, with_logits: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _residual_rows(loaded: Any, records: pd.DataFrame, settings: Settings, *, with_logits: bool) -> CropRows:
     """For the evaluation crop of each readable photo, clean and through its degradation chain: the residual
-    statistics, the network's own logit (``with_logits``; its head on its pooled features, not ``forward``, so a
-    verdict fitted before does not leak in), the label, the path and the variant ("" or DEGRADED); float64, sorted
-    by (path, variant) so the fit does not depend on the order Ray Data delivered them."""
-    import torch
+    statistics and, ``with_logits``, the network's own logit (its head on its pooled features, not ``forward``, so a
+    verdict fitted before does not leak in)."""
 
-    from app.data import DecodeOptions, to_ray_dataset
-    from app.transforms import to_model_input
+    def read(model: Any, x: Any) -> dict[str, Any]:
+        columns = {"statistics": model.residual_statistics(x)}
+        if with_logits:
+            columns["logit"] = model.head(model.backbone(model.stem(x))).squeeze(1)
+        return columns
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = loaded.model.to(device).eval()
     variants = (("", None), (DEGRADED, PhotoChain(RESIDUAL_FIT_DEGRADATIONS, RESIDUAL_FIT_SEED)))
-    options = DecodeOptions(
-        crop_size=loaded.preprocess.crop_size, train=False, limits=settings.images, variants=variants
-    )
-    statistics, logits, labels, keys = [], [], [], []
-    with torch.inference_mode():
-        for batch in to_ray_dataset(records, options, batch_size=64).iter_batches(batch_size=64, batch_format="numpy"):
-            if len(batch["path"]) == 0:
-                continue
-            x = to_model_input(batch["image"], device=device)
-            statistics.append(model.residual_statistics(x).double().cpu().numpy())
-            if with_logits:
-                logits.append(model.head(model.backbone(model.stem(x))).squeeze(1).double().cpu().numpy())
-            labels.extend(int(label) for label in batch["label"])
-            keys.extend(
-                (str(path), str(variant)) for path, variant in zip(batch["path"], batch["variant"], strict=True)
-            )
-    if not keys:
-        width = model.residual_verdict.width
-        return np.zeros((0, width)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, object), np.zeros(0, object)
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return (
-        np.concatenate(statistics)[order],
-        np.concatenate(logits)[order] if with_logits else np.zeros(0),
-        np.asarray(labels, dtype=np.int64)[order],
-        np.asarray([keys[i][0] for i in order], dtype=object),
-        np.asarray([keys[i][1] for i in order], dtype=object),
-    )
+    return read_crop_rows(loaded, records, settings, variants, read)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from app.config import Settings
 from app.logging import get_logger
+from training.crop_rows import read_crop_rows
 from training.linear_head import fit_linear_head
 
 log = get_logger("aipd.train")
@@ -135,38 +136,22 @@ def _source_inputs(loaded: Any, records: pd.DataFrame, settings: Settings) -> tu
     pooled features separate them better than they do new ones; the fixed residual statistics do not, and where the
     model has them the fit reads them alone (no forward pass of the backbone either); a model without them is
     fitted on its pooled features, evaluation crops only."""
-    import torch
-
-    from app.data import DecodeOptions, to_ray_dataset
-    from app.transforms import to_model_input
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = loaded.model.to(device).eval()
     crop = loaded.preprocess.crop_size
-    shifts = SOURCE_FIT_SHIFTS if model.has_residual_statistics else ()
+    shifts = SOURCE_FIT_SHIFTS if loaded.model.has_residual_statistics else ()
     variants = (("", None),) + tuple(
         (f"shift{dy:+d}{dx:+d}", Shifted(dy * SOURCE_FIT_SHIFT, dx * SOURCE_FIT_SHIFT, crop)) for dy, dx in shifts
     )
-    options = DecodeOptions(crop_size=crop, train=False, limits=settings.images, variants=variants)
-    source = dict(zip(records["path"], records["source"], strict=True))
-    inputs, classes, keys = [], [], []
-    with torch.inference_mode():
-        for batch in to_ray_dataset(records, options, batch_size=64).iter_batches(batch_size=64, batch_format="numpy"):
-            if len(batch["path"]) == 0:
-                continue
-            x = to_model_input(batch["image"], device=device)
-            statistics = model.residual_statistics(x)
-            chosen = model.backbone(model.stem(x)) if statistics is None else statistics
-            inputs.append(chosen.double().cpu().numpy())
-            classes.extend(source[path] for path in batch["path"])
-            keys.extend(zip(batch["path"], batch["variant"], strict=True))
-    if not inputs:
+
+    def read(model: Any, x: Any) -> dict[str, Any]:
+        statistics = model.residual_statistics(x)
+        return {"inputs": model.backbone(model.stem(x)) if statistics is None else statistics}
+
+    found = read_crop_rows(loaded, records, settings, variants, read)
+    if found.paths.size == 0:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-    # in the files' order, not the order Ray Data delivered them: the folds, and so the fit, repeat
-    order = sorted(range(len(keys)), key=lambda i: (str(keys[i][0]), keys[i][1]))
-    rows, labels = np.concatenate(inputs)[order], np.asarray(classes, dtype=np.int64)[order]
-    variant = np.asarray([keys[i][1] for i in order], dtype=object)
-    path = np.asarray([str(keys[i][0]) for i in order], dtype=object)
+    source = dict(zip(records["path"].astype(str), records["source"], strict=True))
+    rows, path, variant = found.columns["inputs"], found.paths, found.variants
+    labels = np.asarray([source[p] for p in path], dtype=np.int64)
     centred = variant == ""
     # a shifted crop of a photo too small to shift repeats its evaluation crop: left out, not counted twice
     first = {p: i for i, p in enumerate(path) if centred[i]}
