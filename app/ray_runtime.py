@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from app.config import Settings
@@ -21,6 +22,7 @@ from app.ray_nodes import OwnedCluster, free_port, free_ports, port_free, start_
 # HAProxy in front of every ingress replica, gRPC between deployments, user code on each replica's event loop.
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 DEFAULT_DASHBOARD_PORT = 8265  # Ray's own default, where a user looks first
+START_LOCK_NAME = "aipd-ray-start.lock"  # in the temporary directory: shared by every command on the machine
 # Ports Serve's HAProxy and fallback proxy take on every node; two clusters on one machine must not share them.
 _PER_CLUSTER_PORTS = (
     "RAY_SERVE_HAPROXY_STATS_PORT",
@@ -120,13 +122,14 @@ def init_ray(settings: Settings, api_server: str | None = None, **kwargs: Any) -
             ray.init(address=address, runtime_env=runtime_env, **kwargs)
         else:
             include_dashboard = kwargs.pop("include_dashboard", None)
-            if include_dashboard is not False:
-                # The cluster's own processes use its dashboard: without the address, Ray's state API in a worker
-                # finds the last cluster `ray start` made on this machine (its address file outlives it), and Ray
-                # Train's cleaner, which asks it whether a run's controller died, never frees a killed run's group.
-                port = kwargs.setdefault("dashboard_port", _dashboard_port())
-                runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            with _environment(node_environment(settings, local=True, owned=True)):
+            with _one_cluster_start_at_a_time(), _environment(node_environment(settings, local=True, owned=True)):
+                if include_dashboard is not False:
+                    # The cluster's own processes use its dashboard: without the address, Ray's state API in a
+                    # worker finds the last cluster `ray start` made on this machine (its address file outlives
+                    # it), and Ray Train's cleaner, which asks it whether a run's controller died, never frees a
+                    # killed run's group.
+                    port = kwargs.setdefault("dashboard_port", _dashboard_port())
+                    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
                 ray.init(  # "local": always a new cluster, never a stray `ray start` found on this machine
                     address="local",
                     num_cpus=settings.local_num_cpus,
@@ -153,6 +156,22 @@ def init_ray(settings: Settings, api_server: str | None = None, **kwargs: Any) -
 
 def _dashboard_port() -> int:
     return DEFAULT_DASHBOARD_PORT if port_free(DEFAULT_DASHBOARD_PORT) else free_port()
+
+
+@contextlib.contextmanager
+def _one_cluster_start_at_a_time() -> Iterator[None]:
+    """Held from choosing the dashboard's port until ``ray.init`` returns (once the dashboard listens): two commands
+    started together on one machine would otherwise both find Ray's default port free, and the second's dashboard
+    would fail to bind while its workers asked the first cluster's dashboard about their own runs."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / START_LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _cluster_messages_to_log() -> None:
