@@ -56,7 +56,7 @@ def fit_residual_verdict(
     loaded = load_checkpoint(checkpoint_dir)
     if loaded.model.residual_verdict is None or train_records.empty or val_records.empty:
         return None
-    train = _sample(train_records)
+    train = fit_sample(train_records)
     fit_rows = _residual_rows(loaded, train, settings, with_logits=False)
     if len(np.unique(fit_rows.labels)) < 2:
         return None
@@ -107,7 +107,8 @@ def fit_residual_verdict(
     return fit
 
 
-def _sample(records: pd.DataFrame) -> pd.DataFrame:
+def fit_sample(records: pd.DataFrame) -> pd.DataFrame:
+    """The training photos the residual model is fitted on: at most RESIDUAL_FIT_MAX_PER_LABEL of each label."""
     shuffled = records.sample(frac=1.0, random_state=RESIDUAL_FIT_SEED)
     return shuffled.groupby("label").head(RESIDUAL_FIT_MAX_PER_LABEL).reset_index(drop=True)
 
