@@ -2,8 +2,8 @@
 # The GPU machine's rows of the verdicts benchmark (benchmarks/verdicts.py): `aipd train --gpu` with every default,
 # one mode per device call (each fits in one call's 10 minutes); logs and JSON land in $OUT. Run from the repository
 # root with .gpu-wheels carried:
-#   bash benchmarks/gpu_verdicts.sh seeds   # three seeds side by side on the one GPU
-#   bash benchmarks/gpu_verdicts.sh seeds "1 2"   # only these seeds (three with the post-training fits pass 560 s)
+#   bash benchmarks/gpu_verdicts.sh seeds 1   # one seed: fits a call with minutes to spare (two side by side need
+#                                             # most of its 600 s; the default, seeds 0 1 2, passes it)
 #   bash benchmarks/gpu_verdicts.sh lofo    # one run per generator family, trained without it and tested on it
 #   bash benchmarks/gpu_verdicts.sh augment # stronger augmentation, and one degradation on every photo (its oracle)
 set -uo pipefail
