@@ -12,6 +12,7 @@ it, so the data build and `aipd --help` never load Ray or torch.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -212,17 +213,23 @@ class DemoStack:
         )
         self.training = BackgroundTraining(self.settings, first_epoch if first_epoch < epochs else None).start()
         base_url = self.deploy()  # its replicas start while the first epochs train
-        first = self.training.first_checkpoint()
-        first_version = self.register_first(first) if first is not None else None
-        outcome = None
-        if first_version is None:
-            outcome = self.training.wait()
-            print_registration(outcome)
-        serving = self.current_champion()
-        if serving is None:
-            raise RuntimeError("no model became champion; see the messages above")
-        self.wait_until_serving(base_url, serving)
-        self.predict_samples(base_url, f"version {serving}")
+        # training holds after the early epoch until its model answers: fitting and serving it on cores the next
+        # epochs would take made the first answer minutes later (benchmarks/RESULTS.md, "The first ten minutes")
+        try:
+            first = self.training.first_checkpoint()
+            first_version = self.register_first(first) if first is not None else None
+            outcome = None
+            if first_version is None:
+                self.training.release()
+                outcome = self.training.wait()
+                print_registration(outcome)
+            serving = self.current_champion()
+            if serving is None:
+                raise RuntimeError("no model became champion; see the messages above")
+            self.wait_until_serving(base_url, serving)
+            self.predict_samples(base_url, f"version {serving}")
+        finally:
+            self.training.release()
         console.print(f"first predictions {time.perf_counter() - started:.0f} s after the start")
         self.print_addresses(base_url, None if no_ui else self.start_ui(base_url))
         if outcome is None:
@@ -400,6 +407,9 @@ class BackgroundTraining:
 
     def __init__(self, settings: Settings, first_epoch: int | None) -> None:
         self.settings, self.first_epoch = settings, first_epoch
+        # written by `release`; the workers wait for it after the early epoch (a fresh name, so that no file an
+        # earlier demo left behind lets them go at once)
+        self._released = settings.work_dir.resolve() / f".demo-release-{os.getpid()}-{time.time_ns()}"
         self._first: Any = None
         self._first_ready = threading.Event()
         self._done = threading.Event()
@@ -417,6 +427,11 @@ class BackgroundTraining:
         if self._error is not None and self._first is None:
             raise self._error
         return self._first
+
+    def release(self) -> None:
+        """Let training go on after the early epoch (idempotent)."""
+        self._released.parent.mkdir(parents=True, exist_ok=True)
+        self._released.touch()
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout=timeout_s)
@@ -440,12 +455,14 @@ class BackgroundTraining:
                         self._first = report
                         self._first_ready.set()
 
-                self._outcome = run_training(self.settings, on_epoch=on_epoch)
+                hold = None if self.first_epoch is None else (self.first_epoch, self._released)
+                self._outcome = run_training(self.settings, on_epoch=on_epoch, hold=hold)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which reports it
             self._error = err
         finally:
             self._first_ready.set()
             self._done.set()
+            self._released.unlink(missing_ok=True)
 
 
 def print_registration(outcome: Any) -> None:

@@ -25,6 +25,9 @@ from app.scoring import SELECTION_METRIC
 TRAIN_STATE_FILE = "train_state.pt"
 
 
+HOLD_TIMEOUT_S = 900.0
+
+
 @dataclass
 class LoopConfig:
     """Everything a worker needs; plain values only so it crosses process boundaries as a dict."""
@@ -49,6 +52,10 @@ class LoopConfig:
     val_pixels: dict[str, Any] | None = None
     # start the next epoch's training data before validating, so its pipeline restart overlaps validation
     overlap_epochs: bool = False
+    # after this epoch (1-based) every worker waits until `hold_until` exists (at most HOLD_TIMEOUT_S): the demo
+    # fits and serves the early model on cores the next epochs would otherwise take
+    hold_after_epoch: int | None = None
+    hold_until: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +121,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             worker.log.info("epoch_done", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
             if worker.mlflow is not None:
                 _log_epoch(worker.mlflow, worker.cfg.mlflow_run_id, metrics, epoch)
+        if worker.cfg.hold_until and epoch + 1 == worker.cfg.hold_after_epoch and not last:
+            _hold(worker, Path(worker.cfg.hold_until))
+
+
+def _hold(worker: _Worker, until: Path) -> None:
+    """Wait for the file the driver writes once it no longer needs the cores (or for HOLD_TIMEOUT_S, so a driver that
+    died cannot stall the run)."""
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not until.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    worker.log.info("hold_released", waited_for=str(until), released=until.exists())
 
 
 def _set_up(cfg: LoopConfig) -> _Worker:

@@ -79,8 +79,10 @@ def build_trainer(
     mlflow_run_id: str | None = None,
     overrides: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    hold: tuple[int, Path] | None = None,
 ):
-    """A TorchTrainer over the index's train and val splits; ``overrides`` are hyperparameters (tuning)."""
+    """A TorchTrainer over the index's train and val splits; ``overrides`` are hyperparameters (tuning); ``hold``
+    (epoch, file): the workers wait after that epoch until the file exists (``LoopConfig.hold_until``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -118,6 +120,8 @@ def build_trainer(
         log_format=settings.log_format,
         mlflow_tracking_uri=settings.tracking_uri if mlflow_run_id else None,
         mlflow_run_id=mlflow_run_id,
+        hold_after_epoch=hold[0] if hold else None,
+        hold_until=str(hold[1]) if hold else None,
     )
     on_workers = decode_on_workers(settings)
     train_options = decode_options(
@@ -198,10 +202,13 @@ class TrainOutcome:
     epochs_run: int
 
 
-def run_training(settings: Settings, on_epoch: OnEpoch | None = None) -> TrainOutcome:
+def run_training(
+    settings: Settings, on_epoch: OnEpoch | None = None, hold: tuple[int, Path] | None = None
+) -> TrainOutcome:
     """``aipd train``: fit, evaluate on the test split, register, and move ``champion`` only if it wins.
 
-    ``on_epoch`` hears of every finished epoch while Ray trains (a progress bar; the demo serves an early one).
+    ``on_epoch`` hears of every finished epoch while Ray trains (a progress bar; the demo serves an early one);
+    ``hold`` pauses the workers after an epoch until a file exists (the demo, while it fits its early model).
     """
     import mlflow
 
@@ -222,7 +229,7 @@ def run_training(settings: Settings, on_epoch: OnEpoch | None = None) -> TrainOu
     log.info("training_started", run_id=run_id, data=data_path, use_gpu=use_gpu, workers=settings.train.num_workers)
 
     ray_name = f"{name}-{run_id[:8]}"
-    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=ray_name, mlflow_run_id=run_id)
+    trainer = build_trainer(settings, index, use_gpu=use_gpu, name=ray_name, mlflow_run_id=run_id, hold=hold)
     watcher = None
     if on_epoch is not None:
         watcher = EpochWatcher(
