@@ -224,6 +224,40 @@ def test_a_run_restarted_after_its_last_checkpoint_ends_with_its_result(
     assert Path(again.checkpoint.path).name == Path(first.checkpoint.path).name
 
 
+def test_the_workers_hold_after_the_epoch_until_the_file_exists(ray_cluster, small_demo: Path, tmp_path: Path) -> None:
+    """The demo's hold: after epoch 1 of 2 the run waits, reporting nothing more, until the file is written."""
+    from app.data import index_dataset
+    from training.trainer import build_trainer
+
+    settings = tiny_settings(tmp_path, small_demo, epochs=2, num_workers=1)
+    reports, release = tmp_path / "reports.jsonl", tmp_path / "release"
+    trainer = build_trainer(
+        settings,
+        index_dataset(str(small_demo)),
+        use_gpu=False,
+        name="held",
+        callbacks=[_ReportLog(str(reports))],
+        hold=(1, release),
+    )
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    thread.start()
+
+    def reported() -> int:
+        return len(reports.read_text().splitlines()) if reports.exists() else 0
+
+    deadline = time.monotonic() + 300
+    while reported() < 1 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert reported() == 1, "epoch 1 was reported"
+    time.sleep(15)  # an unheld second epoch of this size takes a few seconds
+    assert reported() == 1 and thread.is_alive(), "the run went on before the file existed"
+    release.touch()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and box["result"].error is None
+    assert [json.loads(line)["epoch"] for line in reports.read_text().splitlines()] == [0, 1]
+
+
 class _ReportLog(UserCallback):
     """Runs in Ray Train's controller: appends each report's metrics to a file the test reads."""
 
