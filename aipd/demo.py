@@ -211,7 +211,10 @@ class DemoStack:
             f"[bold]training[/bold] {epochs} epochs on Ray (Ray Data -> Ray Train); the model of epoch "
             f"{first_epoch} is served first, and the finished one takes over if it does better"
         )
-        self.training = BackgroundTraining(self.settings, first_epoch if first_epoch < epochs else None).start()
+        # the workers see the demo's file only on this machine: a cluster it joined trains without the hold
+        self.training = BackgroundTraining(
+            self.settings, first_epoch if first_epoch < epochs else None, hold=self.cluster is not None
+        ).start()
         base_url = self.deploy()  # its replicas start while the first epochs train
         # training holds after the early epoch until its model answers: fitting and serving it on cores the next
         # epochs would take made the first answer minutes later (benchmarks/RESULTS.md, "The first ten minutes")
@@ -405,8 +408,8 @@ class FirstModel:
 class BackgroundTraining:
     """`run_training` on a thread with a progress bar; hands over the early epoch's report when it exists."""
 
-    def __init__(self, settings: Settings, first_epoch: int | None) -> None:
-        self.settings, self.first_epoch = settings, first_epoch
+    def __init__(self, settings: Settings, first_epoch: int | None, *, hold: bool = False) -> None:
+        self.settings, self.first_epoch, self.hold = settings, first_epoch, hold
         # written by `release`; the workers wait for it after the early epoch (a fresh name, so that no file an
         # earlier demo left behind lets them go at once)
         self._released = settings.work_dir.resolve() / f".demo-release-{os.getpid()}-{time.time_ns()}"
@@ -455,7 +458,7 @@ class BackgroundTraining:
                         self._first = report
                         self._first_ready.set()
 
-                hold = None if self.first_epoch is None else (self.first_epoch, self._released)
+                hold = (self.first_epoch, self._released) if self.hold and self.first_epoch is not None else None
                 self._outcome = run_training(self.settings, on_epoch=on_epoch, hold=hold)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which reports it
             self._error = err
