@@ -50,9 +50,11 @@ FEATURE_SETS = {
 
 
 def read_columns(modules: dict[str, Any]) -> Callable[[Any, Any], dict[str, Any]]:
+    from training.residual_verdict import network_logit
+
     def read(model: Any, x: Any) -> dict[str, Any]:
         columns = {
-            "logit": model.head(model.backbone(model.stem(x))).squeeze(1),
+            "logit": network_logit(model, x),
             "shipped": model.residual_statistics(x),
         }
         for name, module in modules.items():
@@ -76,11 +78,10 @@ def features(rows: Any, names: tuple[str, ...]) -> np.ndarray:
 
 def linear(c: float) -> Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """The shipped fit (fit_linear_head) at inverse penalty ``c``; returns the logit of a fitted model."""
-    from training.linear_head import fit_linear_head
+    from training.linear_head import fit_binary_logit
 
     def fit(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        weight, bias = fit_linear_head(x, y, 2, c=c)
-        w, b = (weight[1] - weight[0]).double().numpy(), float(bias[1] - bias[0])
+        w, b = fit_binary_logit(x, y, c)
         return lambda z: z @ w + b
 
     return fit
@@ -114,13 +115,12 @@ def evaluate(
     """AUROC on each test variant (clean first) of the model alone and of its blend with the network's logit, the
     blend fitted on validation as the shipped one is."""
     from app.scoring import auroc
-    from training.linear_head import fit_linear_head
+    from training.linear_head import fit_binary_logit
     from training.residual_verdict import BLEND_C
 
     model = fit(features(train, names), train.labels)
     residual = model(features(val, names))
-    weight, bias = fit_linear_head(np.column_stack([val.columns["logit"], residual]), val.labels, 2, c=BLEND_C)
-    w, b = (weight[1] - weight[0]).double().numpy(), float(bias[1] - bias[0])
+    w, b = fit_binary_logit(np.column_stack([val.columns["logit"], residual]), val.labels, BLEND_C)
     test_residual = model(features(test, names))
     blended = np.column_stack([test.columns["logit"], test_residual]) @ w + b
     alone, blend = [], []

@@ -41,3 +41,10 @@ def fit_linear_head(inputs: np.ndarray, classes: np.ndarray, n_classes: int, c: 
         weight = w / std
         bias = b + absent - (weight * mean).sum(dim=1)
     return weight.float(), bias.float()
+
+
+def fit_binary_logit(inputs: np.ndarray, labels: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """The two-class fit of ``fit_linear_head`` as one logit, ``inputs @ weight + bias`` (float64): the difference of
+    its two rows, which is what the post-training verdicts add to the model's logit."""
+    weight, bias = fit_linear_head(inputs, labels, 2, c=c)
+    return (weight[1] - weight[0]).double().numpy(), float(bias[1] - bias[0])

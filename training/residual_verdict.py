@@ -23,7 +23,7 @@ from app.config import Settings
 from app.degradations import DegradationConfig, PhotoChain
 from app.logging import get_logger
 from training.crop_rows import CropRows, read_crop_rows
-from training.linear_head import fit_linear_head
+from training.linear_head import fit_binary_logit
 
 log = get_logger("aipd.train")
 
@@ -67,13 +67,10 @@ def fit_residual_verdict(
     val_statistics, head, val_labels = val_rows.columns["statistics"], val_rows.columns["logit"], val_rows.labels
     paths, variants = val_rows.paths, val_rows.variants
 
-    weight, bias = fit_linear_head(statistics, labels, 2, c=RESIDUAL_VERDICT_C)
-    residual_weight = (weight[1] - weight[0]).double().numpy()
-    residual_bias = float(bias[1] - bias[0])
+    residual_weight, residual_bias = fit_binary_logit(statistics, labels, RESIDUAL_VERDICT_C)
     residual = val_statistics @ residual_weight + residual_bias
-    blend_weight, blend_bias = fit_linear_head(np.column_stack([head, residual]), val_labels, 2, c=BLEND_C)
-    head_scale, residual_scale = (float(v) for v in (blend_weight[1] - blend_weight[0]).double())
-    intercept = float(blend_bias[1] - blend_bias[0])
+    blend_weight, intercept = fit_binary_logit(np.column_stack([head, residual]), val_labels, BLEND_C)
+    head_scale, residual_scale = (float(v) for v in blend_weight)
 
     clean = variants == ""
     fit = {
@@ -113,15 +110,20 @@ def fit_sample(records: pd.DataFrame) -> pd.DataFrame:
     return shuffled.groupby("label").head(RESIDUAL_FIT_MAX_PER_LABEL).reset_index(drop=True)
 
 
+def network_logit(model: Any, x: Any) -> Any:
+    """The network's own logit: its head on its pooled features, not ``forward``, so a verdict fitted before does not
+    leak in."""
+    return model.head(model.backbone(model.stem(x))).squeeze(1)
+
+
 def _residual_rows(loaded: Any, records: pd.DataFrame, settings: Settings, *, with_logits: bool) -> CropRows:
     """For the evaluation crop of each readable photo, clean and through its degradation chain: the residual
-    statistics and, ``with_logits``, the network's own logit (its head on its pooled features, not ``forward``, so a
-    verdict fitted before does not leak in)."""
+    statistics and, ``with_logits``, the network's own logit (``network_logit``)."""
 
     def read(model: Any, x: Any) -> dict[str, Any]:
         columns = {"statistics": model.residual_statistics(x)}
         if with_logits:
-            columns["logit"] = model.head(model.backbone(model.stem(x))).squeeze(1)
+            columns["logit"] = network_logit(model, x)
         return columns
 
     variants = (("", None), (DEGRADED, PhotoChain(RESIDUAL_FIT_DEGRADATIONS, RESIDUAL_FIT_SEED)))
