@@ -346,6 +346,7 @@ class DemoStack:
         from rich.table import Table
 
         from app.client import predict_files
+        from app.operating_point import format_probability
 
         samples = sample_per_class(self.index().split("test"), per_class=3)
         key = self.settings.api_keys[0] if self.settings.api_keys else None
@@ -369,7 +370,7 @@ class DemoStack:
         thresholds = [item["threshold"] for item in results if item.get("threshold") is not None]
         if thresholds:
             table.caption = (
-                f"ai_generated at a calibrated probability of {thresholds[0]:.2f} or more: the operating point set "
+                f"ai_generated at a calibrated probability of {format_probability(thresholds[0])} or more: the operating point set "
                 f"on the validation photos for {self.settings.train.target_fpr:.0%} false positives"
             )
         console.print(table)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,32 @@ class OperatingPoint:
             "calibration_scale": round(self.calibration.scale, 6),
             "calibration_bias": round(self.calibration.bias, 6),
         }
+
+
+def format_probability(p: float) -> str:
+    """A probability with digits enough to tell it from 0 and 1: a threshold of 1e-5 or 1 - 1e-5 reads as itself, not
+    as "0.0000" or "1.0000"."""
+    if not math.isfinite(p):
+        return str(p)
+    distance = min(abs(p), abs(1.0 - p))
+    digits = 4 if distance >= 1e-3 or distance == 0 else min(12, 2 - math.floor(math.log10(distance) + 1e-9))
+    return f"{p:.{digits}f}"
+
+
+def evidence_warning(point: dict[str, Any]) -> str | None:
+    """One line when fewer than one validation real is expected above the threshold (n x target < 1): the quantile
+    then lies beyond the highest real photo, an extrapolation whose false-positive rate on new photos can be many
+    times the target. None when the reals suffice or the tags are missing."""
+    try:
+        n, high, target = int(point["val_n_real"]), float(point["val_fpr_high"]), float(point["target_fpr"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if n * target >= 1:
+        return None
+    return (
+        f"the threshold rests on {n} real validation photos, too few for a {target:.1%} false-positive rate: on new "
+        f"real photos it may be up to {high:.1%}; a validation split with {math.ceil(1 / target)} or more reals holds it"
+    )
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

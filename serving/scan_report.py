@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 
+from app.operating_point import format_probability
 from app.scan_results import HISTOGRAM_BINS, ScanOverview, read_results, thumbnail_png
 from app.storage import filesystem_of
 
@@ -48,7 +49,7 @@ def render(view: ScanOverview, out: str) -> str:
         ("AI-generated", verdicts["ai_generated"]),
         ("real", verdicts["real"]),
         ("could not be scanned", verdicts["error"]),
-        ("threshold", "-" if view.threshold is None else f"{view.threshold:.3f}"),
+        ("threshold", "-" if view.threshold is None else format_probability(view.threshold)),
         ("model version", ", ".join(view.model_versions) or "-"),
     ]
     rows += [

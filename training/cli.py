@@ -172,6 +172,8 @@ def print_registration(settings: Any, version: str, details: str, champion_messa
 def print_report(report: Any, by_source: bool = False) -> None:
     """The test split at the shipped operating point, the robustness sweep with its flipped verdicts, and (when
     asked) the AUROC per generator family."""
+    from app.operating_point import evidence_warning, format_probability
+
     m = report.metrics
     table = Table(title="test split")
     table.add_column("metric")
@@ -179,7 +181,7 @@ def print_report(report: Any, by_source: bool = False) -> None:
     for key in ("auroc", "ap", "accuracy", "real_accuracy", "ai_accuracy", "tpr_at_1pct_fpr", "ece"):
         table.add_row(key, f"{m[key]:.4f}")
     table.add_row("ece before calibration", f"{m['ece_uncalibrated']:.4f}")
-    table.add_row("threshold", f"{m['threshold']:.4f}")
+    table.add_row("threshold", format_probability(m["threshold"]))
     target = f"{m['target_fpr']:.1%}"
     table.add_row(f"false positives at the threshold (target {target})", f"{m['fpr_at_threshold']:.4f}")
     table.add_row(
@@ -194,6 +196,9 @@ def print_report(report: Any, by_source: bool = False) -> None:
         )
         table.add_row(f"auroc after {name}", f"{value:.4f}{note}")
     console.print(table)
+    warning = evidence_warning(report.operating_point)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
     if by_source:
         families = Table(title="AUROC of the real photos against each generator family")
         families.add_column("family")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from app.degradations import SEVERITIES, sweep
+from app.operating_point import format_probability
 from training.metrics import classification_metrics, expected_calibration_error, reliability_curve, tpr_at_fpr
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class EvaluationReport:
             "",
             f"- model: `{self.model}`",
             f"- data: `{self.data}` (test split, {m['n']} images)",
-            f"- decision threshold: {m['threshold']:.4f} on the calibrated probability, set on the validation split "
+            f"- decision threshold: {format_probability(m['threshold'])} on the calibrated probability, set on the validation split "
             f"for a {m['target_fpr']:.1%} false-positive rate",
             "",
             "| metric | value |",

@@ -9,8 +9,10 @@ import pytest
 from app.operating_point import (
     Calibration,
     clopper_pearson,
+    evidence_warning,
     fit_calibration,
     fit_operating_point,
+    format_probability,
     harrell_davis_quantile,
     sigmoid,
     threshold_for_fpr,
@@ -91,3 +93,26 @@ def test_the_operating_point_says_what_its_threshold_rests_on() -> None:
     assert low <= point.val_fpr <= high and high < 0.05
     tags = point.tags()
     assert set(tags) >= {"threshold", "target_fpr", "val_fpr", "val_fpr_low", "val_fpr_high", "calibration_scale"}
+
+
+@pytest.mark.parametrize(
+    ("p", "shown"),
+    [(0.98765, "0.9877"), (0.5, "0.5000"), (1e-5, "0.0000100"), (0.0004, "0.000400"), (0.9991, "0.999100")],
+)
+def test_a_threshold_is_printed_with_digits_that_tell_it_from_0_and_1(p: float, shown: str) -> None:
+    assert format_probability(p) == shown
+    assert float(format_probability(p)) == pytest.approx(p, rel=1e-2)
+
+
+def test_a_threshold_on_too_few_reals_says_so_and_one_on_enough_says_nothing() -> None:
+    rng = np.random.default_rng(3)
+
+    def point(n_real: int) -> dict:
+        labels = np.r_[np.zeros(n_real), np.ones(200)]
+        raw = np.r_[rng.normal(-2, 1, n_real), rng.normal(2, 1, 200)]
+        return fit_operating_point(labels, raw, 0.01).tags()
+
+    few = evidence_warning(point(13))
+    assert few is not None and "13 real validation photos" in few and "100 or more" in few
+    assert evidence_warning(point(280)) is None
+    assert evidence_warning({}) is None
