@@ -370,8 +370,8 @@ class DemoStack:
         thresholds = [item["threshold"] for item in results if item.get("threshold") is not None]
         if thresholds:
             table.caption = (
-                f"ai_generated at a calibrated probability of {format_probability(thresholds[0])} or more: the operating point set "
-                f"on the validation photos for {self.settings.train.target_fpr:.0%} false positives"
+                f"ai_generated at a calibrated probability of {format_probability(thresholds[0])} or more: the "
+                f"operating point set on the validation photos for {self.settings.train.target_fpr:.0%} false positives"
             )
         console.print(table)
 

@@ -90,8 +90,9 @@ def evidence_warning(point: dict[str, Any]) -> str | None:
     if n * target >= 1:
         return None
     return (
-        f"the threshold rests on {n} real validation photos, too few for a {target:.1%} false-positive rate: on new "
-        f"real photos it may be up to {high:.1%}; a validation split with {math.ceil(1 / target)} or more reals holds it"
+        f"the threshold rests on {n} real validation photos, too few for a {target:.1%} false-positive rate: on "
+        f"new real photos it may be up to {high:.1%}; a validation split with {math.ceil(1 / target)} or more reals "
+        "holds it"
     )
 
 

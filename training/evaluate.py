@@ -70,8 +70,8 @@ class EvaluationReport:
             "",
             f"- model: `{self.model}`",
             f"- data: `{self.data}` (test split, {m['n']} images)",
-            f"- decision threshold: {format_probability(m['threshold'])} on the calibrated probability, set on the validation split "
-            f"for a {m['target_fpr']:.1%} false-positive rate",
+            f"- decision threshold: {format_probability(m['threshold'])} on the calibrated probability, set on the "
+            f"validation split for a {m['target_fpr']:.1%} false-positive rate",
             "",
             "| metric | value |",
             "| --- | --- |",
