@@ -250,7 +250,7 @@ def test_the_workers_hold_after_the_epoch_until_the_file_exists(ray_cluster, sma
     while reported() < 1 and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert reported() == 1, "epoch 1 was reported"
-    time.sleep(15)  # an unheld second epoch of this size takes a few seconds
+    time.sleep(10)  # an unheld second epoch of this size takes a few seconds
     assert reported() == 1 and thread.is_alive(), "the run went on before the file existed"
     release.touch()
     thread.join(timeout=300)
