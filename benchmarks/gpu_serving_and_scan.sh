@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_serving_and_scan.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 # The GPU pixel path (decoding on the GPU), one call each, every baseline in the same call:
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # GPU tests; colocated (the default) vs no flags
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: read and GPU ceilings, DataLoader, scan at 1 and 2 actors per GPU
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: every ceiling, DataLoader, the default scan (CPU
+#                                                         # decode), nvJPEG in the actors at 1 and 2 actors per GPU
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode
 set -uo pipefail
 mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan or pixels-train}
@@ -51,7 +52,7 @@ pixels-serve)
   ;;
 pixels-scan)
   timeout 560 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \
-    --steps model,read,gpu_decode,dataloader,scan,scan_shared \
+    --steps model,decode,read,gpu_decode,dataloader,scan,scan_nvjpeg,scan_shared \
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
 pixels-train)
