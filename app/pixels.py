@@ -8,10 +8,15 @@ center-cropped there. Anything the device decoder should not or cannot take goes
 them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder refuses
 (some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ only
 by the decoders' rounding (tests/gpu bounds the gap on a GPU).
+
+Which device decoder: nvImageCodec with interpolated ("fancy") chroma upsampling where it is installed, since
+libjpeg-turbo upsamples chroma that way and a model that reads the high-pass residual sees the difference; otherwise
+torchvision's nvJPEG call, whose default flags upsample 4:2:0 chroma by nearest neighbour.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,16 +165,64 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
 
 
 def decode_jpeg_on(encoded: Any, device: Any) -> Any:
-    """`torchvision.io.decode_jpeg` as RGB on ``device`` (one encoded tensor or a list), safe beside queued work:
-    nvJPEG writes its outputs on a stream of its own, into blocks the caching allocator may have just taken back from
-    tensors that kernels still queued on the caller's stream read (pytorch/vision#9606; NaN logits in a
-    GPU-decoding training run)."""
+    """JPEG(s) decoded as RGB (3, H, W) uint8 on ``device`` (one encoded CPU tensor or a list), raising if any fails,
+    safe beside queued work: nvJPEG writes its outputs on a stream of its own, into blocks the caching allocator may
+    have just taken back from tensors that kernels still queued on the caller's stream read (pytorch/vision#9606;
+    NaN logits in a GPU-decoding training run)."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
     _wait_for_queued_work(device)
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    decoder = _interpolating_decoder_for(device)
+    if decoder is None:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    single = isinstance(encoded, torch.Tensor)
+    images = decode_interpolated(decoder, [encoded] if single else list(encoded), device)
+    return images[0] if single else images
+
+
+def device_decoder(device: Any) -> str:
+    """The name of the decoder `decode_jpeg_on` uses on ``device``, for reports."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "libjpeg-turbo (torchvision, CPU)"
+    return "nvImageCodec, interpolated chroma" if _interpolating_decoder_for(device) else "nvJPEG (torchvision)"
+
+
+def _interpolating_decoder_for(device: torch.device) -> Any:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return interpolating_decoder(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def interpolating_decoder(device_index: int) -> Any:
+    """An nvImageCodec decoder on this GPU with libjpeg-turbo's chroma upsampling, or None where nvImageCodec is not
+    installed (the package is optional: `nvidia-nvimgcodec-cu12`/`-cu13`)."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    return nvimgcodec.Decoder(device_id=device_index, options=":fancy_upsampling=1")
+
+
+def decode_interpolated(decoder: Any, encoded: list[Any], device: torch.device) -> list[torch.Tensor]:
+    """One batched nvImageCodec call on the caller's stream; its (H, W, 3) images copied into (3, H, W) tensors the
+    caching allocator owns, so nothing outlives the decoder's own buffers."""
+    import torch
+    from nvidia import nvimgcodec
+
+    streams = [nvimgcodec.CodeStream(bytes(t.numpy()) if isinstance(t, torch.Tensor) else bytes(t)) for t in encoded]
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+    decoded = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+    if any(image is None for image in decoded):
+        raise ValueError("nvImageCodec could not decode a JPEG of the batch")
+    return [torch.from_dlpack(image).permute(2, 0, 1).contiguous() for image in decoded]
 
 
 def encode_jpeg_on(image: torch.Tensor, quality: int) -> torch.Tensor:

@@ -10,11 +10,15 @@
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: every ceiling, DataLoader, the default scan (CPU
 #                                                         # decode), nvJPEG in the actors at 1 and 2 actors per GPU
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode
+# The GPU decoders against libjpeg-turbo, carrying [".gpu-wheels-decoder"] instead (benchmarks/gpu_decoder_wheels.sh):
+#   bash benchmarks/gpu_serving_and_scan.sh decoder-parity  # pixel gaps and rates of both decoders; the decoder tests
 set -uo pipefail
-mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan or pixels-train}
+mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan, pixels-train or decoder-parity}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl
+wheels=.gpu-wheels
+[ "$mode" = decoder-parity ] && wheels=.gpu-wheels-decoder
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 # MLflow there is mlflow-skinny: no SQLite store, a file store instead.
 export MLFLOW_ALLOW_FILE_STORE=true AIPD_MLFLOW_TRACKING_URI=file:///tmp/mlruns
@@ -58,6 +62,12 @@ pixels-scan)
 pixels-train)
   timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only abcd \
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
+  ;;
+decoder-parity)
+  export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}  # the CUDA 13 nvJPEG that nvImageCodec loads
+  timeout 240 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
+  timeout 300 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu -k decoder 2>&1 | tail -30 \
+    | tee "$out/decoder_tests.log"
   ;;
 scaling)
   gpus=$(nvidia-smi -L | wc -l)

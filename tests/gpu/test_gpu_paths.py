@@ -129,15 +129,16 @@ def test_a_scan_on_the_gpu_answers_like_the_cpu_model(ray_cluster, tmp_path: Pat
     "serve.decode_on: auto decodes on the CPUs; a pass here is the signal to make the GPU decoder the default again",
 )
 def test_the_gpu_decoder_gives_the_cpu_paths_crops_and_probabilities(small_demo: Path) -> None:
-    """nvJPEG against the CPU decoding path on the demo test split. The stated tolerance: a model trained until its
-    probabilities spread over the photos gives probabilities within 0.02 on both paths' crops; the crops themselves
-    differ by rounding (nvJPEG's chroma upsampling is not libjpeg-turbo's: 0.7-4.2 grey levels mean per photo on an
-    H100), so they are held only to a bound a wrong box or orientation breaks (8 levels)."""
+    """The device decoder against the CPU decoding path on the demo test split. The stated tolerance: a model trained
+    until its probabilities spread over the photos gives probabilities within 0.02 on both paths' crops; the crops
+    themselves differ by rounding (torchvision's nvJPEG upsamples chroma unlike libjpeg-turbo: 0.7-4.2 grey levels
+    mean per photo on an H100; nvImageCodec, where installed, interpolates as libjpeg-turbo does), so they are held
+    only to a bound a wrong box or orientation breaks (8 levels)."""
     import csv
 
     from app.config import ImageLimits
     from app.model import load_checkpoint
-    from app.pixels import cpu_crop, decode_crops
+    from app.pixels import cpu_crop, decode_crops, device_decoder
     from serving.runtime import ActiveModel, score_batch
 
     limits = ImageLimits()
@@ -163,9 +164,10 @@ def test_the_gpu_decoder_gives_the_cpu_paths_crops_and_probabilities(small_demo:
     active = ActiveModel(model=model, uri="", version="1", crop_size=CROP, threshold=0.5, device=cuda, bf16=False)
     on_cpu_probabilities = score_batch(active, on_cpu)[:, 0]
     probability_gap = np.abs(score_batch(active, on_gpu)[:, 0] - on_cpu_probabilities)
+    per_photo, per_channel = gaps.mean(axis=1), np.round(gaps.max(axis=0), 2).tolist()
     summary = (
-        f"mean crop gap per photo: median {np.median(gaps.mean(axis=1)):.2f}, max {gaps.mean(axis=1).max():.2f} grey "
-        f"levels (per channel R/G/B, max: {np.round(gaps.max(axis=0), 2).tolist()}); probability gap: median "
+        f"{device_decoder('cuda')}: mean crop gap per photo: median {np.median(per_photo):.2f}, max "
+        f"{per_photo.max():.2f} grey levels (per channel R/G/B, max: {per_channel}); probability gap: median "
         f"{np.median(probability_gap):.4f}, max {probability_gap.max():.4f}; CPU probabilities' spread (std) "
         f"{on_cpu_probabilities.std():.3f}"
     )
