@@ -165,17 +165,17 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
 
 
 def decode_jpeg_on(encoded: Any, device: Any) -> Any:
-    """JPEG(s) decoded as RGB (3, H, W) uint8 on ``device`` (one encoded CPU tensor or a list), raising if any fails,
-    safe beside queued work: nvJPEG writes its outputs on a stream of its own, into blocks the caching allocator may
-    have just taken back from tensors that kernels still queued on the caller's stream read (pytorch/vision#9606;
-    NaN logits in a GPU-decoding training run)."""
+    """JPEG(s) decoded as RGB (3, H, W) uint8 on ``device`` (one encoded CPU tensor or a list), raising if any fails.
+    nvImageCodec decodes on the caller's stream; torchvision's nvJPEG writes on a stream of its own, into blocks the
+    caching allocator may have just taken back from tensors that kernels still queued on the caller's stream read
+    (pytorch/vision#9606; NaN logits in a GPU-decoding training run), so that path waits for the queued work first."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
-    _wait_for_queued_work(device)
-    decoder = _interpolating_decoder_for(device)
+    decoder = interpolating_decoder(device)
     if decoder is None:
+        _wait_for_queued_work(device)
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     single = isinstance(encoded, torch.Tensor)
     images = decode_interpolated(decoder, [encoded] if single else list(encoded), device)
@@ -189,21 +189,21 @@ def device_decoder(device: Any) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "libjpeg-turbo (torchvision, CPU)"
-    return "nvImageCodec, interpolated chroma" if _interpolating_decoder_for(device) else "nvJPEG (torchvision)"
+    return "nvImageCodec, interpolated chroma" if interpolating_decoder(device) else "nvJPEG (torchvision)"
 
 
-def _interpolating_decoder_for(device: torch.device) -> Any:
+def interpolating_decoder(device: torch.device) -> Any:
+    """An nvImageCodec decoder on this GPU with libjpeg-turbo's chroma upsampling; None off a GPU or where
+    nvImageCodec is not installed (the package is optional: `nvidia-nvimgcodec-cu12`/`-cu13`)."""
     import torch
 
     if device.type != "cuda":
         return None
-    return interpolating_decoder(device.index if device.index is not None else torch.cuda.current_device())
+    return _nvimgcodec_decoder(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def interpolating_decoder(device_index: int) -> Any:
-    """An nvImageCodec decoder on this GPU with libjpeg-turbo's chroma upsampling, or None where nvImageCodec is not
-    installed (the package is optional: `nvidia-nvimgcodec-cu12`/`-cu13`)."""
+def _nvimgcodec_decoder(device_index: int) -> Any:
     try:
         from nvidia import nvimgcodec
     except ImportError:

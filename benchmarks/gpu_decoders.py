@@ -46,7 +46,7 @@ def main() -> None:
     from app.pixels import decode_interpolated, interpolating_decoder
 
     cuda = torch.device("cuda")
-    codec = interpolating_decoder(0)
+    codec = interpolating_decoder(cuda)
     decoders = {"nvJPEG (torchvision)": lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=cuda)}
     if codec is not None:
         decoders["nvImageCodec, interpolated chroma"] = lambda encoded: decode_interpolated(codec, encoded, cuda)
