@@ -222,7 +222,8 @@ def decode_interpolated(decoder: Any, encoded: list[Any], device: torch.device) 
     decoded = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
     if any(image is None for image in decoded):
         raise ValueError("nvImageCodec could not decode a JPEG of the batch")
-    return [torch.from_dlpack(image).permute(2, 0, 1).contiguous() for image in decoded]
+    # a CPU backend of a full nvImageCodec install returns host images: `.to` moves only those
+    return [torch.from_dlpack(image).to(device).permute(2, 0, 1).contiguous() for image in decoded]
 
 
 def encode_jpeg_on(image: torch.Tensor, quality: int) -> torch.Tensor:

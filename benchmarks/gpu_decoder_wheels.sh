@@ -4,7 +4,9 @@
 # the few wheels of .gpu-wheels the decoder tests import (no Ray: they run without a cluster). The whole of
 # .gpu-wheels with nvImageCodec would pass the 64 MiB a device call carries. Run here, after ../shared/tools/gpu-wheels:
 #   bash benchmarks/gpu_decoder_wheels.sh
-# then on the device, carrying [".gpu-wheels-decoder"]: bash benchmarks/gpu_serving_and_scan.sh decoder-parity
+# then on the device, carrying [".gpu-wheels-decoder"]: bash benchmarks/gpu_serving_and_scan.sh decoder-parity.
+# It also leaves the nvImageCodec wheel alone in .gpu-wheels-codec/: pixels-serve and pixels-scan decode through it
+# when [".gpu-wheels", ".gpu-wheels-codec"] are carried.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 out="$root/.gpu-wheels-decoder"
@@ -25,5 +27,9 @@ zip -q -d "$codec" 'nvidia/nvimgcodec/include/*' 'nvidia/nvimgcodec/tools/*' \
 for name in pydantic pydantic_core pydantic_settings annotated_types typing_inspection python_dotenv structlog; do
   cp "$root"/.gpu-wheels/"$name"-[0-9]*.whl "$out/"
 done
+# nvImageCodec alone, to carry beside .gpu-wheels for the serving and scan runs (.gpu-wheels-codec; both sets
+# together stay under the 64 MiB a call carries only without nvJPEG, which the machine's CUDA toolkit provides)
+rm -rf "$root/.gpu-wheels-codec" && mkdir -p "$root/.gpu-wheels-codec" && cp "$codec" "$root/.gpu-wheels-codec/"
+grep -qx '/.gpu-wheels-codec/' "$root/.git/info/exclude" || echo '/.gpu-wheels-codec/' >>"$root/.git/info/exclude"
 unzip -l "$codec" | grep -E 'cpython|extensions/' | awk '{print "  " $4}' >&2
 echo "packed $(ls "$out" | wc -l) wheels, $(du -cm "$out"/*.whl | tail -n 1 | cut -f1) MiB, into .gpu-wheels-decoder/" >&2

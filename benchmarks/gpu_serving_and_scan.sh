@@ -19,6 +19,14 @@ mkdir -p "$out"
 wheels=.gpu-wheels
 [ "$mode" = decoder-parity ] && wheels=.gpu-wheels-decoder
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl
+if [ -d .gpu-wheels-codec ]; then  # nvImageCodec carried beside .gpu-wheels: the GPU decodes through it
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels-codec/*.whl
+fi
+# the CUDA 13 nvJPEG that nvImageCodec loads: carried in .gpu-wheels-decoder, else the machine's CUDA toolkit
+nvjpeg=$(ls /tmp/site/nvidia/cu13/lib/libnvjpeg.so.13 /usr/local/cuda/lib64/libnvjpeg.so.13 \
+  /usr/local/cuda/targets/x86_64-linux/lib/libnvjpeg.so.13 2>/dev/null | head -n 1)
+[ -n "$nvjpeg" ] && export LD_LIBRARY_PATH=$(dirname "$nvjpeg"):${LD_LIBRARY_PATH:-}
+echo "nvJPEG for nvImageCodec: ${nvjpeg:-none found}"
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 # MLflow there is mlflow-skinny: no SQLite store, a file store instead.
 export MLFLOW_ALLOW_FILE_STORE=true AIPD_MLFLOW_TRACKING_URI=file:///tmp/mlruns
@@ -64,7 +72,6 @@ pixels-train)
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
   ;;
 decoder-parity)
-  export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}  # the CUDA 13 nvJPEG that nvImageCodec loads
   timeout 240 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
   timeout 300 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu -k decoder 2>&1 | tail -30 \
     | tee "$out/decoder_tests.log"
