@@ -1,4 +1,4 @@
-"""The two GPU JPEG decoders against libjpeg-turbo: how far each one's pixels are from the CPU path's, and how fast.
+"""The GPU JPEG decoders against libjpeg-turbo: how far each one's pixels are from the CPU path's, and how fast.
 
 Why: the service, the scan and training decode with libjpeg-turbo (Pillow), and a detector that reads the high-pass
 residual answers nvJPEG's pixels differently (benchmarks/RESULTS.md, "The GPU pixel path"). torchvision's CUDA
@@ -49,7 +49,15 @@ def main() -> None:
     codec = interpolating_decoder(cuda)
     decoders = {"nvJPEG (torchvision)": lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=cuda)}
     if codec is not None:
+        from nvidia import nvimgcodec
+
         decoders["nvImageCodec, interpolated chroma"] = lambda encoded: decode_interpolated(codec, encoded, cuda)
+        # the same without the card's JPEG engine (H100/H200 have one), which may not honour fancy_upsampling
+        kinds = (nvimgcodec.BackendKind.GPU_ONLY, nvimgcodec.BackendKind.HYBRID_CPU_GPU)
+        cuda_only = nvimgcodec.Decoder(
+            device_id=0, backends=[nvimgcodec.Backend(kind) for kind in kinds], options=":fancy_upsampling=1"
+        )
+        decoders["nvImageCodec, CUDA decoders only"] = lambda encoded: decode_interpolated(cuda_only, encoded, cuda)
     else:
         print("nvImageCodec is not installed: only torchvision's nvJPEG is measured", flush=True)
     print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
