@@ -27,8 +27,8 @@ zip -q -d "$codec" 'nvidia/nvimgcodec/include/*' 'nvidia/nvimgcodec/tools/*' \
 for name in pydantic pydantic_core pydantic_settings annotated_types typing_inspection python_dotenv structlog; do
   cp "$root"/.gpu-wheels/"$name"-[0-9]*.whl "$out/"
 done
-# nvImageCodec alone, to carry beside .gpu-wheels for the serving and scan runs (.gpu-wheels-codec; both sets
-# together stay under the 64 MiB a call carries only without nvJPEG, which the machine's CUDA toolkit provides)
+# nvImageCodec alone, to carry beside .gpu-wheels for the serving and scan runs (.gpu-wheels-codec): with the nvJPEG
+# wheel the two sets pass the 64 MiB a call carries, so those runs load the machine's nvJPEG (gpu_serving_and_scan.sh)
 rm -rf "$root/.gpu-wheels-codec" && mkdir -p "$root/.gpu-wheels-codec" && cp "$codec" "$root/.gpu-wheels-codec/"
 grep -qx '/.gpu-wheels-codec/' "$root/.git/info/exclude" || echo '/.gpu-wheels-codec/' >>"$root/.git/info/exclude"
 unzip -l "$codec" | grep -E 'cpython|extensions/' | awk '{print "  " $4}' >&2
