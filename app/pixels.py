@@ -202,13 +202,17 @@ def interpolating_decoder(device: torch.device) -> Any:
     return _nvimgcodec_decoder(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# nvImageCodec's decoder option for libjpeg-turbo's interpolated chroma (its JPEG plug-ins default to nearest neighbour)
+INTERPOLATED_CHROMA = ":fancy_upsampling=1"
+
+
 @functools.cache
 def _nvimgcodec_decoder(device_index: int) -> Any:
     try:
         from nvidia import nvimgcodec
     except ImportError:
         return None
-    return nvimgcodec.Decoder(device_id=device_index, options=":fancy_upsampling=1")
+    return nvimgcodec.Decoder(device_id=device_index, options=INTERPOLATED_CHROMA)
 
 
 def decode_interpolated(decoder: Any, encoded: list[Any], device: torch.device) -> list[torch.Tensor]:

@@ -43,7 +43,7 @@ def main() -> None:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from app.pixels import decode_interpolated, interpolating_decoder
+    from app.pixels import INTERPOLATED_CHROMA, decode_interpolated, interpolating_decoder
 
     cuda = torch.device("cuda")
     codec = interpolating_decoder(cuda)
@@ -55,7 +55,7 @@ def main() -> None:
         # the same without the card's JPEG engine (H100/H200 have one), which may not honour fancy_upsampling
         kinds = (nvimgcodec.BackendKind.GPU_ONLY, nvimgcodec.BackendKind.HYBRID_CPU_GPU)
         cuda_only = nvimgcodec.Decoder(
-            device_id=0, backends=[nvimgcodec.Backend(kind) for kind in kinds], options=":fancy_upsampling=1"
+            device_id=0, backends=[nvimgcodec.Backend(kind) for kind in kinds], options=INTERPOLATED_CHROMA
         )
         decoders["nvImageCodec, CUDA decoders only"] = lambda encoded: decode_interpolated(cuda_only, encoded, cuda)
     else:

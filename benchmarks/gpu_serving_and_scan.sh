@@ -22,15 +22,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "
 if [ -d .gpu-wheels-codec ]; then  # nvImageCodec carried beside .gpu-wheels: the GPU decodes through it
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels-codec/*.whl
 fi
-# the CUDA 13 nvJPEG that nvImageCodec loads: carried in .gpu-wheels-decoder, else the machine's CUDA toolkit's,
-# else the copy torchvision bundles under a hashed name (linked as the name nvImageCodec asks for)
-vision_libs=$(python3 -c "import pathlib, torchvision; print(pathlib.Path(torchvision.__file__).parent.parent / 'torchvision.libs')")
-bundled=$(ls "$vision_libs"/libnvjpeg*.so.13 2>/dev/null | head -n 1)
-[ -n "$bundled" ] && mkdir -p /tmp/nvjpeg && ln -sf "$bundled" /tmp/nvjpeg/libnvjpeg.so.13
-nvjpeg=$(ls /tmp/site/nvidia/cu13/lib/libnvjpeg.so.13 /usr/local/cuda/lib64/libnvjpeg.so.13 \
-  /usr/local/cuda/targets/x86_64-linux/lib/libnvjpeg.so.13 /tmp/nvjpeg/libnvjpeg.so.13 2>/dev/null | head -n 1)
-[ -n "$nvjpeg" ] && export LD_LIBRARY_PATH=$(dirname "$nvjpeg"):${LD_LIBRARY_PATH:-}
-echo "nvJPEG for nvImageCodec: ${nvjpeg:-none found}"
+if [ -d /tmp/site/nvidia/nvimgcodec ]; then
+  # the CUDA 13 nvJPEG that nvImageCodec loads: carried in .gpu-wheels-decoder, else the machine's CUDA toolkit's,
+  # else the copy torchvision bundles under a hashed name (linked as the name nvImageCodec asks for)
+  vision_libs=$(python3 -c "import pathlib, torchvision; print(pathlib.Path(torchvision.__file__).parents[1] / 'torchvision.libs')")
+  bundled=$(ls "$vision_libs"/libnvjpeg*.so.13 2>/dev/null | head -n 1)
+  [ -n "$bundled" ] && mkdir -p /tmp/nvjpeg && ln -sf "$bundled" /tmp/nvjpeg/libnvjpeg.so.13
+  nvjpeg=$(ls /tmp/site/nvidia/cu13/lib/libnvjpeg.so.13 /usr/local/cuda/lib64/libnvjpeg.so.13 \
+    /usr/local/cuda/targets/x86_64-linux/lib/libnvjpeg.so.13 /tmp/nvjpeg/libnvjpeg.so.13 2>/dev/null | head -n 1)
+  [ -n "$nvjpeg" ] && export LD_LIBRARY_PATH=$(dirname "$nvjpeg"):${LD_LIBRARY_PATH:-}
+  echo "nvJPEG for nvImageCodec: ${nvjpeg:-none found}"
+fi
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 # MLflow there is mlflow-skinny: no SQLite store, a file store instead.
 export MLFLOW_ALLOW_FILE_STORE=true AIPD_MLFLOW_TRACKING_URI=file:///tmp/mlruns
