@@ -11,13 +11,14 @@
 #                                                         # decode), nvJPEG in the actors at 1 and 2 actors per GPU
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode
 # The GPU decoders against libjpeg-turbo, carrying [".gpu-wheels-decoder"] instead (benchmarks/gpu_decoder_wheels.sh):
-#   bash benchmarks/gpu_serving_and_scan.sh decoder-parity  # pixel gaps and rates of both decoders; the decoder tests
+#   bash benchmarks/gpu_serving_and_scan.sh decoders        # pixel gaps and rates of the GPU decoders and the CPU threads
+#   bash benchmarks/gpu_serving_and_scan.sh decoder-parity  # the same, then the GPU decoder tests
 set -uo pipefail
-mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan, pixels-train or decoder-parity}
+mode=${1:?serving, scan, after, scaling, pixels-serve, pixels-scan, pixels-train, decoders or decoder-parity}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 wheels=.gpu-wheels
-[ "$mode" = decoder-parity ] && wheels=.gpu-wheels-decoder
+case "$mode" in decoder-parity | decoders) wheels=.gpu-wheels-decoder ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl
 if [ -d .gpu-wheels-codec ]; then  # nvImageCodec carried beside .gpu-wheels: the GPU decodes through it
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels-codec/*.whl
@@ -28,8 +29,11 @@ if [ -d /tmp/site/nvidia/nvimgcodec ]; then
   vision_libs=$(python3 -c "import pathlib, torchvision; print(pathlib.Path(torchvision.__file__).parents[1] / 'torchvision.libs')")
   bundled=$(ls "$vision_libs"/libnvjpeg*.so.13 2>/dev/null | head -n 1)
   [ -n "$bundled" ] && mkdir -p /tmp/nvjpeg && ln -sf "$bundled" /tmp/nvjpeg/libnvjpeg.so.13
-  nvjpeg=$(ls /tmp/site/nvidia/cu13/lib/libnvjpeg.so.13 /usr/local/cuda/lib64/libnvjpeg.so.13 \
-    /usr/local/cuda/targets/x86_64-linux/lib/libnvjpeg.so.13 /tmp/nvjpeg/libnvjpeg.so.13 2>/dev/null | head -n 1)
+  nvjpeg=
+  for candidate in /tmp/site/nvidia/cu13/lib/libnvjpeg.so.13 /usr/local/cuda/lib64/libnvjpeg.so.13 \
+    /usr/local/cuda/targets/x86_64-linux/lib/libnvjpeg.so.13 /tmp/nvjpeg/libnvjpeg.so.13; do
+    [ -z "$nvjpeg" ] && [ -e "$candidate" ] && nvjpeg=$candidate
+  done
   [ -n "$nvjpeg" ] && export LD_LIBRARY_PATH=$(dirname "$nvjpeg"):${LD_LIBRARY_PATH:-}
   echo "nvJPEG for nvImageCodec: ${nvjpeg:-none found}"
 fi
@@ -76,6 +80,9 @@ pixels-scan)
 pixels-train)
   timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only abcd \
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
+  ;;
+decoders)
+  timeout 240 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
   ;;
 decoder-parity)
   timeout 240 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
