@@ -202,6 +202,16 @@ def interpolating_decoder(device: torch.device) -> Any:
     return _nvimgcodec_decoder(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def interpolating_decoder_installed() -> bool:
+    """Whether nvImageCodec is installed here, found without importing it (its import loads CUDA libraries)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace at all
+        return False
+
+
 # nvImageCodec's decoder option for libjpeg-turbo's interpolated chroma (its JPEG plug-ins default to nearest neighbour)
 INTERPOLATED_CHROMA = ":fancy_upsampling=1"
 
