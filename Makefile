@@ -41,11 +41,12 @@ demo: $(if $(wildcard $(STAMP)),$(STAMP),$(DEMO_STAMP))
 	$(VENV)/bin/aipd demo $(DEMO_ARGS)
 
 # Real peers for the integration tests: a browser for the UI, Prometheus and Alertmanager for the metrics and alerts,
-# Redis for the shared answer cache. Where they cannot be installed, the tests that need them skip and say why.
-SYSTEM_DEPS := chromium prometheus prometheus-alertmanager redis-server
+# Redis for the shared answer cache, libturbojpeg for a decoder with nvJPEG's chroma (tests/turbojpeg.py). Where they
+# cannot be installed, the tests that need them skip and say why.
+SYSTEM_DEPS := chromium prometheus prometheus-alertmanager redis-server libturbojpeg0
 system-deps:
 	@if command -v chromium >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
-		&& command -v redis-server >/dev/null; then :; \
+		&& command -v redis-server >/dev/null && /sbin/ldconfig -p | grep -q libturbojpeg; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_DEPS) >/dev/null) || echo "warning: could not install $(SYSTEM_DEPS); their tests will skip"; \

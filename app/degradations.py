@@ -77,11 +77,11 @@ class Jpeg:
 
     def tensor(self, image: torch.Tensor) -> torch.Tensor:
         """Encoded and decoded where the tensor lives: nvJPEG on a GPU, libjpeg-turbo on a CPU."""
-        from app.pixels import decode_jpeg_on, encode_jpeg_on
+        from app.pixels import decode_jpeg_interpolated, encode_jpeg_on
 
         encoded = encode_jpeg_on(image, self.quality)
         # the decoder reads its input from host memory on every device; the bytes are a few KiB
-        return decode_jpeg_on(encoded.cpu(), image.device)
+        return decode_jpeg_interpolated(encoded.cpu(), image.device)
 
 
 def resize_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

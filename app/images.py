@@ -68,6 +68,9 @@ class Header:
     width: int  # as stored, before the EXIF orientation
     height: int
     orientation: int  # EXIF orientation 1-8; 1 when there is none or it cannot be read
+    # a YCbCr JPEG's chroma subsampling, (horizontal, vertical): (1, 1) 4:4:4, (2, 1) 4:2:2, (2, 2) 4:2:0; None for
+    # other formats, other colour codings and layouts whose two chroma planes differ
+    chroma_subsampling: tuple[int, int] | None = None
 
     @property
     def upright_size(self) -> tuple[int, int]:
@@ -79,7 +82,7 @@ def check_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
     """The cheap checks of `decode_image` alone - size, type from the content, the pixel limit from the header - so a
     service can refuse a photo (400/413/415) before anything decodes it."""
     image, kind = _checked_header(data, max_bytes, max_pixels)
-    return Header(kind, image.mode, image.width, image.height, _orientation(image))
+    return Header(kind, image.mode, image.width, image.height, _orientation(image), _chroma_subsampling(image))
 
 
 def decode_image(
@@ -123,6 +126,19 @@ def _checked_header(data: bytes, max_bytes: int, max_pixels: int) -> tuple[Image
             f"the image declares {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
         )
     return image, kind
+
+
+def _chroma_subsampling(image: Image.Image) -> tuple[int, int] | None:
+    """From the JPEG frame header's sampling factors (Pillow's `layer`: id, horizontal, vertical, table)."""
+    layers = getattr(image, "layer", None)
+    if image.format != "JPEG" or image.mode != "RGB" or not layers or len(layers) != 3:
+        return None
+    if image.info.get("adobe_transform") == 0:  # the planes are R, G and B, not luma and chroma
+        return None
+    (_, luma_h, luma_v, _), (_, cb_h, cb_v, _), (_, cr_h, cr_v, _) = layers
+    if (cb_h, cb_v) != (cr_h, cr_v) or luma_h % cb_h or luma_v % cb_v:
+        return None
+    return luma_h // cb_h, luma_v // cb_v
 
 
 def _orientation(image: Image.Image) -> int:

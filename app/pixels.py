@@ -1,27 +1,25 @@
 """Encoded photos to the detector's center crops on the model's device, in batches: nvJPEG on a GPU.
 
 On a GPU node the bytes travel to the process that holds the model, and the pixels never leave the card: the JPEGs of
-a batch are decoded together (`torchvision.io.decode_jpeg` on CUDA), turned upright by their EXIF orientation and
-center-cropped there. Anything the device decoder should not or cannot take goes through the one CPU decoding path
-(`app.images.decode_image`, `app.transforms.eval_preprocess`) with the same result: PNG and WebP, JPEGs that are not
-3-channel YCbCr/RGB (grey, CMYK), files that end early (Pillow calls them truncated, a device decoder would fill
-them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder refuses
-(some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ only
-by the decoders' rounding (tests/gpu bounds the gap on a GPU).
-
-Which device decoder: nvImageCodec with interpolated ("fancy") chroma upsampling where it is installed, since
-libjpeg-turbo upsamples chroma that way and a model that reads the high-pass residual sees the difference; otherwise
-torchvision's nvJPEG call, whose default flags upsample 4:2:0 chroma by nearest neighbour.
+a batch are decoded together (`torchvision.io.decode_jpeg` on CUDA), their chroma interpolated as libjpeg-turbo does
+(`app.chroma`: nvJPEG upsamples it by nearest neighbour, and a model that reads the high-pass residual sees the
+difference), turned upright by their EXIF orientation and center-cropped there. Anything the device decoder should
+not or cannot take goes through the one CPU decoding path (`app.images.decode_image`, `app.transforms.eval_preprocess`)
+with the same result: PNG and WebP, JPEGs that are not 3-channel YCbCr/RGB (grey, CMYK) or whose chroma layout
+`app.chroma` does not rebuild (4:4:0, 4:1:1), files that end early (Pillow calls them truncated, a device decoder
+would fill them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder
+refuses (some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ
+only where a saturated colour hides a chroma sample (tests/gpu bounds the gap on a GPU).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.chroma import SUBSAMPLINGS, interpolated_image, interpolated_windows, warm_tables
 from app.images import Header, ImageError, check_header, decode_image, jpeg_ends_early
 
 if TYPE_CHECKING:
@@ -32,15 +30,25 @@ if TYPE_CHECKING:
 
 def device_decodable(header: Header, crop_size: int = 0) -> bool:
     """Whether the batched device decoder takes this photo (see the module docstring for the others)."""
-    return header.kind == "jpeg" and header.mode == "RGB" and min(header.upright_size) >= crop_size
+    return (
+        header.kind == "jpeg"
+        and header.mode == "RGB"
+        and header.chroma_subsampling in _DEVICE_SUBSAMPLINGS
+        and min(header.upright_size) >= crop_size
+    )
+
+
+_DEVICE_SUBSAMPLINGS = ((1, 1), *SUBSAMPLINGS)
 
 
 def decode_upright(photos: Sequence[bytes], device: Any, limits: ImageLimits) -> list[torch.Tensor | ImageError]:
     """Each photo whole and upright as a uint8 (3, H, W) tensor on ``device`` (for training's augmentation, which
     crops after degrading), or its `ImageError`; what the device decoder leaves is decoded by the CPU path and moved."""
-    results, upright = _decode_batch(photos, 0, device, limits)
-    for i, image in upright.items():
-        results[i] = image
+    results, decoded = _decode_batch(photos, 0, device, limits)
+    for i, (image, header) in decoded.items():
+        if _rebuilds_chroma(image.device, header):
+            image = interpolated_image(image, header.chroma_subsampling)
+        results[i] = _orient(image, header.orientation)
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = _cpu_upright(data, device, limits)
@@ -52,27 +60,79 @@ def decode_crops(
 ) -> list[torch.Tensor | np.ndarray | ImageError]:
     """Each photo's uint8 (crop, crop, 3) center crop - a tensor on ``device`` when the device decoded it, an array
     when the CPU path did - or the `ImageError` the CPU path gives it, in the order of ``photos``."""
-    results, upright = _decode_batch(photos, crop_size, device, limits)
-    for i, image in upright.items():
-        _, height, width = image.shape
-        left, top = (width - crop_size) // 2, (height - crop_size) // 2  # eval_preprocess's box
-        results[i] = image[:, top : top + crop_size, left : left + crop_size].permute(1, 2, 0).contiguous()
+    results, decoded = _decode_batch(photos, crop_size, device, limits)
+    boxes = {i: _stored_box(image, header.orientation, crop_size) for i, (image, header) in decoded.items()}
+    windows: dict[int, torch.Tensor] = {}
+    rebuilt: dict[tuple[int, int], list[int]] = {}
+    for i, (image, header) in decoded.items():
+        if _rebuilds_chroma(image.device, header):
+            rebuilt.setdefault(header.chroma_subsampling, []).append(i)
+        else:
+            left, top, _, _ = boxes[i]
+            windows[i] = image[:, top : top + crop_size, left : left + crop_size]
+    for subsampling, indices in rebuilt.items():
+        crops = interpolated_windows([decoded[i][0] for i in indices], [boxes[i] for i in indices], subsampling)
+        windows.update(zip(indices, crops, strict=True))
+    for i, window in windows.items():
+        results[i] = _orient(window, decoded[i][1].orientation).permute(1, 2, 0).contiguous()
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = cpu_crop(data, crop_size, limits)
     return results
 
 
+def decode_jpeg_interpolated(encoded: torch.Tensor, device: Any) -> torch.Tensor:
+    """One JPEG (an encoded CPU tensor) as libjpeg-turbo decodes it, (3, H, W) uint8 on ``device``: for a JPEG this
+    process made itself (the augmentation's re-encoding), so no header check."""
+    import torch
+
+    device = torch.device(device)
+    image = decode_jpeg_on(encoded, device)
+    subsampling = check_header(bytes(encoded.numpy())).chroma_subsampling
+    if _rebuilds_chroma(device) and subsampling in SUBSAMPLINGS:
+        image = interpolated_image(image, subsampling)
+    return image
+
+
+def _rebuilds_chroma(device: torch.device, header: Header | None = None) -> bool:
+    """nvJPEG upsamples chroma by nearest neighbour (torchvision passes no flag to change it); on a CPU torchvision
+    decodes with libjpeg-turbo, which interpolates already."""
+    return device.type == "cuda" and (header is None or header.chroma_subsampling in SUBSAMPLINGS)
+
+
+def _stored_box(image: torch.Tensor, orientation: int, crop_size: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) in the stored photo of the center crop `eval_preprocess` takes from the upright
+    one: the upright box's corners mapped back through the EXIF orientation."""
+    _, height, width = image.shape
+    upright_width, upright_height = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    left, top = (upright_width - crop_size) // 2, (upright_height - crop_size) // 2
+
+    def stored(x: int, y: int) -> tuple[int, int]:
+        return {
+            1: (x, y),
+            2: (width - 1 - x, y),
+            3: (width - 1 - x, height - 1 - y),
+            4: (x, height - 1 - y),
+            5: (y, x),
+            6: (y, height - 1 - x),
+            7: (width - 1 - y, height - 1 - x),
+            8: (width - 1 - y, x),
+        }[orientation]
+
+    corners = (stored(left, top), stored(left + crop_size - 1, top + crop_size - 1))
+    return min(x for x, _ in corners), min(y for _, y in corners), crop_size, crop_size
+
+
 def _decode_batch(
     photos: Sequence[bytes], crop_size: int, device: Any, limits: ImageLimits
-) -> tuple[list[Any], dict[int, torch.Tensor]]:
+) -> tuple[list[Any], dict[int, tuple[torch.Tensor, Header]]]:
     """The header checks of every photo (their refusals in the first list, None elsewhere), and the photos the
-    device decoded, upright (3, H, W), by index; the photos in neither are the CPU path's."""
+    device decoded, as stored (3, H, W), with their headers, by index; the photos in neither are the CPU path's."""
     import torch
 
     refusals: list[Any] = [None] * len(photos)
     batch: list[int] = []
-    orientations: dict[int, int] = {}
+    headers: dict[int, Header] = {}
     for i, data in enumerate(photos):
         try:
             header = check_header(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
@@ -81,10 +141,10 @@ def _decode_batch(
             continue
         if device_decodable(header, crop_size) and not jpeg_ends_early(data):
             batch.append(i)
-            orientations[i] = header.orientation
+            headers[i] = header
     decoded = _decode_on_device([photos[i] for i in batch], torch.device(device))
-    upright = {i: _orient(image, orientations[i]) for i, image in zip(batch, decoded, strict=True) if image is not None}
-    return refusals, upright
+    stored = {i: (image, headers[i]) for i, image in zip(batch, decoded, strict=True) if image is not None}
+    return refusals, stored
 
 
 def _cpu_upright(data: bytes, device: Any, limits: ImageLimits) -> torch.Tensor | ImageError:
@@ -140,7 +200,10 @@ def warm_decoder(device: Any) -> int:
 
     pattern = torch.arange(3 * 32 * 48, dtype=torch.int64).reshape(3, 32, 48).remainder(251).to(torch.uint8)
     data = bytes(encode_jpeg(pattern, quality=90).numpy())
-    return sum(image is not None for image in _decode_on_device([data, data], torch.device(device)))
+    device = torch.device(device)
+    if device.type == "cuda":
+        warm_tables(device)
+    return sum(image is not None for image in _decode_on_device([data, data], device))
 
 
 def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -165,79 +228,25 @@ def _decode_on_device(photos: list[bytes], device: torch.device) -> list[torch.T
 
 
 def decode_jpeg_on(encoded: Any, device: Any) -> Any:
-    """JPEG(s) decoded as RGB (3, H, W) uint8 on ``device`` (one encoded CPU tensor or a list), raising if any fails.
-    nvImageCodec decodes on the caller's stream; torchvision's nvJPEG writes on a stream of its own, into blocks the
+    """JPEG(s) decoded as RGB (3, H, W) uint8 on ``device`` (one encoded CPU tensor or a list), raising if any fails;
+    on a GPU with nearest-neighbour chroma (see `app.chroma`). nvJPEG writes on a stream of its own, into blocks the
     caching allocator may have just taken back from tensors that kernels still queued on the caller's stream read
-    (pytorch/vision#9606; NaN logits in a GPU-decoding training run), so that path waits for the queued work first."""
+    (pytorch/vision#9606; NaN logits in a GPU-decoding training run), so the queued work is waited for first."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
-    decoder = interpolating_decoder(device)
-    if decoder is None:
-        _wait_for_queued_work(device)
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    single = isinstance(encoded, torch.Tensor)
-    images = decode_interpolated(decoder, [encoded] if single else list(encoded), device)
-    return images[0] if single else images
+    _wait_for_queued_work(device)
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def device_decoder(device: Any) -> str:
-    """The name of the decoder `decode_jpeg_on` uses on ``device``, for reports."""
+    """The name of the decoding `decode_crops` does on ``device``, for reports."""
     import torch
 
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return "libjpeg-turbo (torchvision, CPU)"
-    return "nvImageCodec, interpolated chroma" if interpolating_decoder(device) else "nvJPEG (torchvision)"
-
-
-def interpolating_decoder(device: torch.device) -> Any:
-    """An nvImageCodec decoder on this GPU with libjpeg-turbo's chroma upsampling; None off a GPU or where
-    nvImageCodec is not installed (the package is optional: `nvidia-nvimgcodec-cu12`/`-cu13`)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return _nvimgcodec_decoder(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def interpolating_decoder_installed() -> bool:
-    """Whether nvImageCodec is installed here, found without importing it (its import loads CUDA libraries)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
-    except ModuleNotFoundError:  # no `nvidia` namespace at all
-        return False
-
-
-# nvImageCodec's decoder option for libjpeg-turbo's interpolated chroma (its JPEG plug-ins default to nearest neighbour)
-INTERPOLATED_CHROMA = ":fancy_upsampling=1"
-
-
-@functools.cache
-def _nvimgcodec_decoder(device_index: int) -> Any:
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        return None
-    return nvimgcodec.Decoder(device_id=device_index, options=INTERPOLATED_CHROMA)
-
-
-def decode_interpolated(decoder: Any, encoded: list[Any], device: torch.device) -> list[torch.Tensor]:
-    """One batched nvImageCodec call on the caller's stream; its (H, W, 3) images copied into (3, H, W) tensors the
-    caching allocator owns, so nothing outlives the decoder's own buffers."""
-    import torch
-    from nvidia import nvimgcodec
-
-    streams = [nvimgcodec.CodeStream(bytes(t.numpy()) if isinstance(t, torch.Tensor) else bytes(t)) for t in encoded]
-    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
-    decoded = decoder.decode(streams, params=params, cuda_stream=torch.cuda.current_stream(device).cuda_stream)
-    if any(image is None for image in decoded):
-        raise ValueError("nvImageCodec could not decode a JPEG of the batch")
-    # a CPU backend of a full nvImageCodec install returns host images: `.to` moves only those
-    return [torch.from_dlpack(image).to(device).permute(2, 0, 1).contiguous() for image in decoded]
+    return "nvJPEG (torchvision), chroma interpolated as libjpeg-turbo's (app.chroma)"
 
 
 def encode_jpeg_on(image: torch.Tensor, quality: int) -> torch.Tensor:

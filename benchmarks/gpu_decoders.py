@@ -2,11 +2,13 @@
 
 Why: the service, the scan and training decode with libjpeg-turbo (Pillow), and a detector that reads the high-pass
 residual answers nvJPEG's pixels differently (benchmarks/RESULTS.md, "The GPU pixel path"). torchvision's CUDA
-`decode_jpeg` runs nvJPEG with its default, nearest-neighbour chroma upsampling; nvImageCodec with
-`:fancy_upsampling=1` interpolates as libjpeg-turbo does. For photos of 4:2:0, 4:2:2 and 4:4:4 chroma at several sizes:
-the mean absolute difference per channel from libjpeg-turbo, the largest, and the batched decode rate (64 a batch).
+`decode_jpeg` runs nvJPEG with its default, nearest-neighbour chroma upsampling; `app.chroma` rebuilds
+libjpeg-turbo's interpolated chroma from it; nvImageCodec with `:fancy_upsampling=1` interpolates in the decoder. For
+photos of 4:2:0, 4:2:2 and 4:4:4 chroma at several sizes: the mean absolute difference per channel from
+libjpeg-turbo, the largest, and the batched decode rate (64 and 256 a batch); then `app.pixels.decode_crops`, the
+path the service and the scan take, against the CPU path's crops.
 
-    GPU machine:  python3 benchmarks/gpu_decoders.py   (needs .gpu-wheels-decoder: benchmarks/gpu_decoder_wheels.sh)
+    GPU machine:  python3 benchmarks/gpu_decoders.py   (nvImageCodec: .gpu-wheels-decoder, gpu_decoder_wheels.sh)
 """
 
 from __future__ import annotations
@@ -44,33 +46,60 @@ def photos(subsampling: int, count: int = 64) -> list[bytes]:
     return out
 
 
+INTERPOLATED_CHROMA = ":fancy_upsampling=1"  # nvImageCodec's option for libjpeg-turbo's chroma upsampling
+
+
 def nvimgcodec_variants(cuda: Any) -> dict[str, Callable[[list[Any]], list[Any]]]:
     """nvImageCodec with libjpeg-turbo's chroma, four ways: its default back-ends; the CUDA decoders only (no JPEG
     engine, which may not honour the chroma option); the CUDA decoders with Huffman decoding on the GPU for every
     size (by default photos under a megapixel are Huffman-decoded on its CPU threads); the card's JPEG engine only."""
-    from app.pixels import INTERPOLATED_CHROMA, decode_interpolated, interpolating_decoder
-
-    codec = interpolating_decoder(cuda)
-    if codec is None:
-        print("nvImageCodec is not installed: only torchvision's nvJPEG is measured", flush=True)
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        print("nvImageCodec is not installed: its rows are left out", flush=True)
         return {}
-    from nvidia import nvimgcodec
 
-    def made(kinds: tuple[Any, ...], options: str = "") -> Callable[[list[Any]], list[Any]]:
+    def made(kinds: tuple[Any, ...] | None, options: str = "") -> Callable[[list[Any]], list[Any]]:
         @functools.cache
         def decoder() -> Any:  # made at the first call, so a back-end the card lacks fails inside the measurement
-            backends = [nvimgcodec.Backend(kind) for kind in kinds]
+            backends = None if kinds is None else [nvimgcodec.Backend(kind) for kind in kinds]
             return nvimgcodec.Decoder(device_id=0, backends=backends, options=INTERPOLATED_CHROMA + options)
 
-        return lambda encoded: decode_interpolated(decoder(), encoded, cuda)
+        def decode(encoded: list[Any]) -> list[Any]:
+            import torch
+
+            streams = [nvimgcodec.CodeStream(bytes(t.numpy())) for t in encoded]
+            params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+            stream = torch.cuda.current_stream(cuda).cuda_stream
+            images = decoder().decode(streams, params=params, cuda_stream=stream)
+            if any(image is None for image in images):
+                raise ValueError("nvImageCodec could not decode a JPEG of the batch")
+            return [torch.from_dlpack(image).to(cuda).permute(2, 0, 1).contiguous() for image in images]
+
+        return decode
 
     cuda_kinds = (nvimgcodec.BackendKind.GPU_ONLY, nvimgcodec.BackendKind.HYBRID_CPU_GPU)
     return {
-        "nvImageCodec, interpolated chroma": lambda encoded: decode_interpolated(codec, encoded, cuda),
+        "nvImageCodec, interpolated chroma": made(None),
         "nvImageCodec, CUDA decoders only": made(cuda_kinds),
         "nvImageCodec, CUDA, GPU Huffman": made(cuda_kinds, " nvjpeg_cuda_decoder:hybrid_huffman_threshold=0"),
         "nvImageCodec, JPEG engine only": made((nvimgcodec.BackendKind.HW_GPU_ONLY,)),
     }
+
+
+def rebuilt_chroma(cuda: Any, subsampling: int) -> Callable[[list[Any]], list[Any]]:
+    """torchvision's nvJPEG, then `app.chroma` on each whole photo (the crops of `app.pixels` rebuild a window)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from app.chroma import interpolated_image
+
+    layout = {2: (2, 2), 1: (2, 1), 0: None}[subsampling]
+
+    def decode(encoded: list[Any]) -> list[Any]:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=cuda)
+        return images if layout is None else [interpolated_image(image, layout) for image in images]
+
+    return decode
 
 
 def main() -> None:
@@ -90,7 +119,8 @@ def main() -> None:
         data = photos(subsampling)
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         reference = [decode_jpeg(e, mode=ImageReadMode.RGB).numpy().astype(np.int16) for e in encoded]
-        for decoder_name, decode in decoders.items():
+        rebuilt = {"nvJPEG, chroma rebuilt (app.chroma, whole photos)": rebuilt_chroma(cuda, subsampling)}
+        for decoder_name, decode in {**decoders, **rebuilt}.items():
             try:
                 images, rates = measured(decode, encoded)
             except (RuntimeError, ValueError) as error:  # a back-end the card lacks is a line, not the end of the run
@@ -107,10 +137,40 @@ def main() -> None:
             f"| {name} | {decoder_name} | {gap[0]:.2f} / {gap[1]:.2f} / {gap[2]:.2f} | {largest} | {rate:,.0f} "
             f"| {rate_256:,.0f} |"
         )
+    crop_rates()
+
+
+def crop_rates(crop_size: int = 224) -> None:
+    """`app.pixels.decode_crops` as the service and the scan call it (header checks, nvJPEG, the chroma rebuilt in
+    a window around each crop), against the CPU path's crops of the same photos."""
+    import torch
+
+    from app.config import ImageLimits
+    from app.pixels import cpu_crop, decode_crops
+
+    limits = ImageLimits()
+    print(
+        "\n| chroma | `decode_crops`, 224-px crops: mean gap R / G / B | largest gap | img/s, batches of 64 | of 256 |"
+    )
+    print("| --- | --- | ---: | ---: | ---: |")
+    for subsampling, name in ((2, "4:2:0"), (1, "4:2:2"), (0, "4:4:4")):
+        data = photos(subsampling)
+        crops, rates = measured(lambda batch: decode_crops(batch, crop_size, "cuda", limits), data)
+        on_gpu = sum(isinstance(crop, torch.Tensor) for crop in crops)
+        diffs = [
+            np.abs(torch.as_tensor(c).cpu().numpy().astype(np.int16) - cpu_crop(d, crop_size, limits))
+            for c, d in zip(crops, data, strict=True)
+        ]
+        gap = np.stack([d.mean(axis=(0, 1)) for d in diffs]).mean(axis=0)
+        print(
+            f"| {name} ({on_gpu}/{len(data)} on the GPU) | {gap[0]:.3f} / {gap[1]:.3f} / {gap[2]:.3f} "
+            f"| {max(int(d.max()) for d in diffs)} | {rates[0]:,.0f} | {rates[1]:,.0f} |"
+        )
 
 
 def measured(decode: Callable[[list[Any]], list[Any]], encoded: list[Any]) -> tuple[list[Any], tuple[float, float]]:
-    """The images of one batch and the decode rates for batches of 64 and of 256 (the photos four times)."""
+    """The images of one batch and the decode rates for batches of 64 and of 256 (the photos four times); the photos
+    as encoded tensors or as bytes, whichever ``decode`` takes."""
     import torch
 
     decode(encoded[:4])  # the first call's setup is not the rate
