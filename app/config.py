@@ -250,8 +250,8 @@ class ServeSettings(DetectorSettings):
     decode_on: Literal["auto", "ingress", "detector"] = Field(
         "auto",
         description="where uploads are decoded and cropped: ingress (on its CPUs, one photo at a time) or detector "
-        "(in the batch, on the model's device: nvJPEG on a GPU, so only bytes cross between deployments, but its crops "
-        "differ from the CPU decoder's and so can the answers); auto: ingress, the decoder training uses",
+        "(in the batch, on the model's device: nvJPEG on a GPU with libjpeg-turbo's chroma rebuilt, so only bytes "
+        "cross between deployments); auto: detector where the cluster has GPUs, ingress elsewhere",
     )
     gpus_per_replica: float = Field(
         1.0,

@@ -10,15 +10,15 @@ Why each number: a scan is a throughput job, so what matters is images per secon
              (`app.pixels.decode_crops`, nvJPEG) and scored (`score_batch`), one process; "gpu decode only" beside it.
   dataloader the plain PyTorch loop most projects ship: a `DataLoader` with one worker per core running that same
              decode, feeding the same model runtime in the main process.
-  scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster, with its defaults (the reading
-             tasks decode on the CPUs, `serve.decode_on: auto`): images/s over the whole scan, the steady rate, the
-             time to its first output file, and the peak object-store memory while it ran.
-  scan_nvjpeg the same scan with `serve.decode_on: detector`: the reading tasks only read, hash and check, and the
-             model actors decode on the GPU (nvJPEG); `scan_shared` that scan with two model actors on each card,
-             so one decodes while the other runs the model. Ray Data's per-operator stats of each scan land beside
-             --json-out (`*.scan-stats.txt`, `*.scan-nvjpeg-stats.txt`, `*.scan-shared-stats.txt`).
-The targets: scan >= 80% of min(model, decode); on a GPU, scan_nvjpeg >= 80% of min(gpu_decode, read), and the
-better scan's whole run >= 2x dataloader.
+  scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster, with its defaults
+             (`serve.decode_on: auto`: on a GPU the reading tasks only read, hash and check and the model actors
+             decode on the GPU; on a CPU the tasks decode): images/s over the whole scan, the steady rate, the time to
+             its first output file, and the peak object-store memory while it ran.
+  scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs);
+  scan_shared the default scan with two model actors on each card, so one decodes while the other runs the model.
+             Ray Data's per-operator stats of each scan land beside --json-out (`*.scan-stats.txt`, ...).
+The targets: a scan that decodes on the CPUs >= 80% of min(model, decode); one that decodes on the GPU >= 80% of
+min(gpu_decode, read); the better scan's whole run >= 2x dataloader.
 
 Data: --files JPEGs of 256-1024 px (photo-like texture, quality 90) on local disk, written once per run: the first
 10,000 distinct, the rest hard links to them (each path is read and decoded as its own file).
@@ -346,17 +346,18 @@ def main() -> None:
         active = load(checkpoint, args.device, args.batch)
         results["dataloader"] = dataloader_rate(paths, active, args.batch)
         print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
-    scans = [  # step, serve.decode_on, model actors per GPU, stats file suffix
-        ("scan", "auto", 1, ".scan-stats.txt"),
-        ("scan_nvjpeg", "detector", 1, ".scan-nvjpeg-stats.txt"),
-        ("scan_shared", "detector", 2, ".scan-shared-stats.txt"),
+    on_gpu = "detector" if args.device == "cuda" else "ingress"  # where `serve.decode_on: auto` decodes
+    scans = [  # step, serve.decode_on, where that decodes, model actors per GPU, stats file suffix
+        ("scan", "auto", on_gpu, 1, ".scan-stats.txt"),
+        ("scan_cpu", "ingress", "ingress", 1, ".scan-cpu-stats.txt"),
+        ("scan_shared", "auto", on_gpu, 2, ".scan-shared-stats.txt"),
     ]
     if steps & {name for name, *_ in scans}:
         ray_started = time.perf_counter()
         init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         results["ray_start_s"] = time.perf_counter() - ray_started
-    for name, decode_on, actors_per_gpu, suffix in scans:
-        if name not in steps or (decode_on == "detector" and args.device != "cuda"):
+    for name, decode_on, _, actors_per_gpu, suffix in scans:
+        if name not in steps or (name != "scan" and args.device != "cuda"):
             continue
         results[name] = scan_rate(
             folder,
@@ -384,12 +385,12 @@ def main() -> None:
     ceilings = (
         f"{fmt('model_replay')} | {fmt('decode')} | {fmt('read')} | {fmt('gpu_decode_only')} ({fmt('gpu_decode')})"
     )
-    for name, decode_on, _, _ in scans:
+    for name, _, decodes_at, _, _ in scans:
         found = results.get(name)
         if not isinstance(found, dict):
             continue
-        # the CPUs decode for the default scan, the GPU for the others: each against its own pixel ceiling
-        keys = ("model_replay", "decode") if decode_on == "auto" else ("gpu_decode", "read")
+        # each scan against the pixel ceiling of where it decodes
+        keys = ("model_replay", "decode") if decodes_at == "ingress" else ("gpu_decode", "read")
         ceiling = min((results[k] for k in keys if k in results), default=None)
         steady, whole = found["steady_images_per_s"], found["images_per_s"]
         of_ceiling = f"{steady / ceiling:.2f}" if ceiling else "-"

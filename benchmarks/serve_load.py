@@ -17,6 +17,8 @@ background load hits every target alike; an idle target costs next to nothing):
   colocated_gpu   one deployment of --ingress-replicas replicas, each holding an equal share of the GPU and doing
              everything in one process (checks, GPU decode, batch, forward): no hop between deployments.
              `colocated_gpuN` is the same with N replicas (colocated_gpu4, colocated_gpu16).
+  colocated_cpu   colocated_gpu with each replica decoding every upload on its CPUs (`serve.decode_on: ingress`):
+             the GPU's decode against the cores', in one layout.
   sized      `aipd serve` with no flags on this node (the rate limit aside): the replica counts and batch size
              `serving.config.sized_for_node` picks from the cluster's CPUs and GPUs.
   unbatched  the same as batched with max_batch_size=1: the cost of the architecture alone.
@@ -68,8 +70,8 @@ from app.ray_runtime import free_port  # noqa: E402
 from serving.config import DETECTOR_ENV  # noqa: E402
 
 BOUNDARY = "aipdbenchmarkboundary"
-LAYOUTS = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated"}  # the rest: `auto`
-SERVE_TARGETS = ("batched", "split", "ingress_decode", "colocated_gpu", "sized", "unbatched", "cached")
+LAYOUTS = {"split": "split", "ingress_decode": "split", "colocated_gpu": "colocated", "colocated_cpu": "colocated"}
+SERVE_TARGETS = ("batched", "split", "ingress_decode", "colocated_gpu", "colocated_cpu", "sized", "unbatched", "cached")
 ORDER = (
     "noop",
     "plain",
@@ -78,6 +80,7 @@ ORDER = (
     "ingress_decode",
     "batched",
     "colocated_gpu",
+    "colocated_cpu",
     "sized",
     "cached",
     "default",
@@ -570,7 +573,7 @@ def base_target(name: str) -> str:
 
 
 def colocated_replicas(name: str, args) -> int:
-    digits = name.removeprefix("colocated_gpu")
+    digits = name.removeprefix("colocated_gpu").removeprefix("colocated_cpu")
     return int(digits) if digits else args.ingress_replicas
 
 
@@ -584,7 +587,7 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
         if name == "batched" and args.device == "cuda":
             layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
-        if base_target(name) == "colocated_gpu":
+        if base_target(name) in ("colocated_gpu", "colocated_cpu"):
             share = min(gpus, 1.0) / colocated_replicas(name, args)
         if name == "sized":  # its replicas share the target's part of the GPU as `aipd serve` shares a card
             batch = overrides["max_batch_size"]
@@ -600,9 +603,10 @@ def _target_overrides(name: str, args, resources: dict[str, float]) -> dict[str,
     """What a target sets beyond the command line's values (see the module docstring)."""
     if name == "ingress_decode":
         return {"decode_on": "ingress"}
-    if base_target(name) == "colocated_gpu":
+    if base_target(name) in ("colocated_gpu", "colocated_cpu"):
         replicas = colocated_replicas(name, args)
-        return {"decode_on": "detector", "detector_min_replicas": replicas, "detector_max_replicas": replicas}
+        decode_on = "detector" if base_target(name) == "colocated_gpu" else "ingress"
+        return {"decode_on": decode_on, "detector_min_replicas": replicas, "detector_max_replicas": replicas}
     if name == "sized":
         from app.config import Settings
         from serving.config import sized_for_node

@@ -146,13 +146,13 @@ def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split
 
 
 def resolve_decode_on(settings: Settings, num_gpus: float | None) -> Literal["ingress", "detector"]:
-    """`serve.decode_on`, with "auto" the CPU decoder (libjpeg-turbo, the one training decodes with) on every node.
-    nvJPEG decodes a batch several times faster, but its crops differ from libjpeg-turbo's by 1-4 grey levels (chroma
-    upsampling) and a model that reads the high-pass residual answers them differently (benchmarks/RESULTS.md, "The
-    GPU pixel path"): "detector" stays a choice, not the default, until a test shows the same answers."""
-    del num_gpus  # every node decodes alike until the GPU decoder's parity holds
+    """`serve.decode_on`, with "auto" the batch decoder on the model's GPU (nvJPEG, its chroma rebuilt as
+    libjpeg-turbo's by `app.chroma`, so the crops are the training decoder's) wherever the cluster has GPUs, and the
+    ingress's CPUs elsewhere."""
     decode_on = settings.serve.decode_on
-    return "ingress" if decode_on == "auto" else decode_on
+    if decode_on != "auto":
+        return decode_on
+    return "detector" if num_gpus else "ingress"
 
 
 def resolved(settings: Settings, num_gpus: float | None) -> Settings:
