@@ -58,8 +58,10 @@ def _tables(device: str) -> dict[str, torch.Tensor]:
 
 
 def warm_tables(device: torch.device) -> None:
-    """Build the tables on ``device`` now, not in a request."""
-    _tables(str(device))
+    """Build the tables on ``device`` now, not in a request (under the name a tensor there gives it: "cuda:0")."""
+    import torch
+
+    _tables(str(torch.empty(0, device=device).device))
 
 
 def interpolated_windows(
