@@ -76,8 +76,9 @@ pixels-serve)
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_pixels.json" 2>&1 | tee "$out/serve_pixels.log" | quiet
   ;;
 pixels-scan)
+  # SCAN_STEPS=model,read,gpu_decode,dataloader,scan: the default scan and its baselines alone, for a shorter call
   timeout 560 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \
-    --steps model,decode,read,gpu_decode,dataloader,scan,scan_cpu,scan_shared \
+    --steps "${SCAN_STEPS:-model,decode,read,gpu_decode,dataloader,scan,scan_cpu,scan_shared}" \
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
 pixels-train)
