@@ -12,9 +12,13 @@ pixels and upsampled again as libjpeg-turbo does, on the GPU, in integer arithme
 - The chroma planes are upsampled with libjpeg-turbo's triangle filter (`jdsample.c`, its rounding included) and
   converted with its fixed-point tables (`jdcolor.c`).
 
-A block whose every pixel has a clipped channel (saturated colour) gets the rounded least-squares estimate instead;
-elsewhere the result is libjpeg-turbo's pixel for pixel. Windows, not whole photos: the center crop and one chroma
-sample around it (the filter's reach), so a batch of crops is one set of tensor operations.
+A block whose every pixel has a clipped channel hides its sample: the pixels leave a range of (Cb, Cr) that all
+explain them. A saturated colour (pure red: green and blue at 0) leaves a wide one, the near-white ringing where a
+product meets a white background a narrow one, and the wrong choice moves the interpolated neighbours by 1 to 15 grey
+levels. So each such block is rebuilt from the sample nearest the estimate and again from the farthest that explains
+it; where the two outputs differ by more than a grey level anywhere in the window, the window is not rebuilt: it
+comes back None and the caller decodes that photo on the CPU. Windows, not whole photos: the center crop and one
+chroma sample around it (the filter's reach), so a batch of crops is one set of tensor operations.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ def warm_tables(device: torch.device) -> None:
 
 def interpolated_windows(
     images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], subsampling: tuple[int, int]
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """For each nearest-chroma (3, H, W) uint8 image and its box (left, top, width, height) in stored coordinates,
-    the box's pixels as libjpeg-turbo decodes them; every box of one call has the same size and ``subsampling``."""
+    the box's pixels as libjpeg-turbo decodes them, or None where a saturated colour hides a chroma sample the box
+    needs; every box of one call has the same size and ``subsampling``."""
     import torch
 
     if not images:
@@ -85,12 +90,16 @@ def interpolated_windows(
         ys = torch.arange(first_row, first_row + rows * v, device=device).clamp_(0, image.shape[1] - 1)
         windows.append(image.index_select(1, ys).index_select(2, xs))
         offsets.append((left - first_column, top - first_row))
-    rebuilt = _interpolated(torch.stack(windows), h, v)
-    return [rebuilt[i, :, y : y + height, x : x + width] for i, (x, y) in enumerate(offsets)]
+    rebuilt, settled = _interpolated(torch.stack(windows), h, v)
+    return [
+        rebuilt[i, :, y : y + height, x : x + width] if known else None
+        for i, ((x, y), known) in enumerate(zip(offsets, settled.tolist(), strict=True))
+    ]
 
 
-def _interpolated(windows: torch.Tensor, h: int, v: int) -> torch.Tensor:
-    """(N, 3, rows * v, columns * h) uint8 nearest-chroma pixels to the same with interpolated chroma."""
+def _interpolated(windows: torch.Tensor, h: int, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, rows * v, columns * h) uint8 nearest-chroma pixels to the same with interpolated chroma, and for each
+    window whether its pixels are libjpeg-turbo's (False: a block whose sample clipping hides moves them)."""
     import torch
 
     t = _tables(str(windows.device))
@@ -115,16 +124,35 @@ def _interpolated(windows: torch.Tensor, h: int, v: int) -> torch.Tensor:
     found = exact.any(-1)
     cb = torch.where(found, chosen // 256, cb)
     cr = torch.where(found, chosen % 256, cr)
+    settled = torch.ones(n, dtype=torch.bool, device=windows.device)
     hidden = (~found).nonzero(as_tuple=True)
-    if hidden[0].numel():
-        pixels_of = torch.stack([blocks(plane)[hidden] for plane in (red, green, blue)], 1)  # (M, 3, v * h)
-        cb[hidden], cr[hidden] = _searched(pixels_of, cb[hidden], cr[hidden], t)
+    if not hidden[0].numel():
+        return _converted(pixels, luma, cb, cr, h, v, t), settled
+    pixels_of = torch.stack([blocks(plane)[hidden] for plane in (red, green, blue)], 1)  # (M, 3, v * h)
+    # a white background hides every block of it: searched in parts, so its candidates stay within ~100 MB
+    parts = [
+        _searched(*part, t)
+        for part in zip(*(x.split(_SEARCHED_AT_ONCE) for x in (pixels_of, cb[hidden], cr[hidden])), strict=True)
+    ]
+    cb[hidden], cr[hidden], cb_far, cr_far, explained = (torch.cat(found) for found in zip(*parts, strict=True))
+    settled[hidden[0][~explained]] = False
+    out = _converted(pixels, luma, cb, cr, h, v, t)
+    cb[hidden], cr[hidden] = cb_far, cr_far
+    moved = (_converted(pixels, luma, cb, cr, h, v, t).to(torch.int16) - out).abs().flatten(1).amax(1) > _MOVED
+    return out, settled & ~moved
+
+
+def _converted(
+    pixels: torch.Tensor, luma: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, h: int, v: int, t: dict
+) -> torch.Tensor:
+    """The pixels decoded again from their blocks' samples: each pixel's luma from its nearest-chroma value, then
+    libjpeg-turbo's upsampled chroma added."""
+    import torch
 
     cb_nearest = cb.repeat_interleave(v, 1).repeat_interleave(h, 2)
     cr_nearest = cr.repeat_interleave(v, 1).repeat_interleave(h, 2)
     low_luma, high_luma = _luma_bounds(pixels, _offsets(cb_nearest, cr_nearest, t))
     y = torch.maximum(torch.minimum(luma.round().to(torch.int32), high_luma), low_luma)
-
     out = y[:, None] + _offsets(_upsampled(cb, h, v), _upsampled(cr, h, v), t)
     return out.clamp(0, 255).to(torch.uint8)
 
@@ -149,14 +177,18 @@ def _luma_bounds(pixels: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Ten
     return low, high
 
 
-_SEARCH = 3  # how far from the least-squares estimate a hidden block's samples are looked for
+_SEARCH = 5  # how far from the least-squares estimate a hidden block's samples are looked for
+_SEARCHED_AT_ONCE = 16_384  # hidden blocks per search: 121 candidates each
+_MOVED = 1  # the most a rebuilt pixel may move between a hidden block's nearest and farthest samples
 
 
 def _searched(
     pixels: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor, t: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For blocks whose every pixel clips a channel, (M, 3, P) pixels and estimated samples: the (Cb, Cr) near the
-    estimate that explains the pixels best (fewest grey levels of luma left without a value), nearest first."""
+    estimate that explains the pixels best (fewest grey levels of luma left without a value), nearest first; the
+    farthest from it that explains them as well (at the search's edge where a saturated colour leaves a wide range);
+    and whether any explains them."""
     import torch
 
     steps = torch.arange(-_SEARCH, _SEARCH + 1, device=cb.device)
@@ -169,7 +201,15 @@ def _searched(
     low, high = _luma_bounds(pixels[:, None].expand(m, k, -1, -1).reshape(m * k, 3, -1), offsets.reshape(m * k, 3, 1))
     unexplained = (low - high).clamp(min=0).sum(-1).reshape(m, k)
     best = unexplained.argmin(1, keepdim=True)  # the first of equals: the nearest
-    return cb_try.gather(1, best).squeeze(1).to(cb.dtype), cr_try.gather(1, best).squeeze(1).to(cr.dtype)
+    cb_best, cr_best = cb_try.gather(1, best), cr_try.gather(1, best)
+    explains = unexplained == 0
+    apart = torch.maximum((cb_try - cb_best).abs(), (cr_try - cr_best).abs())
+    far = torch.where(explains, apart, -1).argmax(1, keepdim=True)
+    return (
+        *(found.squeeze(1).to(cb.dtype) for found in (cb_best, cr_best)),
+        *(found.squeeze(1).to(cb.dtype) for found in (cb_try.gather(1, far), cr_try.gather(1, far))),
+        explains.any(1),
+    )
 
 
 def _upsampled(samples: torch.Tensor, h: int, v: int) -> torch.Tensor:
@@ -194,7 +234,8 @@ def _upsampled(samples: torch.Tensor, h: int, v: int) -> torch.Tensor:
     return interleaved((3 * sums + shifted(sums, 2, -1) + 8) >> 4, (3 * sums + shifted(sums, 2, 1) + 7) >> 4, 2)
 
 
-def interpolated_image(image: torch.Tensor, subsampling: tuple[int, int]) -> torch.Tensor:
-    """A whole nearest-chroma (3, H, W) image with interpolated chroma (training's whole-photo path)."""
+def interpolated_image(image: torch.Tensor, subsampling: tuple[int, int]) -> torch.Tensor | None:
+    """A whole nearest-chroma (3, H, W) image with interpolated chroma (training's whole-photo path), or None where a
+    saturated colour hides a chroma sample."""
     _, height, width = image.shape
     return interpolated_windows([image], [(0, 0, width, height)], subsampling)[0]

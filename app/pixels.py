@@ -8,8 +8,9 @@ not or cannot take goes through the one CPU decoding path (`app.images.decode_im
 with the same result: PNG and WebP, JPEGs that are not 3-channel YCbCr/RGB (grey, CMYK) or whose chroma layout
 `app.chroma` does not rebuild (4:4:0, 4:1:1), files that end early (Pillow calls them truncated, a device decoder
 would fill them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder
-refuses (some progressive or corrupt files). The crop is the same box as `eval_preprocess`'s, so the two paths differ
-only where a saturated colour hides a chroma sample (tests/gpu bounds the gap on a GPU).
+refuses (some progressive or corrupt files). A photo where a saturated colour hides a chroma
+sample the crop needs (`app.chroma`) is decoded on the CPU too. The crop is the same box as `eval_preprocess`'s, so
+the two paths give the same pixels (tests/gpu bounds the gap on a GPU).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def decode_upright(photos: Sequence[bytes], device: Any, limits: ImageLimits) ->
     for i, (image, header) in decoded.items():
         if _rebuilds_chroma(image.device, header):
             image = interpolated_image(image, header.chroma_subsampling)
-        results[i] = _orient(image, header.orientation)
+        if image is not None:
+            results[i] = _orient(image, header.orientation)
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = _cpu_upright(data, device, limits)
@@ -62,7 +64,7 @@ def decode_crops(
     when the CPU path did - or the `ImageError` the CPU path gives it, in the order of ``photos``."""
     results, decoded = _decode_batch(photos, crop_size, device, limits)
     boxes = {i: _stored_box(image, header.orientation, crop_size) for i, (image, header) in decoded.items()}
-    windows: dict[int, torch.Tensor] = {}
+    windows: dict[int, torch.Tensor | None] = {}
     rebuilt: dict[tuple[int, int], list[int]] = {}
     for i, (image, header) in decoded.items():
         if _rebuilds_chroma(image.device, header):
@@ -74,7 +76,8 @@ def decode_crops(
         crops = interpolated_windows([decoded[i][0] for i in indices], [boxes[i] for i in indices], subsampling)
         windows.update(zip(indices, crops, strict=True))
     for i, window in windows.items():
-        results[i] = _orient(window, decoded[i][1].orientation).permute(1, 2, 0).contiguous()
+        if window is not None:
+            results[i] = _orient(window, decoded[i][1].orientation).permute(1, 2, 0).contiguous()
     for i, data in enumerate(photos):
         if results[i] is None:
             results[i] = cpu_crop(data, crop_size, limits)
@@ -91,6 +94,8 @@ def decode_jpeg_interpolated(encoded: torch.Tensor, device: Any) -> torch.Tensor
     subsampling = check_header(bytes(encoded.numpy())).chroma_subsampling
     if _rebuilds_chroma(device) and subsampling in SUBSAMPLINGS:
         image = interpolated_image(image, subsampling)
+        if image is None:  # a saturated colour hides a chroma sample: libjpeg-turbo itself, on the CPU
+            image = decode_jpeg_on(encoded, "cpu").to(device)
     return image
 
 

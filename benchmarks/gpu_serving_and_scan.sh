@@ -6,10 +6,11 @@
 #   bash benchmarks/gpu_serving_and_scan.sh scaling   # on a machine of N GPUs: serving and scan with 1 GPU and with N
 #   bash benchmarks/gpu_serving_and_scan.sh after     # serving again (noop, plain, batched) after a change, then the scan mode
 # The GPU pixel path (decoding on the GPU), one call each, every baseline in the same call:
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # decoders, GPU tests; colocated GPU/CPU decode vs no flags
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: every ceiling, DataLoader, the default scan
-#                                                         # (GPU decode) at 1 and 2 actors per GPU, the CPU-decode scan
-#   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, tasks decode, workers decode
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # decoders, GPU tests; colocated CPU decode vs no flags
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: the ceilings, DataLoader, the default scan
+#   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, the default (tasks decode)
+# SERVE_TARGETS, SCAN_STEPS and TRAIN_ONLY add the GPU-decoding variants (colocated_gpu; gpu_decode,scan_gpu,
+# scan_shared; d), which leave photos with clipped colour to the CPU (app.chroma): on the benchmarks' photos, all.
 # The GPU decoders against libjpeg-turbo, carrying [".gpu-wheels-decoder"] instead (benchmarks/gpu_decoder_wheels.sh):
 #   bash benchmarks/gpu_serving_and_scan.sh decoders        # pixel gaps and rates of the GPU decoders and the CPU threads
 #   bash benchmarks/gpu_serving_and_scan.sh decoder-parity  # the same, then the GPU decoder tests
@@ -67,22 +68,20 @@ scan)
 pixels-serve)
   # the decoders' pixel gaps and rates (nvImageCodec's rows only where .gpu-wheels-decoder was carried), then the GPU
   # tests with the parity ones (a wrong GPU decode would make the numbers after it meaningless), then the service
-  timeout 100 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
+  timeout 120 python3 benchmarks/gpu_decoders.py 2>&1 | tee "$out/decoders.log"
   timeout 200 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee "$out/gpu_tests.log"
-  # the GPU default (8 colocated replicas on 16 cores, the GPU decoding) against the same replicas decoding on their
-  # CPUs and against what `aipd serve` with no flags builds
-  timeout 270 python3 benchmarks/serve_load.py --device cuda --targets noop,colocated_gpu,colocated_cpu,sized \
+  # 8 colocated replicas on 16 cores decoding on their CPUs against what `aipd serve` with no flags builds
+  timeout 240 python3 benchmarks/serve_load.py --device cuda --targets "${SERVE_TARGETS:-noop,colocated_cpu,sized}" \
     --concurrency 1,64,128 --duration 5 --warmup 2 --client-procs 6 --ingress-replicas 8 \
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_pixels.json" 2>&1 | tee "$out/serve_pixels.log" | quiet
   ;;
 pixels-scan)
-  # SCAN_STEPS=model,read,gpu_decode,dataloader,scan: the default scan and its baselines alone, for a shorter call
   timeout 560 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \
-    --steps "${SCAN_STEPS:-model,decode,read,gpu_decode,dataloader,scan,scan_cpu,scan_shared}" \
+    --steps "${SCAN_STEPS:-model,decode,read,dataloader,scan}" \
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
 pixels-train)
-  timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only abcd \
+  timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only "${TRAIN_ONLY:-abc}" \
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
   ;;
 decoders)

@@ -11,11 +11,11 @@ Why each number: a scan is a throughput job, so what matters is images per secon
   dataloader the plain PyTorch loop most projects ship: a `DataLoader` with one worker per core running that same
              decode, feeding the same model runtime in the main process.
   scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster, with its defaults
-             (`serve.decode_on: auto`: on a GPU the reading tasks only read, hash and check and the model actors
-             decode on the GPU; on a CPU the tasks decode): images/s over the whole scan, the steady rate, the time to
-             its first output file, and the peak object-store memory while it ran.
-  scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs);
-  scan_shared the default scan with two model actors on each card, so one decodes while the other runs the model.
+             (`serve.decode_on: auto`, `serving.config.resolve_decode_on`): images/s over the whole scan, the steady
+             rate, the time to its first output file, and the peak object-store memory while it ran.
+  scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs), and
+  scan_gpu   with `serve.decode_on: detector` (the model actors decode on the GPU, `app.pixels.decode_crops`);
+  scan_shared scan_gpu with two model actors on each card, so one decodes while the other runs the model.
              Ray Data's per-operator stats of each scan land beside --json-out (`*.scan-stats.txt`, ...).
 The targets: a scan that decodes on the CPUs >= 80% of min(model, decode); one that decodes on the GPU >= 80% of
 min(gpu_decode, read); the better scan's whole run >= 2x dataloader.
@@ -295,6 +295,7 @@ def main() -> None:
     from app.config import Settings
     from app.model import ModelConfig, PreprocessSettings, build_model, save_checkpoint
     from app.ray_runtime import init_ray
+    from serving.config import resolve_decode_on
 
     work = Path(tempfile.mkdtemp(prefix="aipd-scan-bench-"))
     checkpoint = str(work / "checkpoint")
@@ -346,11 +347,12 @@ def main() -> None:
         active = load(checkpoint, args.device, args.batch)
         results["dataloader"] = dataloader_rate(paths, active, args.batch)
         print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
-    on_gpu = "detector" if args.device == "cuda" else "ingress"  # where `serve.decode_on: auto` decodes
+    default_at = resolve_decode_on(Settings(), args.gpus if args.device == "cuda" else 0)
     scans = [  # step, serve.decode_on, where that decodes, model actors per GPU, stats file suffix
-        ("scan", "auto", on_gpu, 1, ".scan-stats.txt"),
+        ("scan", "auto", default_at, 1, ".scan-stats.txt"),
         ("scan_cpu", "ingress", "ingress", 1, ".scan-cpu-stats.txt"),
-        ("scan_shared", "auto", on_gpu, 2, ".scan-shared-stats.txt"),
+        ("scan_gpu", "detector", "detector", 1, ".scan-gpu-stats.txt"),
+        ("scan_shared", "detector", "detector", 2, ".scan-shared-stats.txt"),
     ]
     if steps & {name for name, *_ in scans}:
         ray_started = time.perf_counter()

@@ -10,7 +10,7 @@ background load hits every target alike; an idle target costs next to nothing):
   batched    this service as `aipd serve` starts it: Ray Serve's high-throughput data path (HAProxy ingress, gRPC
              between deployments) and continuous batching up to --max-batch-size: on a CPU-only node in the layout
              `aipd serve` picks (colocated, one deployment), on a GPU in the split layout the earlier GPU
-             measurements used (`colocated_gpu` and `sized` are the GPU default).
+             measurements used (`colocated_cpu` and `sized` are the GPU default).
   split      the same, always in the split layout (ingress and detector deployments): on a CPU node, the hop's cost.
   ingress_decode  split, the ingress decoding each upload on its CPUs and sending the crop (`serve.decode_on:
              ingress`): a GPU node's layout before the detector decoded on the GPU, the baseline of that change.
@@ -585,7 +585,7 @@ def start_serve_targets(names, checkpoint, args, cluster: Cluster, resources) ->
         batch = 1 if name == "unbatched" else args.max_batch_size
         layout = LAYOUTS.get(base_target(name), "auto")
         if name == "batched" and args.device == "cuda":
-            layout = "split"  # the GPU layout of the earlier measurements; colocated_gpu and sized are the new one
+            layout = "split"  # the GPU layout of the earlier measurements; colocated and sized are the new one
         share, overrides = min(gpus, 1.0), _target_overrides(name, args, resources)
         if base_target(name) in ("colocated_gpu", "colocated_cpu"):
             share = min(gpus, 1.0) / colocated_replicas(name, args)

@@ -146,13 +146,13 @@ def resolve_layout(settings: Settings, num_gpus: float | None) -> Literal["split
 
 
 def resolve_decode_on(settings: Settings, num_gpus: float | None) -> Literal["ingress", "detector"]:
-    """`serve.decode_on`, with "auto" the batch decoder on the model's GPU (nvJPEG, its chroma rebuilt as
-    libjpeg-turbo's by `app.chroma`, so the crops are the training decoder's) wherever the cluster has GPUs, and the
-    ingress's CPUs elsewhere."""
+    """`serve.decode_on`, with "auto" the CPUs on every node. The GPU's batch decode gives the same pixels
+    (`app.chroma` rebuilds libjpeg-turbo's chroma from nvJPEG's), but in the default layout, eight replicas sharing
+    one card, it measured slower than the replicas decoding on their cores (benchmarks/RESULTS.md, "The GPU pixel
+    path"): "detector" stays a choice until it is the faster one."""
+    del num_gpus  # every node decodes on its CPUs until the GPU measures faster
     decode_on = settings.serve.decode_on
-    if decode_on != "auto":
-        return decode_on
-    return "detector" if num_gpus else "ingress"
+    return "ingress" if decode_on == "auto" else decode_on
 
 
 def resolved(settings: Settings, num_gpus: float | None) -> Settings:

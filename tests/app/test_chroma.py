@@ -24,12 +24,20 @@ LAYOUTS = {(2, 2): 2, (2, 1): 1}  # chroma subsampling -> Pillow's `subsampling`
 LIMITS = ImageLimits()
 
 
-def photo_jpeg(width: int, height: int, subsampling: int, seed: int = 0, orientation: int = 1) -> bytes:
-    """A photo-like JPEG: smooth colour fields, saturated in places, with sensor-like grain."""
+def photo_jpeg(
+    width: int, height: int, subsampling: int, seed: int = 0, orientation: int = 1, saturated: bool = False
+) -> bytes:
+    """A photo-like JPEG: smooth colour fields with sensor-like grain, and with ``saturated`` colours that clip a
+    channel at 0 or 255 in places (as a pure red product does)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (max(2, height // 24), max(2, width // 24), 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
-    pixels = np.clip(base * 1.3 - 40 + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+    scaled = base * 1.3 - 40 if saturated else base * 0.6 + 50
+    pixels = np.clip(scaled + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+    return _jpeg(pixels, subsampling, orientation)
+
+
+def _jpeg(pixels: np.ndarray, subsampling: int, orientation: int = 1) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     buffer = io.BytesIO()
@@ -65,12 +73,29 @@ def test_a_nearest_chroma_photo_becomes_libjpeg_turbos_decode(
 ) -> None:
     data = photo_jpeg(*size, LAYOUTS[subsampling], seed=sum(size))
     before = nearest(data).numpy().transpose(1, 2, 0).astype(int)
-    rebuilt = chroma.interpolated_image(nearest(data), subsampling).numpy().transpose(1, 2, 0).astype(int)
+    rebuilt = chroma.interpolated_image(nearest(data), subsampling)
     expected = libjpeg_turbo(data).astype(int)
     assert np.abs(before - expected).mean() > 0.5, "the emulated decoder must start from nearest-neighbour chroma"
-    wrong = np.abs(rebuilt - expected)
-    # only blocks whose every pixel clips a channel (saturated colour) hide their sample: under one pixel in a hundred
-    assert (wrong > 0).mean() < 0.01 and wrong.mean() < 0.01 and wrong.max() <= 8, (wrong.mean(), wrong.max())
+    assert rebuilt is not None
+    assert np.array_equal(rebuilt.numpy().transpose(1, 2, 0), expected)
+
+
+@needs_turbojpeg
+@pytest.mark.parametrize("subsampling", list(LAYOUTS))
+def test_a_chroma_sample_that_clipping_hides_leaves_the_photo_to_the_cpu(subsampling: tuple[int, int]) -> None:
+    """Pure red (green and blue at 0) leaves its red-difference sample a range; so does the near-white ringing where
+    a product meets a white background, enough to move the product's edge by a grey level or more. Neither is
+    guessed: the window comes back None, for the CPU to decode."""
+    rng = np.random.default_rng(5)
+    shade = rng.normal(0, 3, (120, 160, 1))
+    red = np.zeros((120, 160, 3))
+    red[..., 0] = np.clip(150 + np.linspace(-60, 60, 160)[None, :] + shade[..., 0], 0, 255)
+    on_white = np.full((120, 160, 3), 255.0)
+    product = np.array([120.0, 90, 70]) + np.linspace(-40, 40, 80)[None, :, None] + shade[30:90, 40:120]
+    on_white[30:90, 40:120] = product
+    for pixels in (red, on_white):
+        data = _jpeg(np.clip(pixels, 0, 255).astype(np.uint8), LAYOUTS[subsampling])
+        assert chroma.interpolated_image(nearest(data), subsampling) is None
 
 
 @needs_turbojpeg
@@ -112,18 +137,39 @@ def nearest_chroma_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_turbojpeg
 @pytest.mark.usefixtures("nearest_chroma_decoder")
 def test_decode_crops_from_a_nearest_chroma_decoder_equal_the_cpu_paths_in_every_orientation() -> None:
+    """Every crop is the CPU path's, pixel for pixel: rebuilt on the device, or, where a saturated colour hides a
+    chroma sample, decoded on the CPU."""
     photos = [
-        photo_jpeg(260 + 7 * o, 231 + 3 * o, pillow, seed=o, orientation=o) for pillow in (2, 1, 0) for o in range(1, 9)
+        photo_jpeg(260 + 7 * o, 231 + 3 * o, pillow, seed=o, orientation=o, saturated=o % 3 == 0)
+        for pillow in (2, 1, 0)
+        for o in range(1, 9)
     ]
     side = 224
     crops = decode_crops(photos, side, "cpu", LIMITS)
+    on_device = [isinstance(crop, torch.Tensor) for crop in crops]
+    assert on_device == [o % 3 != 0 or pillow == 0 for pillow in (2, 1, 0) for o in range(1, 9)]
     for data, crop in zip(photos, crops, strict=True):
-        assert isinstance(crop, torch.Tensor), check_header(data)
-        wrong = np.abs(crop.numpy().astype(int) - cpu_crop(data, side, LIMITS))
-        assert wrong.mean() < 0.01 and wrong.max() <= 8, (check_header(data), wrong.mean(), wrong.max())
+        pixels = crop.numpy() if isinstance(crop, torch.Tensor) else crop
+        assert np.array_equal(pixels, cpu_crop(data, side, LIMITS)), check_header(data)
     for data, image in zip(photos[:8], decode_upright(photos[:8], "cpu", LIMITS), strict=True):
-        wrong = np.abs(image.permute(1, 2, 0).numpy().astype(int) - np.asarray(decode_image(data), dtype=int))
-        assert wrong.mean() < 0.01, (check_header(data), wrong.mean())
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), np.asarray(decode_image(data))), check_header(data)
+
+
+@needs_turbojpeg
+@pytest.mark.usefixtures("nearest_chroma_decoder")
+def test_the_demo_test_split_from_a_nearest_chroma_decoder_gets_the_cpu_paths_crops(small_demo) -> None:
+    """The GPU parity test's photos (tests/gpu), here with nvJPEG's chroma emulated: every crop is the CPU path's,
+    and enough of them are rebuilt, not left to the CPU, for that test to test the rebuild."""
+    import csv
+
+    with (small_demo / "manifest.csv").open(newline="") as fh:
+        photos = [(small_demo / row["path"]).read_bytes() for row in csv.DictReader(fh) if row["split"] == "test"]
+    crops = decode_crops(photos, 64, "cpu", LIMITS)
+    rebuilt = sum(isinstance(crop, torch.Tensor) for crop in crops)
+    assert rebuilt >= len(photos) // 4, f"{rebuilt} of {len(photos)}"
+    for data, crop in zip(photos, crops, strict=True):
+        pixels = crop.numpy() if isinstance(crop, torch.Tensor) else crop
+        assert np.array_equal(pixels, cpu_crop(data, 64, LIMITS)), check_header(data)
 
 
 def test_the_header_names_the_chroma_layout_and_the_device_takes_only_those_it_rebuilds() -> None:

@@ -246,13 +246,16 @@ def test_a_gpu_decodes_in_the_detector_and_a_cpu_node_in_the_ingress() -> None:
         return serve["layout"], serve["decode_on"], [d["name"] for d in app["deployments"]]
 
     on_gpu = written(serve_config(Settings(), AppArgs(), num_gpus=0.125))
-    assert on_gpu == ("colocated", "detector", ["IngressDeployment"]), "replicas sharing a card, no hop"
+    # the cores decode: the GPU's decode (the same pixels, app.chroma) measured slower with replicas sharing a card
+    assert on_gpu == ("colocated", "ingress", ["IngressDeployment"]), "replicas sharing a card, no hop"
     split = Settings(serve={"layout": "split"})
     assert written(serve_config(split, AppArgs(), num_gpus=1.0)) == (
         "split",
-        "detector",
+        "ingress",
         ["IngressDeployment", "DetectorDeployment"],
-    ), "only bytes cross between the deployments"
+    )
+    on_device = Settings(serve={"decode_on": "detector"})
+    assert written(serve_config(on_device, AppArgs(), num_gpus=1.0))[1] == "detector", "the GPU decoder, when asked"
     assert written(serve_config(Settings(), AppArgs(), num_gpus=0.0)) == ("colocated", "ingress", ["IngressDeployment"])
     assert written(serve_config(Settings(), AppArgs()))[:2] == ("split", "auto"), "left to the builder on the cluster"
     pinned = Settings(serve={"decode_on": "ingress"})
