@@ -162,7 +162,8 @@ def test_the_gpu_decoder_gives_the_cpu_paths_crops_and_probabilities(small_demo:
     probability_gap = np.abs(score_batch(active, on_gpu)[:, 0] - on_cpu_probabilities)
     per_photo, per_channel = gaps.mean(axis=1), np.round(gaps.max(axis=0), 2).tolist()
     summary = (
-        f"{device_decoder('cuda')}, {rebuilt} of {len(photos)} on the GPU: mean crop gap per photo: median {np.median(per_photo):.2f}, max "
+        f"{device_decoder('cuda')}, {rebuilt} of {len(photos)} on the GPU: mean crop gap per photo: median "
+        f"{np.median(per_photo):.2f}, max "
         f"{per_photo.max():.2f} grey levels (per channel R/G/B, max: {per_channel}); probability gap: median "
         f"{np.median(probability_gap):.4f}, max {probability_gap.max():.4f}; CPU probabilities' spread (std) "
         f"{on_cpu_probabilities.std():.3f}"
