@@ -81,7 +81,7 @@ pixels-scan)
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
 pixels-train)
-  timeout 560 python3 benchmarks/train_throughput.py --files 20000 --gpus 1 --epochs 3 --only "${TRAIN_ONLY:-abc}" \
+  timeout 560 python3 benchmarks/train_throughput.py --files "${TRAIN_FILES:-20000}" --gpus 1 --epochs 3 --only "${TRAIN_ONLY:-abc}" \
     --out "$out/train_pixels.json" 2>&1 | tee "$out/train_pixels.log" | grep -E "^\(|^\||^data"
   ;;
 decoders)
