@@ -251,7 +251,8 @@ class ServeSettings(DetectorSettings):
         "auto",
         description="where uploads are decoded and cropped: ingress (on its CPUs, one photo at a time) or detector "
         "(in the batch, on the model's device: nvJPEG on a GPU with libjpeg-turbo's chroma rebuilt, so only bytes "
-        "cross between deployments); auto: ingress, measured the faster on a GPU node too",
+        "cross between deployments; photos whose clipped colour hides chroma are decoded on the CPU); auto: "
+        "ingress, measured the faster on a GPU node too",
     )
     gpus_per_replica: float = Field(
         1.0,
