@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -175,8 +176,19 @@ def plain_dataloader(records, device: str, batch: int, crop: int, steps: int, wo
 
 
 def ray_pipeline(
-    data_dir: Path, device: str, batch: int, crop: int, epochs: int, gpus: int, decode_on: str = "tasks"
+    data_dir: Path,
+    device: str,
+    batch: int,
+    crop: int,
+    epochs: int,
+    gpus: int,
+    decode_on: str = "tasks",
+    stats_to: Path | None = None,
 ) -> dict:
+    """The Ray Data -> Ray Train run's rates; with ``stats_to``, Ray Data's per-operator stats of every dataset it
+    executed (the train and validation epochs) are copied there from the cluster's logs, to name what bounds it."""
+    import ray.data
+
     from app.config import load_settings
     from app.data import index_dataset
     from app.ray_runtime import init_ray
@@ -199,9 +211,13 @@ def ray_pipeline(
         },
     )
     init_ray(settings)
+    ray.data.DataContext.get_current().enable_auto_log_stats = True  # each execution's stats into ray-data's log
     index = index_dataset(str(data_dir))
     trainer = build_trainer(settings, index, use_gpu=device.startswith("cuda"), name=f"throughput-{int(time.time())}")
     result = trainer.fit()
+    if stats_to is not None:
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data"
+        shutil.copytree(logs, stats_to, dirs_exist_ok=True)
     frame = result.metrics_dataframe  # rows of the kept (best) checkpoints, not every epoch
     last = result.metrics  # the last epoch's report
     return {
@@ -255,7 +271,8 @@ def main() -> None:
         )
         print(f"(b) DataLoader x{os.cpu_count()}: {results['b_dataloader']:.0f} img/s", flush=True)
     if "c" in args.only:
-        c = ray_pipeline(args.data_dir, args.device, args.batch, args.crop, args.epochs, args.gpus)
+        stats = args.out.with_suffix(".c-ray-data-logs") if args.out else None
+        c = ray_pipeline(args.data_dir, args.device, args.batch, args.crop, args.epochs, args.gpus, stats_to=stats)
         results["c_ray"] = c["images_per_s"]
         results["c_time_to_first_batch_s"] = c["time_to_first_batch_s"]
         results["c_whole_epoch"] = c["images_per_s_whole_epoch"]
