@@ -8,9 +8,9 @@ not or cannot take goes through the one CPU decoding path (`app.images.decode_im
 with the same result: PNG and WebP, JPEGs that are not 3-channel YCbCr/RGB (grey, CMYK) or whose chroma layout
 `app.chroma` does not rebuild (4:4:0, 4:1:1), files that end early (Pillow calls them truncated, a device decoder
 would fill them with grey), photos smaller than the crop (the CPU path upscales them), and any JPEG the device decoder
-refuses (some progressive or corrupt files). A photo where a saturated colour hides a chroma
-sample the crop needs (`app.chroma`) is decoded on the CPU too. The crop is the same box as `eval_preprocess`'s, so
-the two paths give the same pixels (tests/gpu bounds the gap on a GPU).
+refuses (some progressive or corrupt files); so is a photo where clipped colour hides a chroma sample the crop needs
+(`app.chroma`). The crop is the same box as `eval_preprocess`'s, so the two paths give the same pixels (tests/gpu
+bounds the gap on a GPU).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def photos(subsampling: int, count: int = 64) -> list[bytes]:
     return out
 
 
+LAYOUTS = {2: (2, 2), 1: (2, 1), 0: None}  # Pillow's subsampling -> what `app.chroma` rebuilds (4:4:4: nothing)
 INTERPOLATED_CHROMA = ":fancy_upsampling=1"  # nvImageCodec's option for libjpeg-turbo's chroma upsampling
 
 
@@ -94,7 +95,7 @@ def rebuilt_chroma(cuda: Any, subsampling: int) -> Callable[[list[Any]], list[An
 
     from app.chroma import interpolated_image
 
-    layout = {2: (2, 2), 1: (2, 1), 0: None}[subsampling]
+    layout = LAYOUTS[subsampling]
 
     def decode(encoded: list[Any]) -> list[Any]:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=cuda)
@@ -115,7 +116,7 @@ def left_to_cpu(encoded: list[Any], subsampling: int, cuda: Any) -> int:
 
     from app.chroma import interpolated_image
 
-    layout = {2: (2, 2), 1: (2, 1), 0: None}[subsampling]
+    layout = LAYOUTS[subsampling]
     if layout is None:
         return 0
     images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=cuda)

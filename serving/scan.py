@@ -333,8 +333,8 @@ def run_scan(
             **model_resources,
         )
     )
-    # Ray Data reserves each unbounded step an equal share of the CPUs: the writes (milliseconds a file) capped at
-    # WRITERS leave the reading tasks the cores they held idle (a 16-core scan read on 3 to 6 of them)
+    # Ray Data reserves each uncapped step an equal share of the CPUs: capped, the writes (milliseconds a file)
+    # leave the reading tasks the cores they would hold idle
     dataset.write_parquet(out, min_rows_per_file=min(len(plan.todo), rows_per_file), concurrency=WRITERS)
     summary = summarize(plan, out, skipped, len(plan.todo), time.perf_counter() - started)
     summary.operator_stats = dataset.stats()
