@@ -6,6 +6,9 @@ local Ray cluster a command owns carries that command's identity in its environm
 time), which every process of the cluster inherits, HAProxy included. A process that carries it while its owner is
 gone is provably a leftover of this project and is stopped; anything else that holds a port is only named, with its
 pid and command, because it is not ours to stop.
+
+A cluster that outlives the command that started it (`aipd cluster up`) carries ``CLUSTER_ENV`` instead: its own
+state file, which `aipd cluster down` reads to end every process of it, whatever their process group.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import psutil
 
 OWNER_ENV = "AIPD_OWNER"
+CLUSTER_ENV = "AIPD_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,14 @@ def owner_alive(marker: str) -> bool:
         return False
 
 
-def _marked() -> list[tuple[psutil.Process, str]]:
-    """Every other process that carries an owner's mark, with the mark."""
+def _marked(variable: str = OWNER_ENV) -> list[tuple[psutil.Process, str]]:
+    """Every other process that carries a mark in ``variable``, with the mark."""
     found = []
     for process in psutil.process_iter(["pid"]):
         if process.pid == os.getpid():
             continue
         try:
-            marker = process.environ().get(OWNER_ENV)
+            marker = process.environ().get(variable)
         except (psutil.Error, OSError):
             continue  # gone, a zombie, or not ours to read
         if marker:
@@ -65,6 +69,12 @@ def owned_processes() -> list[psutil.Process]:
     """The processes of this command's own cluster, whatever their process group."""
     mine = owner_marker()
     return [process for process, marker in _marked() if marker == mine]
+
+
+def cluster_processes(cluster: str) -> list[psutil.Process]:
+    """The processes of the local cluster marked ``cluster``: its nodes, the workers Ray puts in process groups of
+    their own, and Serve's HAProxy, which outlives its proxy when the node is stopped."""
+    return [process for process, marker in _marked(CLUSTER_ENV) if marker == cluster]
 
 
 def stop(processes: list[psutil.Process], timeout_s: float = 5.0) -> list[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.errors import UserError
+from app.processes import CLUSTER_ENV, cluster_processes, stop
 from app.ray_nodes import ensure_auth_token, free_ports, node_ports, ray_env, start_node, stop_groups
 from app.ray_runtime import node_environment
 
@@ -44,11 +45,12 @@ class LocalCluster:
         return asdict(self)
 
 
-def _node_env(settings: Settings) -> dict[str, str]:
+def _node_env(settings: Settings, state_file: Path) -> dict[str, str]:
     """What each node of the cluster starts with: the project's node environment, with ports of its own, and the
-    HTTP port shared by the nodes' proxies (they all run on this one machine). Not owned: the cluster outlives the
-    `aipd cluster up` that started it."""
-    return {**node_environment(settings, local=True), "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
+    HTTP port shared by the nodes' proxies (they all run on this one machine). Not owned (the cluster outlives the
+    `aipd cluster up` that started it) but marked with its state file, so `down` finds every process it started."""
+    env = {**node_environment(settings, local=True), "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
+    return {**env, CLUSTER_ENV: str(state_file)}
 
 
 def cluster_up(
@@ -81,7 +83,7 @@ def cluster_up(
     nodes = [
         NodeProcess(
             "head",
-            start_node(head_args, state_dir / "head.log", _node_env(settings)),
+            start_node(head_args, state_dir / "head.log", _node_env(settings, state_file)),
             str(state_dir / "head.log"),
             {**head_ports, "gcs": gcs_port, "dashboard": dashboard_port, "client": client_port},
         )
@@ -95,7 +97,7 @@ def cluster_up(
             ports = node_ports(used)
             log = state_dir / f"worker-{i}.log"
             args = [f"--address={address}", f"--num-cpus={cpus_per_node}"] + [f"--{k}={v}" for k, v in ports.items()]
-            pid = start_node(args, log, _node_env(settings))
+            pid = start_node(args, log, _node_env(settings, state_file))
             cluster.nodes.append(NodeProcess(f"worker-{i}", pid, str(log), ports))
             _save(cluster)
         _wait_for_nodes(address, 1 + workers, timeout_s, state_dir / "worker-0.log")
@@ -151,5 +153,6 @@ def cluster_down(work_dir: Path, grace_s: float = 15.0) -> list[int]:
         return []
     groups = [n.pid for n in reversed(cluster.nodes)]
     stop_groups(groups, grace_s)
+    stop(cluster_processes(cluster.state_file), timeout_s=grace_s)
     Path(cluster.state_file).unlink(missing_ok=True)
     return groups

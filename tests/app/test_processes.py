@@ -1,5 +1,6 @@
 """Leftovers of a killed command: real processes that carry a dead owner's mark are found and stopped; a process
-whose owner lives, or that carries no mark, is left alone; a port's holder is named."""
+whose owner lives, or that carries no mark, is left alone; a local cluster's processes are found by its mark; a
+port's holder is named."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import time
 
 import psutil
 
-from app.processes import OWNER_ENV, leftovers, owner_alive, owner_marker, port_holder, stop
+from app.processes import (
+    CLUSTER_ENV,
+    OWNER_ENV,
+    cluster_processes,
+    leftovers,
+    owner_alive,
+    owner_marker,
+    port_holder,
+    stop,
+)
 from tests.helpers import free_port
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -23,11 +33,11 @@ def _dead_marker() -> str:
     return f"{done.stdout.strip()}:12345.00"
 
 
-def _spawn(marker: str | None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
+def _spawn(marker: str | None, variable: str = OWNER_ENV) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in (OWNER_ENV, CLUSTER_ENV)}
     if marker is not None:
-        env[OWNER_ENV] = marker
-    process = subprocess.Popen(SLEEPER, env=env)
+        env[variable] = marker
+    process = subprocess.Popen(SLEEPER, env=env, start_new_session=True)
     time.sleep(0.3)  # its environment is readable once it runs
     return process
 
@@ -48,6 +58,22 @@ def test_a_process_of_a_dead_owner_is_a_leftover_and_is_stopped() -> None:
         assert stopped == [orphan.pid] and orphan.wait(timeout=10) is not None
     finally:
         for process in (orphan, owned, unmarked):
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_a_clusters_processes_are_found_by_its_mark_in_any_process_group(tmp_path) -> None:
+    """What `aipd cluster down` ends after the nodes' groups: Serve's HAProxy lives in a session of its own."""
+    ours, other = str(tmp_path / "a" / "state.json"), str(tmp_path / "b" / "state.json")
+    mine, theirs, owned = _spawn(ours, CLUSTER_ENV), _spawn(other, CLUSTER_ENV), _spawn(owner_marker())
+    try:
+        assert [process.pid for process in cluster_processes(ours)] == [mine.pid]
+        stop(cluster_processes(ours), timeout_s=5.0)
+        assert mine.wait(timeout=10) is not None
+        assert theirs.poll() is None and owned.poll() is None
+        assert mine.pid not in {process.pid for process in leftovers()}, "a cluster's mark is not an owner's"
+    finally:
+        for process in (mine, theirs, owned):
             process.kill()
             process.wait(timeout=10)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from app.processes import cluster_processes
 from cluster.local_cluster import alive_node_count, load_cluster
 
 pytestmark = pytest.mark.slow
@@ -71,4 +72,5 @@ def test_two_node_cluster_trains_across_both_nodes_and_stops_cleanly(small_demo:
     assert not [
         p for n in cluster.nodes for p in _processes_mentioning(f"--node_manager_port={n.ports['node-manager-port']}")
     ]
+    assert not cluster_processes(cluster.state_file), "every process of the cluster ended, whatever its group"
     assert load_cluster(tmp_path) is None

@@ -125,6 +125,7 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """Two Ray nodes, the Serve application after traffic, and Prometheus scraping both: yields what the tests read."""
+    from app.processes import cluster_processes
     from cluster.local_cluster import cluster_down, cluster_up
 
     if prometheus() is None or promtool() is None:
@@ -149,6 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             line.split("=", 1)[1] for line in deployed.stdout.splitlines() if line.startswith("SESSION_DIR=")
         )
         service_url = f"http://127.0.0.1:{port}"
+        assert [p for p in cluster_processes(cluster.state_file) if p.name() == "haproxy"], "HAProxy carries the mark"
 
         config = _test_config(session_dir, port, root / "prometheus.yml")
         checked = subprocess.run([promtool(), "check", "config", str(config)], capture_output=True, text=True)
@@ -189,6 +191,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             os.killpg(prom_process.pid, signal.SIGTERM)
             prom_process.wait(timeout=30)
         cluster_down(work_dir)
+    # Serve's HAProxy runs in a session of its own and outlives its node's process group: down ends it too
+    assert not cluster_processes(cluster.state_file), "a process of the cluster outlived `cluster down`"
 
 
 def _ready(prom: Prometheus) -> bool:
