@@ -16,7 +16,8 @@ Why each number: a scan is a throughput job, so what matters is images per secon
   scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs), and
   scan_gpu   with `serve.decode_on: detector` (the model actors decode on the GPU, `app.pixels.decode_crops`);
   scan_shared scan_gpu with two model actors on each card, so one decodes while the other runs the model.
-             Ray Data's per-operator stats of each scan land beside --json-out (`*.scan-stats.txt`, ...).
+             Ray Data's per-operator stats of each scan land beside --json-out (`*.scan-stats.txt`, ...), and its
+             logs of every scan in `*.scan-ray-data-logs/`.
 The targets: a scan that decodes on the CPUs >= 80% of min(model, decode); one that decodes on the GPU >= 80% of
 min(gpu_decode, read); the better scan's whole run >= 2x dataloader.
 
@@ -34,6 +35,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -372,6 +374,13 @@ def main() -> None:
             actors_per_gpu=actors_per_gpu,
         )
         print(f"{name}: {json.dumps(results[name])}", flush=True)
+    if "ray_start_s" in results and args.json_out:
+        import ray
+
+        # Ray Data's own log of every scan (backpressure changes, task launches, per-operator usage over time): what
+        # holds the reading tasks or the model actors idle
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data"
+        shutil.copytree(logs, args.json_out.with_suffix(".scan-ray-data-logs"), dirs_exist_ok=True)
 
     print(
         "\n| card | files | model img/s | decode img/s | read img/s | gpu decode (+model) img/s | dataloader img/s "
