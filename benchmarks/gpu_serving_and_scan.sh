@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-serve  # decoders, GPU tests; colocated CPU decode vs no flags
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-scan   # 100,000 photos: the ceilings, DataLoader, the default scan
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, the default (tasks decode)
+# SCAN_STEPS=...,scan_queued adds the default scan with 8 batches queued on the model actor (Ray Data's default: 2).
 # SERVE_TARGETS, SCAN_STEPS and TRAIN_ONLY add the GPU-decoding variants (colocated_gpu; gpu_decode,scan_gpu,
 # scan_shared; d), which leave photos with clipped colour to the CPU (app.chroma): on the benchmarks' photos, all.
 # The GPU decoders against libjpeg-turbo, carrying [".gpu-wheels-decoder"] instead (benchmarks/gpu_decoder_wheels.sh):

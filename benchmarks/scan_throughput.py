@@ -13,6 +13,7 @@ Why each number: a scan is a throughput job, so what matters is images per secon
   scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster, with its defaults
              (`serve.decode_on: auto`, `serving.config.resolve_decode_on`): images/s over the whole scan, the steady
              rate, the time to its first output file, and the peak object-store memory while it ran.
+  scan_queued the default scan with 8 batches queued on each model actor instead of Ray Data's 2.
   scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs), and
   scan_gpu   with `serve.decode_on: detector` (the model actors decode on the GPU, `app.pixels.decode_crops`);
   scan_shared scan_gpu with two model actors on each card, so one decodes while the other runs the model.
@@ -249,6 +250,7 @@ def scan_rate(
     decode_on: str = "auto",
     stats_out: Path | None = None,
     actors_per_gpu: int = 1,
+    batches_per_actor: int | None = None,
 ) -> dict[str, float]:
     from app.config import Settings
     from serving.scan import run_scan
@@ -266,6 +268,7 @@ def scan_rate(
         concurrency=(gpus * actors_per_gpu, gpus * actors_per_gpu) if device == "cuda" else None,
         rows_per_file=1024,
         actors_per_gpu=actors_per_gpu,
+        batches_per_actor=batches_per_actor,
     )
     watch.stop.set()
     if stats_out is not None:
@@ -350,18 +353,19 @@ def main() -> None:
         results["dataloader"] = dataloader_rate(paths, active, args.batch)
         print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
     default_at = resolve_decode_on(Settings(), args.gpus if args.device == "cuda" else 0)
-    scans = [  # step, serve.decode_on, where that decodes, model actors per GPU, stats file suffix
-        ("scan", "auto", default_at, 1, ".scan-stats.txt"),
-        ("scan_cpu", "ingress", "ingress", 1, ".scan-cpu-stats.txt"),
-        ("scan_gpu", "detector", "detector", 1, ".scan-gpu-stats.txt"),
-        ("scan_shared", "detector", "detector", 2, ".scan-shared-stats.txt"),
+    scans = [  # step, serve.decode_on, where that decodes, model actors per GPU, batches queued per actor, stats
+        ("scan", "auto", default_at, 1, None, ".scan-stats.txt"),
+        ("scan_queued", "auto", default_at, 1, 8, ".scan-queued-stats.txt"),
+        ("scan_cpu", "ingress", "ingress", 1, None, ".scan-cpu-stats.txt"),
+        ("scan_gpu", "detector", "detector", 1, None, ".scan-gpu-stats.txt"),
+        ("scan_shared", "detector", "detector", 2, None, ".scan-shared-stats.txt"),
     ]
     if steps & {name for name, *_ in scans}:
         ray_started = time.perf_counter()
         init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         results["ray_start_s"] = time.perf_counter() - ray_started
-    for name, decode_on, _, actors_per_gpu, suffix in scans:
-        if name not in steps or (name != "scan" and args.device != "cuda"):
+    for name, decode_on, _, actors_per_gpu, batches_per_actor, suffix in scans:
+        if name not in steps or (decode_on != "auto" and args.device != "cuda"):
             continue
         results[name] = scan_rate(
             folder,
@@ -372,6 +376,7 @@ def main() -> None:
             decode_on=decode_on,
             stats_out=args.json_out.with_suffix(suffix) if args.json_out else None,
             actors_per_gpu=actors_per_gpu,
+            batches_per_actor=batches_per_actor,
         )
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     if "ray_start_s" in results and args.json_out:
@@ -396,7 +401,7 @@ def main() -> None:
     ceilings = (
         f"{fmt('model_replay')} | {fmt('decode')} | {fmt('read')} | {fmt('gpu_decode_only')} ({fmt('gpu_decode')})"
     )
-    for name, _, decodes_at, _, _ in scans:
+    for name, _, decodes_at, *_ in scans:
         found = results.get(name)
         if not isinstance(found, dict):
             continue

@@ -276,10 +276,12 @@ def run_scan(
     concurrency: tuple[int, int] | None = None,
     rows_per_file: int = 4096,
     actors_per_gpu: int = 1,
+    batches_per_actor: int | None = None,
 ) -> ScanSummary:
     """Scan ``sources`` into ``out`` on the connected (or a local) Ray cluster; see the module docstring.
 
-    ``actors_per_gpu`` > 1 shares each card between model actors, so one decodes while another runs the model."""
+    ``actors_per_gpu`` > 1 shares each card between model actors, so one decodes while another runs the model.
+    ``batches_per_actor`` is how many batches Ray Data may queue on each model actor (its default: 2)."""
     import ray.data
 
     from app.ray_runtime import init_ray
@@ -329,7 +331,9 @@ def run_scan(
             },
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=concurrency[0], max_size=concurrency[1], max_tasks_in_flight_per_actor=batches_per_actor
+            ),
             **model_resources,
         )
     )
