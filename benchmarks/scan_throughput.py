@@ -36,7 +36,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -380,12 +379,9 @@ def main() -> None:
         )
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     if "ray_start_s" in results and args.json_out:
-        import ray
+        from benchmarks.ray_logs import copy_ray_data_logs
 
-        # Ray Data's own log of every scan (backpressure changes, task launches, per-operator usage over time): what
-        # holds the reading tasks or the model actors idle
-        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data"
-        shutil.copytree(logs, args.json_out.with_suffix(".scan-ray-data-logs"), dirs_exist_ok=True)
+        copy_ray_data_logs(args.json_out.with_suffix(".scan-ray-data-logs"))  # what held the reads or the actors idle
 
     print(
         "\n| card | files | model img/s | decode img/s | read img/s | gpu decode (+model) img/s | dataloader img/s "

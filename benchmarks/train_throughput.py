@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's packages
 
 
 def _write_chunk(args: tuple[str, int, int, int]) -> int:
@@ -192,6 +194,7 @@ def ray_pipeline(
     from app.config import load_settings
     from app.data import index_dataset
     from app.ray_runtime import init_ray
+    from benchmarks.ray_logs import copy_ray_data_logs
     from training.trainer import build_trainer
 
     # The workers' CPUs come on top of the cores' so Ray Data keeps some to read with (on 2 cores it had none).
@@ -216,8 +219,7 @@ def ray_pipeline(
     trainer = build_trainer(settings, index, use_gpu=device.startswith("cuda"), name=f"throughput-{int(time.time())}")
     result = trainer.fit()
     if stats_to is not None:
-        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data"
-        shutil.copytree(logs, stats_to, dirs_exist_ok=True)
+        copy_ray_data_logs(stats_to)
     frame = result.metrics_dataframe  # rows of the kept (best) checkpoints, not every epoch
     last = result.metrics  # the last epoch's report
     return {

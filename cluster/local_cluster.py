@@ -49,8 +49,11 @@ def _node_env(settings: Settings, state_file: Path) -> dict[str, str]:
     """What each node of the cluster starts with: the project's node environment, with ports of its own, and the
     HTTP port shared by the nodes' proxies (they all run on this one machine). Not owned (the cluster outlives the
     `aipd cluster up` that started it) but marked with its state file, so `down` finds every process it started."""
-    env = {**node_environment(settings, local=True), "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
-    return {**env, CLUSTER_ENV: str(state_file)}
+    return {
+        **node_environment(settings, local=True),
+        "SERVE_SOCKET_REUSE_PORT_ENABLED": "1",
+        CLUSTER_ENV: str(state_file),
+    }
 
 
 def cluster_up(
