@@ -250,12 +250,20 @@ def scan_rate(
     stats_out: Path | None = None,
     actors_per_gpu: int = 1,
     batches_per_actor: int | None = None,
+    data_context: dict[str, object] | None = None,
+    files_per_task: int | None = None,
 ) -> dict[str, float]:
+    import ray.data
+
     from app.config import Settings
     from serving.scan import run_scan
 
     out = Path(tempfile.mkdtemp(prefix="aipd-scan-out-")) / "out"
     settings = Settings(serve={"use_gpu": device == "cuda", "decode_on": decode_on})
+    context = ray.data.DataContext.get_current()
+    before = {key: getattr(context, key) for key in data_context or {}}
+    for key, value in (data_context or {}).items():  # Ray Data settings under test, put back after this scan
+        setattr(context, key, value)
     watch = _Watch(out)
     watch.start()
     summary = run_scan(  # files of 1,024 rows: the time each lands gives the steady rate
@@ -268,8 +276,11 @@ def scan_rate(
         rows_per_file=1024,
         actors_per_gpu=actors_per_gpu,
         batches_per_actor=batches_per_actor,
+        files_per_task=files_per_task,
     )
     watch.stop.set()
+    for key, value in before.items():
+        setattr(context, key, value)
     if stats_out is not None:
         stats_out.write_text(summary.operator_stats)
     return {
@@ -352,18 +363,26 @@ def main() -> None:
         results["dataloader"] = dataloader_rate(paths, active, args.batch)
         print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
     default_at = resolve_decode_on(Settings(), args.gpus if args.device == "cuda" else 0)
-    scans = [  # step, serve.decode_on, where that decodes, model actors per GPU, batches queued per actor, stats
-        ("scan", "auto", default_at, 1, None, ".scan-stats.txt"),
-        ("scan_queued", "auto", default_at, 1, 8, ".scan-queued-stats.txt"),
-        ("scan_cpu", "ingress", "ingress", 1, None, ".scan-cpu-stats.txt"),
-        ("scan_gpu", "detector", "detector", 1, None, ".scan-gpu-stats.txt"),
-        ("scan_shared", "detector", "detector", 2, None, ".scan-shared-stats.txt"),
+    # step, serve.decode_on, where that decodes, model actors per GPU, batches queued per actor, Ray Data settings,
+    # files per reading task
+    no_downstream_cap = {"downstream_capacity_backpressure_ratio": None}
+    scans = [
+        ("scan", "auto", default_at, 1, None, None, None),
+        ("scan_queued", "auto", default_at, 1, 8, None, None),
+        ("scan_uncapped", "auto", default_at, 1, None, no_downstream_cap, None),
+        ("scan_queued_uncapped", "auto", default_at, 1, 8, no_downstream_cap, None),
+        ("scan_files32", "auto", default_at, 1, None, None, 32),
+        ("scan_files128", "auto", default_at, 1, None, None, 128),
+        ("scan_files256", "auto", default_at, 1, None, None, 256),
+        ("scan_cpu", "ingress", "ingress", 1, None, None, None),
+        ("scan_gpu", "detector", "detector", 1, None, None, None),
+        ("scan_shared", "detector", "detector", 2, None, None, None),
     ]
     if steps & {name for name, *_ in scans}:
         ray_started = time.perf_counter()
         init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         results["ray_start_s"] = time.perf_counter() - ray_started
-    for name, decode_on, _, actors_per_gpu, batches_per_actor, suffix in scans:
+    for name, decode_on, _, actors_per_gpu, batches_per_actor, data_context, files_per_task in scans:
         if name not in steps or (decode_on != "auto" and args.device != "cuda"):
             continue
         results[name] = scan_rate(
@@ -373,15 +392,17 @@ def main() -> None:
             args.gpus,
             args.device,
             decode_on=decode_on,
-            stats_out=args.json_out.with_suffix(suffix) if args.json_out else None,
+            stats_out=args.json_out.with_suffix(f".{name.replace('_', '-')}-stats.txt") if args.json_out else None,
             actors_per_gpu=actors_per_gpu,
             batches_per_actor=batches_per_actor,
+            data_context=data_context,
+            files_per_task=files_per_task,
         )
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    if "ray_start_s" in results and args.json_out:
-        from benchmarks.ray_logs import copy_ray_data_logs
+        if args.json_out:  # after each scan, so a run cut short keeps what held the reads or the actors idle
+            from benchmarks.ray_logs import copy_ray_data_logs
 
-        copy_ray_data_logs(args.json_out.with_suffix(".scan-ray-data-logs"))  # what held the reads or the actors idle
+            copy_ray_data_logs(args.json_out.with_suffix(".scan-ray-data-logs"))
 
     print(
         "\n| card | files | model img/s | decode img/s | read img/s | gpu decode (+model) img/s | dataloader img/s "

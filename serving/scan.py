@@ -31,7 +31,9 @@ from serving.config import resolve_decode_on
 log = get_logger("aipd.scan")
 
 WRITERS = 2  # Parquet-writing tasks at once
-READ_BATCH = 32  # files per decoding task batch: enough to amortise a task, few enough to spread over the cores
+# Files per reading task: Ray Data's scheduler notices a finished task only every ~0.1 s, so a task must run for a
+# second or so to keep its core busy; a small catalog gets smaller tasks, four a core at least
+MIN_FILES_PER_TASK, MAX_FILES_PER_TASK = 32, 256
 MAX_BLOCKS = 4000
 
 
@@ -277,11 +279,13 @@ def run_scan(
     rows_per_file: int = 4096,
     actors_per_gpu: int = 1,
     batches_per_actor: int | None = None,
+    files_per_task: int | None = None,
 ) -> ScanSummary:
     """Scan ``sources`` into ``out`` on the connected (or a local) Ray cluster; see the module docstring.
 
     ``actors_per_gpu`` > 1 shares each card between model actors, so one decodes while another runs the model.
-    ``batches_per_actor`` is how many batches Ray Data may queue on each model actor (its default: 2)."""
+    ``batches_per_actor`` is how many batches Ray Data may queue on each model actor (its default: 2).
+    ``files_per_task`` is how many files one reading task reads and decodes (default: `default_files_per_task`)."""
     import ray.data
 
     from app.ray_runtime import init_ray
@@ -302,10 +306,9 @@ def run_scan(
         return summarize(plan, out, skipped, 0, time.perf_counter() - started)
 
     actor_settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"use_gpu": gpus > 0})})
-    # Blocks made here, so reading starts at once (a repartition would wait for every row): READ_BATCH files each,
-    # or more for a catalog so large that the driver would put too many blocks.
+    # Blocks made here, so reading starts at once (a repartition would wait for every row), one a reading task.
     todo = plan.todo[["path", "label"]]
-    rows = max(READ_BATCH, -(-len(todo) // MAX_BLOCKS))
+    rows = files_per_task or default_files_per_task(len(todo), int(resources.get("CPU", 1)))
     blocks = [todo.iloc[start : start + rows] for start in range(0, len(todo), rows)]
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
@@ -317,7 +320,7 @@ def run_scan(
         .map_batches(
             read_and_crop,
             fn_kwargs={"crop_size": plan.crop_size, "limits": settings.images, "decode": decode_in_tasks},
-            batch_size=READ_BATCH,
+            batch_size=rows,
             batch_format="numpy",
             num_cpus=1,
         )
@@ -344,6 +347,13 @@ def run_scan(
     summary.operator_stats = dataset.stats()
     log.debug("scan_operator_stats", stats=summary.operator_stats)
     return summary
+
+
+def default_files_per_task(files: int, cpus: int) -> int:
+    """Long tasks for a large catalog, at least four a CPU for a small one, and never more blocks than the driver
+    should hold (`MAX_BLOCKS`)."""
+    spread = min(MAX_FILES_PER_TASK, max(MIN_FILES_PER_TASK, files // (4 * max(cpus, 1))))
+    return max(spread, -(-files // MAX_BLOCKS))
 
 
 def _show_progress(verbose: bool) -> None:
