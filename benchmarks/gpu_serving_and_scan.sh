@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_serving_and_scan.sh pixels-train  # model-only, DataLoader, the default (tasks decode)
 # SCAN_STEPS=...,scan_queued adds the default scan with 8 batches queued on the model actor (Ray Data's default: 2);
 # scan_uncapped and scan_queued_uncapped the same without Ray Data's downstream-capacity backpressure.
-# scan_files32, scan_files128 and scan_files256 the default scan with that many files per reading task.
+# scan_files32, scan_files128 and scan_files256 the default scan with that many files per reading task;
+# SCAN_FILES sets the catalog's size (100,000).
 # SERVE_TARGETS, SCAN_STEPS and TRAIN_ONLY add the GPU-decoding variants (colocated_gpu; gpu_decode,scan_gpu,
 # scan_shared; d), which leave photos with clipped colour to the CPU (app.chroma): on the benchmarks' photos, all.
 # The GPU decoders against libjpeg-turbo, carrying [".gpu-wheels-decoder"] instead (benchmarks/gpu_decoder_wheels.sh):
@@ -79,7 +80,7 @@ pixels-serve)
     --max-batch-size 64 --check-at 64 --json-out "$out/serve_pixels.json" 2>&1 | tee "$out/serve_pixels.log" | quiet
   ;;
 pixels-scan)
-  timeout 580 python3 benchmarks/scan_throughput.py --device cuda --files 100000 --gpus 1 --batch 256 \
+  timeout 580 python3 benchmarks/scan_throughput.py --device cuda --files "${SCAN_FILES:-100000}" --gpus 1 --batch 256 \
     --steps "${SCAN_STEPS:-model,decode,read,dataloader,scan}" \
     --json-out "$out/scan_pixels.json" 2>&1 | tee "$out/scan_pixels.log" | quiet
   ;;
