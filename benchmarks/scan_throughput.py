@@ -13,7 +13,9 @@ Why each number: a scan is a throughput job, so what matters is images per secon
   scan       `serving.scan.run_scan` (what `aipd scan` runs) on a running Ray cluster, with its defaults
              (`serve.decode_on: auto`, `serving.config.resolve_decode_on`): images/s over the whole scan, the steady
              rate, the time to its first output file, and the peak object-store memory while it ran.
-  scan_queued the default scan with 8 batches queued on each model actor instead of Ray Data's 2.
+  scan_queued the default scan with 8 batches queued on each model actor instead of Ray Data's 2;
+  scan_uncapped, scan_queued_uncapped the same without Ray Data's downstream-capacity backpressure;
+  scan_files32, scan_files128, scan_files256 the default scan with that many files per reading task.
   scan_cpu   on a GPU, the same scan with `serve.decode_on: ingress` (the reading tasks decode on the CPUs), and
   scan_gpu   with `serve.decode_on: detector` (the model actors decode on the GPU, `app.pixels.decode_crops`);
   scan_shared scan_gpu with two model actors on each card, so one decodes while the other runs the model.
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -240,18 +243,41 @@ class _Watch(threading.Thread):
                 pass
 
 
+@dataclass(frozen=True)
+class ScanVariant:
+    """One scan step: `run_scan` with these arguments (None: its default) and these Ray Data settings."""
+
+    name: str
+    decode_on: str = "auto"  # serve.decode_on
+    actors_per_gpu: int = 1
+    batches_per_actor: int | None = None
+    files_per_task: int | None = None
+    data_context: dict[str, object] = field(default_factory=dict)
+
+
+NO_DOWNSTREAM_CAP = {"downstream_capacity_backpressure_ratio": None}
+SCANS = [
+    ScanVariant("scan"),
+    ScanVariant("scan_queued", batches_per_actor=8),
+    ScanVariant("scan_uncapped", data_context=NO_DOWNSTREAM_CAP),
+    ScanVariant("scan_queued_uncapped", batches_per_actor=8, data_context=NO_DOWNSTREAM_CAP),
+    ScanVariant("scan_files32", files_per_task=32),
+    ScanVariant("scan_files128", files_per_task=128),
+    ScanVariant("scan_files256", files_per_task=256),
+    ScanVariant("scan_cpu", decode_on="ingress"),
+    ScanVariant("scan_gpu", decode_on="detector"),
+    ScanVariant("scan_shared", decode_on="detector", actors_per_gpu=2),
+]
+
+
 def scan_rate(
     folder: Path,
     checkpoint: str,
     batch: int,
     gpus: int,
     device: str,
-    decode_on: str = "auto",
+    variant: ScanVariant,
     stats_out: Path | None = None,
-    actors_per_gpu: int = 1,
-    batches_per_actor: int | None = None,
-    data_context: dict[str, object] | None = None,
-    files_per_task: int | None = None,
 ) -> dict[str, float]:
     import ray.data
 
@@ -259,28 +285,31 @@ def scan_rate(
     from serving.scan import run_scan
 
     out = Path(tempfile.mkdtemp(prefix="aipd-scan-out-")) / "out"
-    settings = Settings(serve={"use_gpu": device == "cuda", "decode_on": decode_on})
+    settings = Settings(serve={"use_gpu": device == "cuda", "decode_on": variant.decode_on})
     context = ray.data.DataContext.get_current()
-    before = {key: getattr(context, key) for key in data_context or {}}
-    for key, value in (data_context or {}).items():  # Ray Data settings under test, put back after this scan
-        setattr(context, key, value)
+    before = {key: getattr(context, key) for key in variant.data_context}
     watch = _Watch(out)
-    watch.start()
-    summary = run_scan(  # files of 1,024 rows: the time each lands gives the steady rate
-        settings,
-        [str(folder)],
-        str(out),
-        model_uri=checkpoint,
-        batch_size=batch,
-        concurrency=(gpus * actors_per_gpu, gpus * actors_per_gpu) if device == "cuda" else None,
-        rows_per_file=1024,
-        actors_per_gpu=actors_per_gpu,
-        batches_per_actor=batches_per_actor,
-        files_per_task=files_per_task,
-    )
-    watch.stop.set()
-    for key, value in before.items():
-        setattr(context, key, value)
+    try:
+        for key, value in variant.data_context.items():  # the Ray Data settings under test, for this scan only
+            setattr(context, key, value)
+        watch.start()
+        actors = gpus * variant.actors_per_gpu
+        summary = run_scan(  # files of 1,024 rows: the time each lands gives the steady rate
+            settings,
+            [str(folder)],
+            str(out),
+            model_uri=checkpoint,
+            batch_size=batch,
+            concurrency=(actors, actors) if device == "cuda" else None,
+            rows_per_file=1024,
+            actors_per_gpu=variant.actors_per_gpu,
+            batches_per_actor=variant.batches_per_actor,
+            files_per_task=variant.files_per_task,
+        )
+    finally:
+        watch.stop.set()
+        for key, value in before.items():
+            setattr(context, key, value)
     if stats_out is not None:
         stats_out.write_text(summary.operator_stats)
     return {
@@ -363,27 +392,13 @@ def main() -> None:
         results["dataloader"] = dataloader_rate(paths, active, args.batch)
         print(f"dataloader: {results['dataloader']:.0f} img/s", flush=True)
     default_at = resolve_decode_on(Settings(), args.gpus if args.device == "cuda" else 0)
-    # step, serve.decode_on, where that decodes, model actors per GPU, batches queued per actor, Ray Data settings,
-    # files per reading task
-    no_downstream_cap = {"downstream_capacity_backpressure_ratio": None}
-    scans = [
-        ("scan", "auto", default_at, 1, None, None, None),
-        ("scan_queued", "auto", default_at, 1, 8, None, None),
-        ("scan_uncapped", "auto", default_at, 1, None, no_downstream_cap, None),
-        ("scan_queued_uncapped", "auto", default_at, 1, 8, no_downstream_cap, None),
-        ("scan_files32", "auto", default_at, 1, None, None, 32),
-        ("scan_files128", "auto", default_at, 1, None, None, 128),
-        ("scan_files256", "auto", default_at, 1, None, None, 256),
-        ("scan_cpu", "ingress", "ingress", 1, None, None, None),
-        ("scan_gpu", "detector", "detector", 1, None, None, None),
-        ("scan_shared", "detector", "detector", 2, None, None, None),
-    ]
-    if steps & {name for name, *_ in scans}:
+    if steps & {variant.name for variant in SCANS}:
         ray_started = time.perf_counter()
         init_ray(Settings(), include_dashboard=False, log_to_driver=False)
         results["ray_start_s"] = time.perf_counter() - ray_started
-    for name, decode_on, _, actors_per_gpu, batches_per_actor, data_context, files_per_task in scans:
-        if name not in steps or (decode_on != "auto" and args.device != "cuda"):
+    for variant in SCANS:
+        name = variant.name
+        if name not in steps or (variant.decode_on != "auto" and args.device != "cuda"):
             continue
         results[name] = scan_rate(
             folder,
@@ -391,12 +406,8 @@ def main() -> None:
             args.batch if args.device == "cuda" else 16,
             args.gpus,
             args.device,
-            decode_on=decode_on,
+            variant,
             stats_out=args.json_out.with_suffix(f".{name.replace('_', '-')}-stats.txt") if args.json_out else None,
-            actors_per_gpu=actors_per_gpu,
-            batches_per_actor=batches_per_actor,
-            data_context=data_context,
-            files_per_task=files_per_task,
         )
         print(f"{name}: {json.dumps(results[name])}", flush=True)
         if args.json_out:  # after each scan, so a run cut short keeps what held the reads or the actors idle
@@ -418,11 +429,13 @@ def main() -> None:
     ceilings = (
         f"{fmt('model_replay')} | {fmt('decode')} | {fmt('read')} | {fmt('gpu_decode_only')} ({fmt('gpu_decode')})"
     )
-    for name, _, decodes_at, *_ in scans:
+    for variant in SCANS:
+        name = variant.name
         found = results.get(name)
         if not isinstance(found, dict):
             continue
         # each scan against the pixel ceiling of where it decodes
+        decodes_at = default_at if variant.decode_on == "auto" else variant.decode_on
         keys = ("model_replay", "decode") if decodes_at == "ingress" else ("gpu_decode", "read")
         ceiling = min((results[k] for k in keys if k in results), default=None)
         steady, whole = found["steady_images_per_s"], found["images_per_s"]

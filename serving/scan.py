@@ -308,8 +308,8 @@ def run_scan(
     actor_settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"use_gpu": gpus > 0})})
     # Blocks made here, so reading starts at once (a repartition would wait for every row), one a reading task.
     todo = plan.todo[["path", "label"]]
-    rows = files_per_task or default_files_per_task(len(todo), int(resources.get("CPU", 1)))
-    blocks = [todo.iloc[start : start + rows] for start in range(0, len(todo), rows)]
+    per_task = files_per_task or default_files_per_task(len(todo), int(resources.get("CPU", 1)))
+    blocks = [todo.iloc[start : start + per_task] for start in range(0, len(todo), per_task)]
     # The model actors ask for other resources than the reading tasks, which keeps Ray Data from fusing the two
     # steps: decoding stays on tasks spread over every core, not inside the (few) model actors.
     model_resources = {"num_gpus": 1 / actors_per_gpu} if gpus else {"num_cpus": 2}
@@ -320,7 +320,7 @@ def run_scan(
         .map_batches(
             read_and_crop,
             fn_kwargs={"crop_size": plan.crop_size, "limits": settings.images, "decode": decode_in_tasks},
-            batch_size=rows,
+            batch_size=per_task,
             batch_format="numpy",
             num_cpus=1,
         )
