@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.checkpoint_files import CONFIG_FILE, VAL_SCORES_FILE, WEIGHTS_FILE
 from app.errors import UserError
 from app.operating_point import Calibration, OperatingPoint
 
-WEIGHTS_FILE = "model.pt"
-CONFIG_FILE = "config.json"
-VAL_SCORES_FILE = "val_scores.npz"  # the validation split's labels and raw logits, as the training scored them
 CHECKPOINT_FORMAT = 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -391,12 +389,6 @@ def _write_config(directory: Path, config: dict[str, Any]) -> None:
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(text + "\n")
     tmp.replace(directory / CONFIG_FILE)
-
-
-def is_checkpoint(directory: str | Path) -> bool:
-    """Whether a complete checkpoint lies there (config.json is written last, see save_checkpoint)."""
-    directory = Path(directory)
-    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
 
 
 def copy_checkpoint(source: str | Path, target: str | Path) -> Path:

@@ -52,7 +52,10 @@ def use_ray_defaults() -> None:
 
 
 def ensure_auth_token() -> None:
-    """`ray start` refuses to run with token auth and no token (`ray.init` makes one on a fresh machine)."""
+    """`ray start` refuses to run with token auth and no token (`ray.init` makes one on a fresh machine). Asking
+    `ray get-auth-token` costs a Python start and Ray's import, so a token already where Ray looks is taken as is."""
+    if _auth_token_present():
+        return
     subprocess.run(
         [ray_binary(), "get-auth-token", "--generate"],
         env=ray_env(),
@@ -61,6 +64,18 @@ def ensure_auth_token() -> None:
         check=False,
         timeout=60,
     )
+
+
+def _auth_token_present() -> bool:
+    """Ray's token sources, in its order: the RAY_AUTH_TOKEN variable, the file RAY_AUTH_TOKEN_PATH names, else
+    ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
 
 
 _handed_out: set[int] = set()  # ports this process gave to Ray's components: never handed out twice

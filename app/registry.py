@@ -155,7 +155,7 @@ class ResolvedModel:
 
 def resolve_model(settings: Settings, uri: str | None = None) -> ResolvedModel:
     """Turn ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, another MLflow URI or a checkpoint path into files."""
-    from app.model import is_checkpoint
+    from app.checkpoint_files import is_checkpoint
 
     ref = parse_model_ref(uri or settings.default_model_uri)
     if ref.kind == "path":
@@ -186,7 +186,7 @@ def _checkpoint_in(root: Path) -> Path | None:
     """Where a downloaded model keeps its checkpoint: the MLmodel file names it under the pyfunc artifacts."""
     import yaml
 
-    from app.model import is_checkpoint
+    from app.checkpoint_files import is_checkpoint
 
     if is_checkpoint(root):
         return root

@@ -184,7 +184,7 @@ def register_kept_checkpoint(settings: Settings, checkpoint_dir: Path, run_id: s
     (``run_id``, which is then marked finished) or a new run of its own."""
     import mlflow
 
-    from app.model import is_checkpoint
+    from app.checkpoint_files import is_checkpoint
     from app.ray_runtime import init_ray
     from app.registry import RegistryError, setup_mlflow
 

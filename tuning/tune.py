@@ -355,7 +355,7 @@ def summarize(grid: Any, epochs: int, runs: dict[str, str]) -> list[TrialSummary
 
 def _best_checkpoint(frame: Any) -> str | None:
     """The checkpoint of the best epoch that Train kept (it keeps the top ones by val AUROC)."""
-    from app.model import is_checkpoint
+    from app.checkpoint_files import is_checkpoint
 
     if "checkpoint_path" not in frame:
         return None

@@ -4,8 +4,11 @@ settings every process of the project starts with."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from app.ray_nodes import free_ports, node_ports
+import pytest
+
+from app.ray_nodes import ensure_auth_token, free_ports, node_ports
 
 
 def test_ports_are_distinct_within_a_call_and_across_calls() -> None:
@@ -31,3 +34,30 @@ def test_the_project_defaults_turn_off_ray_datas_usage_poller() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
+
+
+def test_a_fresh_machine_gets_a_token_from_ray_and_a_token_found_is_taken_without_asking_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No token anywhere: Ray's own CLI makes one where Ray reads it. A token in any of Ray's places (the variable,
+    the file the path variable names, the default file) is used as it is, with no `ray` process started."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    ensure_auth_token()
+    made = tmp_path / ".ray" / "auth_token"
+    assert made.read_text().strip(), "ray get-auth-token --generate wrote no token"
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started for a token that exists: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    ensure_auth_token()
+    made.unlink()
+    elsewhere = tmp_path / "token"
+    elsewhere.write_text("abc")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(elsewhere))
+    ensure_auth_token()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    ensure_auth_token()

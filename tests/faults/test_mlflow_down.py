@@ -114,8 +114,8 @@ def test_mlflow_down_when_training_ends_keeps_the_model_for_aipd_register(
     champion rule against the champion registered before the training.
     """
     from aipd.cli import app
+    from app.checkpoint_files import is_checkpoint
     from app.config import Settings
-    from app.model import is_checkpoint
 
     work = tmp_path / "work"
     monkeypatch.setenv("AIPD_WORK_DIR", str(work))

@@ -32,7 +32,7 @@ class Registry:
         import mlflow
         import torch
 
-        from app.model import WEIGHTS_FILE
+        from app.checkpoint_files import WEIGHTS_FILE
         from app.registry import log_detector, setup_mlflow
 
         experiment = setup_mlflow(self.settings)
