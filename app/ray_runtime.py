@@ -57,6 +57,9 @@ def node_environment(settings: Settings, *, local: bool, owned: bool = False) ->
         from app.processes import OWNER_ENV, owner_marker
 
         env[OWNER_ENV] = owner_marker()
+        # The command drains its service before it stops the node; Ray's own drain on SIGTERM would then only wait,
+        # up to its timeout, for a GCS that is stopping too.
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     return env
 
 
