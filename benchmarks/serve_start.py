@@ -26,15 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.ray_nodes import free_port  # noqa: E402 - after the path that finds the project
+
 MARKS = {"cluster up": "Serve config written to", "ready": "press Ctrl-C to stop"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def healthy(port: int) -> bool:
@@ -106,8 +100,8 @@ def main() -> None:
     config = ModelConfig()
     save_checkpoint(checkpoint, build_model(config), config, PreprocessSettings(crop_size=64))
     trees = {"this tree": ROOT}
+    base = scratch / "baseline"
     if args.baseline:
-        base = scratch / "baseline"
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(base), args.baseline], check=True
         )
@@ -124,7 +118,7 @@ def main() -> None:
                 print(f"round {round_ + 1} {name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seen.items()), flush=True)
     finally:
         if args.baseline:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[next(iter(trees))])])
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)])
     columns = [*MARKS, "first answer", "stop"]
     print(f"\nmedians of {args.rounds} rounds, seconds from the command (log: {args.log})")
     print("| tree | " + " | ".join(columns) + " |")
